@@ -1,0 +1,85 @@
+//! Fans CPU-bound work out to runner processes booted on demand from this same binary.
+//!
+//! Run it with `cargo run --release --example quickstart`. It needs nothing but Rust.
+
+use std::time::{Duration, Instant};
+
+use flame::{Pool, ProcessBackend};
+use serde::{Deserialize, Serialize};
+
+/// What a runner reports back about one piece of work.
+#[derive(Debug, Serialize, Deserialize)]
+struct Report {
+    primes: u64,
+    pid: u32,
+    runner: String,
+    millis: f64,
+}
+
+/// Counts the primes in `lo..hi` by trial division: deliberately CPU-bound.
+#[flame::task]
+async fn count_primes(lo: u64, hi: u64) -> Report {
+    let started = Instant::now();
+    let primes = (lo..hi).filter(|&n| is_prime(n)).count() as u64;
+    Report {
+        primes,
+        pid: std::process::id(),
+        runner: flame::parent().map_or_else(|| "parent".into(), |p| p.runner_id().to_string()),
+        millis: started.elapsed().as_secs_f64() * 1e3,
+    }
+}
+
+fn is_prime(n: u64) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let mut d = 2;
+    while d * d <= n {
+        if n % d == 0 {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
+
+#[flame::main]
+async fn main() -> anyhow::Result<()> {
+    // This runs in the parent and in every runner: runners are copies of this app.
+    let pool = Pool::builder("primes")
+        .backend(ProcessBackend::new())
+        .min(0)
+        .max(2)
+        .max_concurrency(1)
+        .idle_shutdown_after(Duration::from_secs(5))
+        .start()
+        .await?;
+    if flame::parent().is_some() {
+        return Ok(()); // a runner: nothing parent-only to do, it keeps serving calls
+    }
+
+    println!("parent pid {}: counting primes below 4,000,000 in 8 chunks", std::process::id());
+    let started = Instant::now();
+    let chunk = 500_000;
+    let handles: Vec<_> = (0..8)
+        .map(|i| flame::spawn_on(&pool, count_primes(i * chunk, (i + 1) * chunk)))
+        .collect();
+    let mut total = 0;
+    for (i, handle) in handles.into_iter().enumerate() {
+        let report = handle.await?;
+        total += report.primes;
+        println!(
+            "  chunk {i}: {:>6} primes  on {} (pid {}) in {:>7.1} ms",
+            report.primes, report.runner, report.pid, report.millis
+        );
+    }
+    println!(
+        "{total} primes in {:.1} ms on {} runner processes (max 2)",
+        started.elapsed().as_secs_f64() * 1e3,
+        2
+    );
+    let local = count_primes(0, chunk).await;
+    println!("the same first chunk run in-process with `.await`: {} primes in {:.1} ms", local.primes, local.millis);
+    pool.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,280 @@
+//! The procedural macros of flame-rt. Use them through the `flame` crate (`#[flame::task]`,
+//! `#[flame::main]`); generated code names flame-rt only through its hidden `__private` module.
+
+use proc_macro::TokenStream;
+use proc_macro2::{Span, TokenStream as TokenStream2};
+use quote::{format_ident, quote, quote_spanned};
+use syn::parse::Parser;
+use syn::spanned::Spanned;
+use syn::visit::Visit;
+use syn::{FnArg, ItemFn, LitInt, LitStr, Pat, ReturnType, Type};
+
+/// Turns an `async fn` into a FLAME task. See `flame::task`.
+#[proc_macro_attribute]
+pub fn task(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let original: TokenStream2 = item.clone().into();
+    match expand_task(attr.into(), item.into()) {
+        Ok(tokens) => tokens.into(),
+        // Keep the item so the rest of the crate still type-checks and IDEs keep working.
+        Err(e) => {
+            let err = e.to_compile_error();
+            quote!(#original #err).into()
+        }
+    }
+}
+
+/// `#[tokio::main]` plus runner mode. See `flame::main`.
+#[proc_macro_attribute]
+pub fn main(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let original: TokenStream2 = item.clone().into();
+    match expand_main(attr.into(), item.into()) {
+        Ok(tokens) => tokens.into(),
+        Err(e) => {
+            let err = e.to_compile_error();
+            quote!(#original #err).into()
+        }
+    }
+}
+
+/// `crate = "..."`, plus the options only `main` takes.
+#[derive(Default)]
+struct Options {
+    krate: Option<syn::Path>,
+    flavor: Option<LitStr>,
+    worker_threads: Option<LitInt>,
+}
+
+fn parse_options(attr: TokenStream2, allow_runtime: bool) -> syn::Result<Options> {
+    let mut options = Options::default();
+    let parser = syn::meta::parser(|meta| {
+        if meta.path.is_ident("crate") {
+            let lit: LitStr = meta.value()?.parse()?;
+            options.krate = Some(lit.parse()?);
+            Ok(())
+        } else if allow_runtime && meta.path.is_ident("flavor") {
+            let lit: LitStr = meta.value()?.parse()?;
+            if lit.value() != "multi_thread" && lit.value() != "current_thread" {
+                return Err(syn::Error::new(
+                    lit.span(),
+                    "flavor is \"multi_thread\" or \"current_thread\"",
+                ));
+            }
+            options.flavor = Some(lit);
+            Ok(())
+        } else if allow_runtime && meta.path.is_ident("worker_threads") {
+            options.worker_threads = Some(meta.value()?.parse()?);
+            Ok(())
+        } else if allow_runtime {
+            Err(meta.error("unknown option: #[flame::main] takes crate, flavor and worker_threads"))
+        } else {
+            Err(meta.error("unknown option: #[flame::task] takes only crate = \"...\""))
+        }
+    });
+    parser.parse2(attr)?;
+    Ok(options)
+}
+
+fn krate(options: &Options) -> TokenStream2 {
+    match &options.krate {
+        Some(path) => quote!(#path),
+        None => quote!(::flame),
+    }
+}
+
+/// Finds what a task argument or return type cannot be: borrowed, or `impl Trait`.
+struct Forbidden(Option<syn::Error>);
+
+impl<'ast> Visit<'ast> for Forbidden {
+    fn visit_type_reference(&mut self, r: &'ast syn::TypeReference) {
+        self.0.get_or_insert_with(|| {
+            syn::Error::new(
+                r.span(),
+                "task arguments are sent to another process: use an owned type (String, Vec<T>, PathBuf, ...) instead of a reference",
+            )
+        });
+    }
+
+    fn visit_lifetime(&mut self, l: &'ast syn::Lifetime) {
+        if l.ident != "static" {
+            self.0.get_or_insert_with(|| {
+                syn::Error::new(l.span(), "task arguments must be 'static: they cannot borrow")
+            });
+        }
+    }
+
+    fn visit_type_impl_trait(&mut self, t: &'ast syn::TypeImplTrait) {
+        self.0.get_or_insert_with(|| {
+            syn::Error::new(
+                t.span(),
+                "`impl Trait` cannot be sent to a runner: name a concrete Serialize + Deserialize type",
+            )
+        });
+    }
+}
+
+fn check_type(ty: &Type) -> syn::Result<()> {
+    let mut forbidden = Forbidden(None);
+    forbidden.visit_type(ty);
+    forbidden.0.map_or(Ok(()), Err)
+}
+
+fn expand_task(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
+    let options = parse_options(attr, false)?;
+    let krate = krate(&options);
+    let func: ItemFn = syn::parse2(item)?;
+    let sig = &func.sig;
+    if sig.asyncness.is_none() {
+        return Err(syn::Error::new(
+            sig.fn_token.span(),
+            "#[flame::task] needs an `async fn`",
+        ));
+    }
+    if let Some(c) = &sig.constness {
+        return Err(syn::Error::new(c.span(), "a task cannot be a `const fn`"));
+    }
+    if let Some(u) = &sig.unsafety {
+        return Err(syn::Error::new(u.span(), "a task cannot be an `unsafe fn`"));
+    }
+    if let Some(abi) = &sig.abi {
+        return Err(syn::Error::new(abi.span(), "a task cannot have an `extern` ABI"));
+    }
+    if let Some(v) = &sig.variadic {
+        return Err(syn::Error::new(v.span(), "a task cannot be variadic"));
+    }
+    if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
+        return Err(syn::Error::new(
+            sig.generics.span(),
+            "a task cannot be generic: its id and signature must be fixed, so the runner knows which body to run",
+        ));
+    }
+    let mut idents = Vec::new();
+    let mut types = Vec::new();
+    for (i, input) in sig.inputs.iter().enumerate() {
+        match input {
+            FnArg::Receiver(r) => {
+                return Err(syn::Error::new(
+                    r.span(),
+                    "a task cannot take `self`: make it a free function and pass what it needs as owned arguments",
+                ));
+            }
+            FnArg::Typed(pt) => {
+                check_type(&pt.ty)?;
+                // Keep the user's name for readable errors; destructuring patterns get one of ours.
+                let ident = match &*pt.pat {
+                    Pat::Ident(p) if p.by_ref.is_none() && p.subpat.is_none() => p.ident.clone(),
+                    _ => format_ident!("__flame_arg{}", i),
+                };
+                idents.push(ident);
+                types.push((*pt.ty).clone());
+            }
+        }
+    }
+    let ret: Type = match &sig.output {
+        ReturnType::Default => syn::parse_quote!(()),
+        ReturnType::Type(_, ty) => {
+            check_type(ty)?;
+            (**ty).clone()
+        }
+    };
+    let name = &sig.ident;
+    let name_str = name.to_string();
+    let vis = &func.vis;
+    let attrs = &func.attrs;
+    let inputs = &sig.inputs;
+    let block = &func.block;
+    let signature_text = quote!((#(#types),*) -> #ret).to_string();
+    let arg_asserts = types.iter().map(|ty| {
+        quote_spanned! {ty.span()=> #krate::__private::assert_arg::<#ty>(); }
+    });
+    let ret_assert = quote_spanned! {ret.span()=> #krate::__private::assert_ret::<#ret>(); };
+    let private = quote!(#krate::__private);
+
+    Ok(quote! {
+        #(#attrs)*
+        #vis fn #name(#(#idents: #types),*) -> #krate::Call<#ret> {
+            #[allow(clippy::all, clippy::pedantic, unused_mut)]
+            async fn __flame_body(#inputs) -> #ret #block
+
+            const _: () = {
+                #(#arg_asserts)*
+                #ret_assert
+            };
+
+            fn __flame_local(args: (#(#types,)*)) -> #private::BoxFuture<'static, #ret> {
+                let (#(#idents,)*) = args;
+                ::std::boxed::Box::pin(__flame_body(#(#idents),*))
+            }
+
+            fn __flame_invoke(
+                bytes: &[u8],
+            ) -> ::core::result::Result<
+                #private::BoxFuture<'static, ::core::result::Result<#private::Bytes, ::std::string::String>>,
+                ::std::string::String,
+            > {
+                let (#(#idents,)*): (#(#types,)*) = #private::decode_args(bytes)?;
+                ::core::result::Result::Ok(::std::boxed::Box::pin(async move {
+                    let output: #ret = __flame_body(#(#idents),*).await;
+                    #private::encode_result(&output)
+                }))
+            }
+
+            static __FLAME_TASK: #private::TaskDef = #private::TaskDef {
+                id: ::core::concat!(::core::module_path!(), "::", #name_str),
+                sig: #private::sig_hash(#signature_text),
+                invoke: __flame_invoke,
+            };
+
+            #private::inventory::submit! { #private::Registration(&__FLAME_TASK) }
+
+            #krate::Call::__new(&__FLAME_TASK, (#(#idents,)*), __flame_local)
+        }
+    })
+}
+
+fn expand_main(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
+    let options = parse_options(attr, true)?;
+    let krate = krate(&options);
+    let func: ItemFn = syn::parse2(item)?;
+    let sig = &func.sig;
+    if sig.asyncness.is_none() {
+        return Err(syn::Error::new(sig.fn_token.span(), "#[flame::main] needs an `async fn`"));
+    }
+    if !sig.inputs.is_empty() {
+        return Err(syn::Error::new(sig.inputs.span(), "#[flame::main] takes no arguments"));
+    }
+    if !sig.generics.params.is_empty() {
+        return Err(syn::Error::new(sig.generics.span(), "#[flame::main] cannot be generic"));
+    }
+    let current_thread = options.flavor.as_ref().is_some_and(|f| f.value() == "current_thread");
+    let mut builder = if current_thread {
+        quote!(#krate::__private::tokio::runtime::Builder::new_current_thread())
+    } else {
+        quote!(#krate::__private::tokio::runtime::Builder::new_multi_thread())
+    };
+    if let Some(n) = &options.worker_threads {
+        if current_thread {
+            return Err(syn::Error::new(n.span(), "worker_threads does not apply to the current_thread flavor"));
+        }
+        builder = quote!({ let mut b = #builder; b.worker_threads(#n); b });
+    }
+    let ret: Type = match &sig.output {
+        ReturnType::Default => syn::parse_quote!(()),
+        ReturnType::Type(_, ty) => (**ty).clone(),
+    };
+    let attrs = &func.attrs;
+    let vis = &func.vis;
+    let name = &sig.ident;
+    let block = &func.block;
+    let output = &sig.output;
+    let span = Span::call_site();
+    Ok(quote_spanned! {span=>
+        #(#attrs)*
+        #vis fn #name() #output {
+            let body = async move #block;
+            let body = ::core::pin::pin!(body);
+            // Names the output type, so `?` in the body knows what to convert errors into.
+            let body: ::core::pin::Pin<&mut dyn ::core::future::Future<Output = #ret>> = body;
+            #krate::__private::run_main(#builder, body)
+        }
+    })
+}

@@ -1,0 +1,244 @@
+//! `ProcessBackend`: runners as child processes running this same executable.
+
+use std::ffi::{OsStr, OsString};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
+
+use super::{Backend, BootSpec, RunnerHandle};
+use crate::error::{Error, ErrorKind};
+
+/// Boots each runner by executing the current executable again (same arguments by default)
+/// with the hand-off environment variable set; the runner dials back over loopback.
+///
+/// This is the default backend and the one to develop with: a runner is a real separate
+/// process, yet boots in about a millisecond. Runners' stdout and stderr are forwarded to the
+/// parent's, each line prefixed with `[<runner id>]`.
+///
+/// On Linux each runner also gets a parent-death signal (SIGTERM), so it stops even when the
+/// parent is killed with SIGKILL. The protocol's own failsafe does not depend on it: a runner
+/// whose parent connection ends stops by itself.
+#[derive(Debug, Clone)]
+pub struct ProcessBackend {
+    program: Option<PathBuf>,
+    args: Option<Vec<OsString>>,
+    env: Vec<(OsString, OsString)>,
+    parent_death_signal: bool,
+}
+
+impl Default for ProcessBackend {
+    fn default() -> Self {
+        ProcessBackend {
+            program: None,
+            args: None,
+            env: Vec::new(),
+            parent_death_signal: true,
+        }
+    }
+}
+
+impl ProcessBackend {
+    /// Runners run this executable with this process's arguments.
+    pub fn new() -> ProcessBackend {
+        ProcessBackend::default()
+    }
+
+    /// Runs another program as the runner (it must be built with the same tasks: parent and
+    /// runner compare task manifests in the handshake).
+    pub fn program(mut self, program: impl Into<PathBuf>) -> Self {
+        self.program = Some(program.into());
+        self
+    }
+
+    /// Replaces the runner's arguments (default: this process's own).
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.args = Some(args.into_iter().map(|a| a.as_ref().to_os_string()).collect());
+        self
+    }
+
+    /// Sets an environment variable in runners (they inherit the parent's environment too).
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
+        self.env.push((key.as_ref().to_os_string(), value.as_ref().to_os_string()));
+        self
+    }
+
+    /// Whether runners get a parent-death signal on Linux (default `true`). Turning it off
+    /// leaves only the protocol's failsafe to stop orphaned runners.
+    pub fn parent_death_signal(mut self, enabled: bool) -> Self {
+        self.parent_death_signal = enabled;
+        self
+    }
+
+    fn command(&self, spec: &BootSpec) -> Result<Command, Error> {
+        let program = match &self.program {
+            Some(p) => p.clone(),
+            None => std::env::current_exe().map_err(|e| Error::io("finding the current executable", e))?,
+        };
+        let mut cmd = Command::new(&program);
+        match &self.args {
+            Some(args) => cmd.args(args),
+            None => cmd.args(std::env::args_os().skip(1)),
+        };
+        let (key, value) = spec.handoff_env();
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env(key, value)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        #[cfg(target_os = "linux")]
+        if self.parent_death_signal {
+            let parent = std::process::id() as libc::pid_t;
+            // SAFETY: between fork and exec this only makes async-signal-safe syscalls.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // The parent may have died before the prctl: then nobody would signal us.
+                    if libc::getppid() != parent {
+                        libc::_exit(1);
+                    }
+                    Ok(())
+                });
+            }
+        }
+        Ok(cmd)
+    }
+}
+
+impl Backend for ProcessBackend {
+    fn name(&self) -> &str {
+        "process"
+    }
+
+    fn boot(&self, spec: BootSpec) -> BoxFuture<'static, Result<Box<dyn RunnerHandle>, Error>> {
+        let command = self.command(&spec);
+        let runner_id = spec.runner_id().to_string();
+        async move {
+            let mut child = spawn(command?).await.map_err(|e| {
+                Error::new(ErrorKind::BootFailed, format!("could not start the runner process: {e}"))
+            })?;
+            let prefix = format!("[{runner_id}] ");
+            if let Some(out) = child.stdout.take() {
+                tokio::spawn(forward(out, prefix.clone(), false));
+            }
+            if let Some(err) = child.stderr.take() {
+                tokio::spawn(forward(err, prefix, true));
+            }
+            let handle: Box<dyn RunnerHandle> = Box::new(ProcessRunner {
+                pid: child.id().unwrap_or(0),
+                child,
+            });
+            Ok(handle)
+        }
+        .boxed()
+    }
+}
+
+/// Spawns on a thread that lives as long as the process: Linux delivers the parent-death signal
+/// when the *thread* that forked the child exits, and Tokio's worker and blocking threads come
+/// and go.
+async fn spawn(command: Command) -> std::io::Result<Child> {
+    struct Job {
+        command: Command,
+        runtime: tokio::runtime::Handle,
+        reply: oneshot::Sender<std::io::Result<Child>>,
+    }
+    static SPAWNER: OnceLock<std::sync::mpsc::Sender<Job>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("flame-spawner".into())
+            .spawn(move || {
+                for mut job in rx {
+                    // The child is registered with the caller's runtime, which reaps it.
+                    let _guard = job.runtime.enter();
+                    let _ = job.reply.send(job.command.spawn());
+                }
+            })
+            .expect("starting the flame spawner thread");
+        tx
+    });
+    let (reply, result) = oneshot::channel();
+    spawner
+        .send(Job {
+            command,
+            runtime: tokio::runtime::Handle::current(),
+            reply,
+        })
+        .map_err(|_| std::io::Error::other("the spawner thread is gone"))?;
+    result
+        .await
+        .map_err(|_| std::io::Error::other("the spawner thread dropped the request"))?
+}
+
+/// Copies a runner's output to ours line by line, each line prefixed and written at once so
+/// lines from different runners never interleave.
+async fn forward(from: impl AsyncRead + Unpin, prefix: String, stderr: bool) {
+    let mut lines = BufReader::new(from);
+    let mut line = Vec::with_capacity(256);
+    loop {
+        line.clear();
+        match lines.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                if !line.ends_with(b"\n") {
+                    line.push(b'\n');
+                }
+                let mut out = Vec::with_capacity(prefix.len() + line.len());
+                out.extend_from_slice(prefix.as_bytes());
+                out.extend_from_slice(&line);
+                let _ = if stderr {
+                    std::io::stderr().lock().write_all(&out)
+                } else {
+                    std::io::stdout().lock().write_all(&out)
+                };
+            }
+        }
+    }
+}
+
+struct ProcessRunner {
+    pid: u32,
+    child: Child,
+}
+
+impl RunnerHandle for ProcessRunner {
+    fn describe(&self) -> String {
+        format!("pid {}", self.pid)
+    }
+
+    fn exited(&mut self) -> BoxFuture<'_, String> {
+        async move {
+            match self.child.wait().await {
+                Ok(status) => status.to_string(),
+                Err(e) => format!("could not wait for it: {e}"),
+            }
+        }
+        .boxed()
+    }
+
+    fn destroy(mut self: Box<Self>) -> BoxFuture<'static, ()> {
+        async move {
+            // A runner told to stop exits by itself within moments; one that doesn't is killed.
+            if tokio::time::timeout(Duration::from_secs(1), self.child.wait()).await.is_err() {
+                let _ = self.child.start_kill();
+                let _ = self.child.wait().await;
+            }
+        }
+        .boxed()
+    }
+}

@@ -1,0 +1,175 @@
+//! `Call<R>`: one invocation of a task, ready to run here or on a pool; and the three ways to send
+//! it to a pool: [`spawn_on`], [`call`], [`cast`].
+
+use std::fmt;
+use std::future::IntoFuture;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::{Error, ErrorKind};
+use crate::join::JoinHandle;
+use crate::pool::Pool;
+use crate::task::TaskDef;
+
+/// One invocation of a `#[flame::task]`: the task's identity and its arguments.
+///
+/// Calling a task function returns a `Call` instead of running the body. Then either
+/// - `.await` it: the body runs right here, in this process, exactly as if the function had no
+///   attribute (no encoding, no runner); or
+/// - hand it to a pool with [`spawn_on`], [`call`] or [`cast`]: the arguments are encoded and the
+///   body runs on a runner.
+///
+/// ```
+/// #[flame::task]
+/// async fn add(a: u64, b: u64) -> u64 {
+///     a + b
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// assert_eq!(add(2, 3).await, 5); // runs in-process
+/// # }
+/// ```
+#[must_use = "a Call does nothing until it is awaited or sent to a pool with flame::spawn_on / call / cast"]
+pub struct Call<R> {
+    def: &'static TaskDef,
+    args: Box<dyn CallArgs<R>>,
+    timeout: Option<Duration>,
+}
+
+/// The arguments of a call, still typed: encoded only if the call goes to a runner, so a
+/// local `.await` costs what it cost before the attribute was added.
+trait CallArgs<R>: Send {
+    fn encode(&self) -> Result<Bytes, postcard::Error>;
+    fn run_local(self: Box<Self>) -> BoxFuture<'static, R>;
+}
+
+struct TypedArgs<A, R> {
+    args: A,
+    body: fn(A) -> BoxFuture<'static, R>,
+}
+
+impl<A, R> CallArgs<R> for TypedArgs<A, R>
+where
+    A: Serialize + Send + 'static,
+    R: 'static,
+{
+    fn encode(&self) -> Result<Bytes, postcard::Error> {
+        postcard::to_stdvec(&self.args).map(Bytes::from)
+    }
+
+    fn run_local(self: Box<Self>) -> BoxFuture<'static, R> {
+        (self.body)(self.args)
+    }
+}
+
+impl<R: 'static> Call<R> {
+    /// Used by `#[flame::task]`. Not public API.
+    #[doc(hidden)]
+    pub fn __new<A>(def: &'static TaskDef, args: A, body: fn(A) -> BoxFuture<'static, R>) -> Call<R>
+    where
+        A: Serialize + Send + 'static,
+    {
+        Call {
+            def,
+            args: Box::new(TypedArgs { args, body }),
+            timeout: None,
+        }
+    }
+}
+
+impl<R> Call<R> {
+    /// Sets a deadline for this call, counted from when it is sent to a pool: it covers waiting
+    /// for a slot and running. The runner enforces it too (it drops the task's future at the
+    /// deadline), so an expired task stops even if the parent is gone. Overrides the pool's
+    /// default [`timeout`](crate::PoolBuilder::timeout). Does not apply to a local `.await`.
+    pub fn timeout(mut self, timeout: Duration) -> Call<R> {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// The task's id, `module::path::function`.
+    pub fn task_id(&self) -> &'static str {
+        self.def.id
+    }
+
+    pub(crate) fn into_parts(self) -> (&'static TaskDef, Result<Bytes, Error>, Option<Duration>) {
+        let args = self.args.encode().map_err(|e| {
+            Error::new(
+                ErrorKind::Codec,
+                format!(
+                    "the arguments of {} could not be encoded: {e}; every argument must serialize with \
+                     postcard (sequences and maps of known length, no serde_json::Value)",
+                    self.def.id
+                ),
+            )
+        });
+        (self.def, args, self.timeout)
+    }
+}
+
+impl<R: 'static> IntoFuture for Call<R> {
+    type Output = R;
+    type IntoFuture = BoxFuture<'static, R>;
+
+    /// Runs the task's body in this process.
+    fn into_future(self) -> Self::IntoFuture {
+        self.args.run_local()
+    }
+}
+
+impl<R> fmt::Debug for Call<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Call")
+            .field("task", &self.def.id)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Starts `call` on `pool` and returns at once, like `tokio::spawn`, with a handle to its result.
+///
+/// The call waits for a slot on a runner (booting one if the pool may grow), runs there, and
+/// its result comes back through the [`JoinHandle`]. **Dropping the handle cancels the call**:
+/// if it is still waiting it never starts, and if it is running the runner drops the task's
+/// future. Use [`JoinHandle::detach`] to let it finish unobserved.
+///
+/// # Panics
+/// Outside a Tokio runtime, like `tokio::spawn`.
+pub fn spawn_on<R>(pool: &Pool, call: Call<R>) -> JoinHandle<R>
+where
+    R: DeserializeOwned + Send + 'static,
+{
+    let (def, args, timeout) = call.into_parts();
+    let shared = pool.shared().clone();
+    JoinHandle::new(tokio::spawn(async move {
+        let args = args?;
+        shared.dispatch(def, args, timeout).await
+    }))
+}
+
+/// Runs `call` on `pool` and waits for its result: `spawn_on(pool, call).await`.
+pub async fn call<R>(pool: &Pool, call: Call<R>) -> Result<R, Error>
+where
+    R: DeserializeOwned + Send + 'static,
+{
+    spawn_on(pool, call).await
+}
+
+/// Starts `call` on `pool` and forgets it: `spawn_on(pool, call).detach()`. A failure is logged
+/// with `tracing` at `warn` level, since no one is there to receive it.
+pub fn cast<R>(pool: &Pool, call: Call<R>)
+where
+    R: DeserializeOwned + Send + 'static,
+{
+    let task = call.task_id();
+    let handle = spawn_on(pool, call);
+    tokio::spawn(async move {
+        if let Err(error) = handle.await {
+            tracing::warn!(task, %error, "flame::cast call failed");
+        }
+    });
+}

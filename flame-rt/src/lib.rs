@@ -1,0 +1,129 @@
+//! FLAME for Rust: run a piece of your app on a short-lived copy of *the same app*.
+//!
+//! FLAME (Fleeting Lambda Application for Modular Execution, after the Elixir `flame` library)
+//! treats the whole application as the lambda. Mark an `async fn` with [`#[flame::task]`](task),
+//! start a [`Pool`], and [`spawn_on`] it: the call runs on a runner, a copy of your own binary
+//! booted on demand with its config, logging and connection pools, which idles away when the
+//! work is done. No FaaS rewrite, no queues, no glue code.
+//!
+//! ```no_run
+//! use flame::{Pool, ProcessBackend};
+//! use std::time::Duration;
+//!
+//! #[flame::task]
+//! async fn checksum(data: Vec<u8>) -> u64 {
+//!     data.iter().map(|b| u64::from(*b)).sum()
+//! }
+//!
+//! #[flame::main]
+//! async fn main() -> Result<(), flame::Error> {
+//!     // Runners run this same `main`: they start the pool too (it runs calls locally there).
+//!     let pool = Pool::builder("sums")
+//!         .backend(ProcessBackend::new())
+//!         .max(4)
+//!         .max_concurrency(8)
+//!         .idle_shutdown_after(Duration::from_secs(10))
+//!         .start()
+//!         .await?;
+//!     if flame::parent().is_some() {
+//!         return Ok(()); // a runner: skip parent-only work; it keeps serving calls
+//!     }
+//!
+//!     let handle = flame::spawn_on(&pool, checksum(vec![1, 2, 3])); // returns at once
+//!     assert_eq!(handle.await?, 6); // dropping `handle` instead would cancel the call
+//!     assert_eq!(checksum(vec![4]).await, 4); // `.await` on the call runs it right here
+//!     pool.shutdown().await;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! # The pieces
+//!
+//! | piece | where |
+//! |---|---|
+//! | [`#[flame::task]`](task): a task and its [`Call`] | `call.rs`, `task.rs` (the registry) |
+//! | [`spawn_on`] / [`call()`] / [`cast`] and the [`JoinHandle`] (cancels on drop) | `call.rs`, `join.rs`, `cancel.rs`, `deadline.rs` |
+//! | [`Pool`]: placement, growth, idle shutdown | `pool.rs`; waiting for a slot: `queue.rs` |
+//! | the parent's side of a runner connection | `listener.rs` (dial-back, handshake), `connection.rs` |
+//! | the runner's side, and its failsafe | `runner.rs`, `terminator.rs` |
+//! | [`#[flame::main]`](main), [`parent()`] and the hand-off to runners | `runtime.rs`, `parent.rs` |
+//! | [`Backend`]: [`ProcessBackend`], [`LocalBackend`] | `backend/` |
+//! | the wire protocol | `wire.rs`, `handshake.rs` |
+//!
+//! # Semantics in brief
+//!
+//! - **At most once.** A call runs at most once; nothing is retried behind your back. If its
+//!   runner dies, the call fails with [`ErrorKind::RunnerLost`].
+//! - **Cancel on drop.** Dropping a [`JoinHandle`] cancels the call: queued, it never starts;
+//!   running, the runner drops its future (so `kill_on_drop` children die with it).
+//! - **Deadlines** ([`Call::timeout`], [`PoolBuilder::timeout`]) cover queueing and running and
+//!   are enforced by the runner too.
+//! - **Runners never outlive their parent.** A runner exits when its parent connection ends or
+//!   goes silent, dropping its tasks first.
+//! - **Strangers are refused.** Each runner proves itself with a one-time 128-bit token, and
+//!   parent and runner compare their task manifests, so a different build is refused with a
+//!   reason instead of mis-decoding arguments.
+//!
+//! # Tasks in a library crate
+//!
+//! Tasks register themselves at link time. If they live in a library crate that the binary
+//! never names, the linker drops them: add `use my_tasks as _;` to the binary. A pool started in
+//! a binary with no registered task fails with an error saying so.
+
+#![warn(missing_docs, unreachable_pub)]
+
+mod backend;
+mod call;
+mod cancel;
+mod connection;
+mod deadline;
+mod error;
+mod handshake;
+mod join;
+mod listener;
+mod parent;
+mod pool;
+mod queue;
+mod runner;
+mod runtime;
+mod task;
+mod terminator;
+mod wire;
+
+pub use backend::{Backend, BootSpec, LocalBackend, ProcessBackend, RunnerHandle};
+pub use call::{Call, call, cast, spawn_on};
+pub use error::{Error, ErrorKind};
+pub use join::JoinHandle;
+pub use parent::{HANDOFF_ENV, Parent, parent};
+pub use pool::{Pool, PoolBuilder, PoolStats};
+
+/// Turns an `async fn` into a FLAME task.
+///
+/// Calling the function then returns a [`Call`] instead of running the body: `.await` it to run
+/// here, or send it to a [`Pool`] with [`spawn_on`], [`call()`] or [`cast`].
+///
+/// Arguments must be owned values that are `Serialize + DeserializeOwned + Send + 'static`, and
+/// so must the return type. The task is registered under `module_path!()::fn_name` with a hash
+/// of its signature. With a renamed dependency, say where flame is:
+/// `#[flame::task(crate = "my_flame")]`.
+pub use flame_rt_macros::task;
+
+/// Like `#[tokio::main]`, plus runner mode: when the process was booted as a runner, it
+/// connects back to its parent and serves calls, while `main`'s body runs too (it is the whole
+/// app). The runner process exits when its parent lets it go, whatever the body is doing; if the
+/// body returns `Err` in a runner, the parent's waiting callers get
+/// [`ErrorKind::BootFailed`] with that error.
+///
+/// Accepts `flavor = "current_thread" | "multi_thread"`, `worker_threads = N` and
+/// `crate = "..."`.
+pub use flame_rt_macros::main;
+
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::runtime::{MainOutput, run_main};
+    pub use crate::task::{Registration, TaskDef, assert_arg, assert_ret, decode_args, encode_result, sig_hash};
+    pub use bytes::Bytes;
+    pub use futures::future::BoxFuture;
+    pub use inventory;
+    pub use tokio;
+}

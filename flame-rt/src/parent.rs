@@ -1,0 +1,175 @@
+//! The parent hand-off: what a backend passes to a runner it boots (in one environment
+//! variable), and [`parent()`], which tells code whether it runs in a runner.
+
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use crate::error::{Error, ErrorKind};
+
+/// The environment variable that makes a process a runner. Backends set it to
+/// [`BootSpec::handoff`](crate::BootSpec::handoff).
+pub const HANDOFF_ENV: &str = "FLAME_PARENT";
+
+/// Everything a runner needs to reach its parent and prove who it is.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct Handoff {
+    pub(crate) pool: String,
+    pub(crate) runner_id: String,
+    /// Where the runner dials, `host:port`.
+    pub(crate) addr: String,
+    pub(crate) token: [u8; 16],
+    /// How long the runner may take to reach its parent before it gives up and exits.
+    pub(crate) boot_timeout: Duration,
+}
+
+impl Handoff {
+    pub(crate) fn encode(&self) -> String {
+        let token: String = self.token.iter().map(|b| format!("{b:02x}")).collect();
+        format!(
+            "v1;pool={};runner={};addr={};token={};boot_ms={}",
+            self.pool,
+            self.runner_id,
+            self.addr,
+            token,
+            self.boot_timeout.as_millis()
+        )
+    }
+
+    pub(crate) fn decode(s: &str) -> Result<Handoff, Error> {
+        let bad = |what: &str| {
+            Error::new(
+                ErrorKind::Config,
+                format!("{HANDOFF_ENV} is malformed ({what}); it is set by a flame backend, not by hand"),
+            )
+        };
+        let mut parts = s.split(';');
+        if parts.next() != Some("v1") {
+            return Err(bad("unknown version"));
+        }
+        let (mut pool, mut runner, mut addr, mut token, mut boot_ms) = (None, None, None, None, None);
+        for part in parts {
+            let (k, v) = part.split_once('=').ok_or_else(|| bad("a field without '='"))?;
+            match k {
+                "pool" => pool = Some(v.to_string()),
+                "runner" => runner = Some(v.to_string()),
+                "addr" => addr = Some(v.to_string()),
+                "token" => token = Some(parse_token(v).ok_or_else(|| bad("token"))?),
+                "boot_ms" => boot_ms = Some(v.parse::<u64>().map_err(|_| bad("boot_ms"))?),
+                _ => {} // fields from a newer parent are ignored
+            }
+        }
+        Ok(Handoff {
+            pool: pool.ok_or_else(|| bad("no pool"))?,
+            runner_id: runner.ok_or_else(|| bad("no runner"))?,
+            addr: addr.ok_or_else(|| bad("no addr"))?,
+            token: token.ok_or_else(|| bad("no token"))?,
+            boot_timeout: Duration::from_millis(boot_ms.ok_or_else(|| bad("no boot_ms"))?),
+        })
+    }
+}
+
+fn parse_token(hex: &str) -> Option<[u8; 16]> {
+    if hex.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Who this runner works for: returned by [`parent()`] inside a runner.
+#[derive(Clone)]
+pub struct Parent {
+    handoff: Arc<Handoff>,
+}
+
+impl Parent {
+    pub(crate) fn new(handoff: Arc<Handoff>) -> Parent {
+        Parent { handoff }
+    }
+
+    /// The name of the pool this runner belongs to.
+    pub fn pool(&self) -> &str {
+        &self.handoff.pool
+    }
+
+    /// This runner's id, unique within its parent (`<pool>-<n>`).
+    pub fn runner_id(&self) -> &str {
+        &self.handoff.runner_id
+    }
+}
+
+impl fmt::Debug for Parent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The token stays out of logs.
+        f.debug_struct("Parent")
+            .field("pool", &self.pool())
+            .field("runner_id", &self.runner_id())
+            .finish_non_exhaustive()
+    }
+}
+
+tokio::task_local! {
+    /// Set around every task a runner runs, so `parent()` answers for in-process
+    /// ([`LocalBackend`](crate::LocalBackend)) runners too.
+    pub(crate) static TASK_PARENT: Parent;
+}
+
+/// The hand-off this process was booted with, if it is a runner process.
+pub(crate) fn process_handoff() -> Option<&'static Result<Arc<Handoff>, Error>> {
+    static HANDOFF: OnceLock<Option<Result<Arc<Handoff>, Error>>> = OnceLock::new();
+    HANDOFF
+        .get_or_init(|| {
+            let raw = std::env::var(HANDOFF_ENV).ok()?;
+            Some(Handoff::decode(&raw).map(Arc::new))
+        })
+        .as_ref()
+}
+
+/// `Some` inside a runner (in a runner process, or in a task run by an in-process runner),
+/// `None` in the parent.
+///
+/// A runner runs the app's whole `main`, so this is how the app skips parent-only work such as
+/// starting its web server:
+///
+/// ```
+/// if flame::parent().is_some() {
+///     return; // a runner: serve tasks only
+/// }
+/// ```
+pub fn parent() -> Option<Parent> {
+    if let Ok(parent) = TASK_PARENT.try_with(Clone::clone) {
+        return Some(parent);
+    }
+    match process_handoff()? {
+        Ok(handoff) => Some(Parent::new(handoff.clone())),
+        Err(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handoff_round_trips() {
+        let h = Handoff {
+            pool: "thumbs".into(),
+            runner_id: "thumbs-3".into(),
+            addr: "[fdaa::3]:4000".into(),
+            token: [0xab; 16],
+            boot_timeout: Duration::from_secs(30),
+        };
+        assert!(Handoff::decode(&h.encode()).ok() == Some(h));
+    }
+
+    #[test]
+    fn malformed_handoff_says_what() {
+        let err = Handoff::decode("v1;pool=p;runner=r;addr=a;token=zz;boot_ms=1").err().unwrap();
+        assert!(err.message().contains("token"), "{err}");
+        assert!(Handoff::decode("v9").is_err());
+    }
+}

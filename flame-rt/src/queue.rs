@@ -1,0 +1,83 @@
+//! Where a call waits for a slot: a FIFO of callers, served as runners free up or come up.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::deadline::Deadline;
+use crate::error::{Error, ErrorKind};
+use crate::pool::{Shared, Slot};
+
+type Waiter = oneshot::Sender<Result<Slot, Error>>;
+
+/// Callers waiting for a slot, oldest first. A caller that gives up (handle dropped, deadline)
+/// drops its receiver; such entries are skipped and purged, never served.
+#[derive(Default)]
+pub(crate) struct Queue {
+    waiters: VecDeque<Waiter>,
+}
+
+impl Queue {
+    fn push(&mut self) -> oneshot::Receiver<Result<Slot, Error>> {
+        let (tx, rx) = oneshot::channel();
+        self.waiters.push_back(tx);
+        rx
+    }
+
+    /// How many callers are still waiting.
+    pub(crate) fn len(&mut self) -> usize {
+        self.waiters.retain(|w| !w.is_closed());
+        self.waiters.len()
+    }
+
+    /// The oldest caller still waiting.
+    pub(crate) fn pop(&mut self) -> Option<Waiter> {
+        while let Some(w) = self.waiters.pop_front() {
+            if !w.is_closed() {
+                return Some(w);
+            }
+        }
+        None
+    }
+
+    /// Puts a caller back at the head of the line.
+    pub(crate) fn push_front(&mut self, waiter: Waiter) {
+        self.waiters.push_front(waiter);
+    }
+
+    /// Fails every waiting caller with `error`.
+    pub(crate) fn fail_all(&mut self, error: &Error) {
+        for w in self.waiters.drain(..) {
+            let _ = w.send(Err(error.clone()));
+        }
+    }
+}
+
+impl Shared {
+    /// A slot on a runner for one call: at once if a runner has one free and nobody is queued
+    /// ahead, else after waiting in line (and asking the pool to grow) until `deadline`.
+    pub(crate) async fn checkout(self: &Arc<Self>, task: &str, deadline: Deadline) -> Result<Slot, Error> {
+        let waiting = {
+            let mut state = self.lock();
+            if let Some(error) = &state.closed {
+                return Err(error.clone());
+            }
+            if state.queue.len() == 0
+                && let Some(slot) = self.take_slot(&mut state)
+            {
+                return Ok(slot);
+            }
+            let rx = state.queue.push();
+            self.grow(&mut state);
+            rx
+        };
+        let until: Instant = deadline.queue_until(self.config.boot_timeout);
+        match tokio::time::timeout_at(until, waiting).await {
+            Ok(Ok(slot)) => slot,
+            Ok(Err(_)) => Err(Error::new(ErrorKind::PoolClosed, format!("pool {} was closed", self.name))),
+            Err(_) => Err(deadline.expired(task, true)),
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! What `#[flame::main]` runs: the app's `main` on a Tokio runtime, plus, when the process was
+//! booted as a runner, the runner service beside it.
+
+use std::fmt::Debug;
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::parent::{HANDOFF_ENV, process_handoff};
+use crate::runner::{self, Control};
+
+/// The return types `#[flame::main]` accepts: `()` and `Result<T, E: Debug>`. Not public API.
+#[doc(hidden)]
+pub trait MainOutput {
+    /// Why `main` failed, if it did.
+    fn failure(&self) -> Option<String>;
+}
+
+impl MainOutput for () {
+    fn failure(&self) -> Option<String> {
+        None
+    }
+}
+
+impl<T, E: Debug> MainOutput for Result<T, E> {
+    fn failure(&self) -> Option<String> {
+        self.as_ref().err().map(|e| format!("{e:?}"))
+    }
+}
+
+/// Runs `body` as the app's main. In a runner process this never returns: the process exits
+/// when its runner service ends. Not public API.
+#[doc(hidden)]
+pub fn run_main<F>(mut runtime: tokio::runtime::Builder, body: F) -> F::Output
+where
+    F: Future,
+    F::Output: MainOutput,
+{
+    let runtime = runtime.enable_all().build().expect("failed to build the Tokio runtime");
+    let handoff = match process_handoff() {
+        None => return runtime.block_on(body),
+        Some(Ok(handoff)) => handoff.clone(),
+        Some(Err(e)) => {
+            eprintln!("flame: {HANDOFF_ENV} is set but cannot be used: {e}");
+            std::process::exit(2);
+        }
+    };
+    let code = runtime.block_on(async move {
+        let (control, control_rx) = mpsc::unbounded_channel();
+        let mut service = tokio::spawn(runner::serve(handoff, control_rx));
+        forward_sigterm(control.clone());
+        tokio::pin!(body);
+        tokio::select! {
+            output = &mut body => {
+                if let Some(reason) = output.failure() {
+                    let _ = control.send(Control::BootFailed(reason));
+                }
+                // The app's main is done; the runner keeps serving until the parent lets it go.
+                match service.await {
+                    Ok(exit) => exit.code(),
+                    Err(_) => 1,
+                }
+            }
+            exit = &mut service => exit.map_or(1, |e| e.code()),
+        }
+    });
+    // Drop whatever else the app spawned, but don't wait long for blocking threads.
+    runtime.shutdown_timeout(Duration::from_millis(500));
+    std::process::exit(code);
+}
+
+/// SIGTERM (also the parent-death signal of process runners) stops the runner cleanly: its
+/// tasks are dropped, so their `kill_on_drop` children die too.
+fn forward_sigterm(control: mpsc::UnboundedSender<Control>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::spawn(async move {
+                if term.recv().await.is_some() {
+                    let _ = control.send(Control::Terminate);
+                }
+            });
+        }
+    }
+    #[cfg(not(unix))]
+    drop(control);
+}

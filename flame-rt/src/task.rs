@@ -1,0 +1,174 @@
+//! The task registry: every `#[flame::task]` registers itself at link time, and a runner finds
+//! the body of a call here by the task's id.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+
+use crate::error::{Error, ErrorKind};
+
+/// What `#[flame::task]` generates for one task. Not public API.
+#[doc(hidden)]
+pub struct TaskDef {
+    /// `module_path!()::fn_name`.
+    pub id: &'static str,
+    /// Hash of the argument and return types as written, so that two builds which disagree on
+    /// a task's signature refuse each other instead of mis-decoding.
+    pub sig: u64,
+    /// Decodes the arguments and returns the body's future, whose output is the encoded result.
+    pub invoke: fn(&[u8]) -> Result<BoxFuture<'static, Result<Bytes, String>>, String>,
+}
+
+/// A `TaskDef` as collected by `inventory`. Not public API.
+#[doc(hidden)]
+pub struct Registration(pub &'static TaskDef);
+
+inventory::collect!(Registration);
+
+pub(crate) struct Registry {
+    by_id: HashMap<&'static str, &'static TaskDef>,
+    /// Sorted `(id, sig)` pairs.
+    pub(crate) manifest: Vec<(String, u64)>,
+    pub(crate) manifest_hash: u64,
+}
+
+impl Registry {
+    pub(crate) fn get(&self, id: &str) -> Option<&'static TaskDef> {
+        self.by_id.get(id).copied()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.by_id.len()
+    }
+}
+
+/// The process's task registry, built on first use. Duplicate ids are an error every time it is
+/// asked for, so every pool start and runner start reports them.
+pub(crate) fn registry() -> Result<&'static Registry, Error> {
+    static REGISTRY: OnceLock<Result<Registry, Error>> = OnceLock::new();
+    REGISTRY.get_or_init(build).as_ref().map_err(Clone::clone)
+}
+
+fn build() -> Result<Registry, Error> {
+    let mut by_id = HashMap::new();
+    let mut duplicates = Vec::new();
+    for Registration(def) in inventory::iter::<Registration> {
+        if by_id.insert(def.id, *def).is_some() {
+            duplicates.push(def.id);
+        }
+    }
+    if !duplicates.is_empty() {
+        duplicates.sort_unstable();
+        duplicates.dedup();
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "task ids registered more than once: {}; two linked crates define the same \
+                 `module::function` (often two versions of one crate): rename one task or unify the versions",
+                duplicates.join(", ")
+            ),
+        ));
+    }
+    let mut manifest: Vec<(String, u64)> = by_id.values().map(|d| (d.id.to_string(), d.sig)).collect();
+    manifest.sort_unstable();
+    let manifest_hash = manifest_hash(&manifest);
+    Ok(Registry {
+        by_id,
+        manifest,
+        manifest_hash,
+    })
+}
+
+pub(crate) fn manifest_hash(manifest: &[(String, u64)]) -> u64 {
+    let mut h = FNV_OFFSET;
+    for (id, sig) in manifest {
+        h = fnv1a(h, id.as_bytes());
+        h = fnv1a(h, &[0]);
+        h = fnv1a(h, &sig.to_le_bytes());
+    }
+    h
+}
+
+/// Explains how two manifests differ, by task name.
+pub(crate) fn manifest_diff(parent: &[(String, u64)], runner: &[(String, u64)]) -> String {
+    let parent_map: HashMap<&str, u64> = parent.iter().map(|(id, s)| (id.as_str(), *s)).collect();
+    let runner_map: HashMap<&str, u64> = runner.iter().map(|(id, s)| (id.as_str(), *s)).collect();
+    let mut parts = Vec::new();
+    fn only<'a>(a: &HashMap<&'a str, u64>, b: &HashMap<&str, u64>) -> Vec<&'a str> {
+        let mut v: Vec<&str> = a.keys().filter(|k| !b.contains_key(*k)).copied().collect();
+        v.sort_unstable();
+        v
+    }
+    let missing = only(&parent_map, &runner_map);
+    if !missing.is_empty() {
+        parts.push(format!("the runner lacks {}", missing.join(", ")));
+    }
+    let extra = only(&runner_map, &parent_map);
+    if !extra.is_empty() {
+        parts.push(format!("the runner has extra {}", extra.join(", ")));
+    }
+    let mut changed: Vec<&str> = parent_map
+        .iter()
+        .filter(|(k, s)| runner_map.get(*k).is_some_and(|r| r != *s))
+        .map(|(k, _)| *k)
+        .collect();
+    changed.sort_unstable();
+    if !changed.is_empty() {
+        parts.push(format!("signatures differ for {}", changed.join(", ")));
+    }
+    if parts.is_empty() {
+        "the manifest hashes differ".to_string()
+    } else {
+        parts.join("; ")
+    }
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a: stable across Rust versions and platforms, unlike `DefaultHasher`, which matters
+/// because parent and runner may be different builds. `const` so signature hashes cost nothing
+/// at run time.
+const fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
+    let mut i = 0;
+    while i < bytes.len() {
+        h ^= bytes[i] as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+        i += 1;
+    }
+    h
+}
+
+/// Hashes a task's signature as the macro wrote it down (generated code calls this in a const).
+#[doc(hidden)]
+pub const fn sig_hash(signature: &str) -> u64 {
+    fnv1a(FNV_OFFSET, signature.as_bytes())
+}
+
+/// Encodes a task's result (generated code calls this on the runner).
+#[doc(hidden)]
+pub fn encode_result<R: serde::Serialize>(value: &R) -> Result<Bytes, String> {
+    postcard::to_stdvec(value)
+        .map(Bytes::from)
+        .map_err(|e| format!("the task's return value could not be encoded: {e}"))
+}
+
+/// Decodes a task's arguments (generated code calls this on the runner).
+#[doc(hidden)]
+pub fn decode_args<A: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<A, String> {
+    postcard::from_bytes(bytes).map_err(|e| {
+        format!(
+            "the arguments could not be decoded: {e}; if a type uses #[serde(untagged)], \
+             #[serde(flatten)], internally tagged enums or skip_serializing_if, it cannot be sent to a runner"
+        )
+    })
+}
+
+/// Compile-time check generated for every task argument: the error points at the argument.
+#[doc(hidden)]
+pub const fn assert_arg<T: serde::Serialize + serde::de::DeserializeOwned + Send + 'static>() {}
+
+/// Compile-time check generated for a task's return type.
+#[doc(hidden)]
+pub const fn assert_ret<T: serde::Serialize + serde::de::DeserializeOwned + Send + 'static>() {}

@@ -1,0 +1,103 @@
+//! The runner's failsafe (FLAME's "terminator"): a runner never outlives its parent.
+//!
+//! It exits when it cannot reach the parent within the boot window, when the connection ends,
+//! or when the parent has been silent for the heartbeat window; and before it exits it drops
+//! every running task, so their `kill_on_drop` children die too. None of this relies on a
+//! parent-death signal, which does not exist across hosts.
+
+use std::fmt;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// Dials the parent, retrying refused or failed connects with backoff until the boot window
+/// closes. A runner that cannot reach its parent in time is of no use to anyone.
+pub(crate) async fn dial(addr: &str, window: Duration) -> Result<TcpStream, Exit> {
+    let deadline = Instant::now() + window;
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let error = match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "timed out".to_string(),
+        };
+        if Instant::now() + backoff >= deadline {
+            return Err(Exit::Unreachable(format!(
+                "could not reach the parent at {addr} within {window:?} ({error})"
+            )));
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_millis(500));
+    }
+}
+
+/// Tracks when the parent was last heard from.
+pub(crate) struct Watchdog {
+    last_heard: Instant,
+    window: Duration,
+}
+
+impl Watchdog {
+    pub(crate) fn new(window: Duration) -> Watchdog {
+        Watchdog {
+            last_heard: Instant::now(),
+            window,
+        }
+    }
+
+    pub(crate) fn heard(&mut self) {
+        self.last_heard = Instant::now();
+    }
+
+    /// `Some(reason)` once the parent has been silent for the whole window.
+    pub(crate) fn silent(&self) -> Option<Exit> {
+        let quiet = self.last_heard.elapsed();
+        (quiet >= self.window).then(|| Exit::ParentLost(format!("no word from the parent for {quiet:?}")))
+    }
+}
+
+/// Why a runner stopped serving.
+#[derive(Debug)]
+pub(crate) enum Exit {
+    /// The parent asked it to stop (shutdown, idle, single use).
+    Stopped,
+    /// The parent connection ended or went silent.
+    ParentLost(String),
+    /// The parent could not be reached within the boot window.
+    Unreachable(String),
+    /// The parent refused the handshake.
+    Refused(String),
+    /// The app's `main` returned an error.
+    BootFailed(String),
+    /// The process was told to terminate (SIGTERM, or the parent-death signal).
+    Terminated,
+}
+
+impl Exit {
+    pub(crate) fn code(&self) -> i32 {
+        match self {
+            Exit::Stopped | Exit::Terminated => 0,
+            Exit::ParentLost(_) => 1,
+            Exit::Unreachable(_) => 2,
+            Exit::Refused(_) => 3,
+            Exit::BootFailed(_) => 4,
+        }
+    }
+}
+
+impl fmt::Display for Exit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Exit::Stopped => f.write_str("stopped by the parent"),
+            Exit::ParentLost(why) => write!(f, "lost the parent: {why}"),
+            Exit::Unreachable(why) => f.write_str(why),
+            Exit::Refused(why) => write!(f, "refused by the parent: {why}"),
+            Exit::BootFailed(why) => write!(f, "main returned an error: {why}"),
+            Exit::Terminated => f.write_str("terminated by signal"),
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! The wire protocol between a parent and its runners.
+//!
+//! One TCP connection per runner, dialled by the runner, carries every call to that runner.
+//! Frames are length-delimited; each holds one postcard-encoded message. Message enums are
+//! externally tagged (postcard writes the variant index) and only ever grow at the end, so the
+//! protocol version in the handshake is what decides compatibility.
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+
+use crate::error::{Error, ErrorKind};
+
+/// Bumped on any incompatible change of the messages below.
+pub(crate) const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest frame either side accepts. A bigger call argument is a user error reported as
+/// [`ErrorKind::Codec`] before it is sent; streaming large data is what channels are for.
+pub(crate) const MAX_FRAME: usize = 64 * 1024 * 1024;
+
+/// The runner's first frame.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Hello {
+    pub(crate) protocol: u32,
+    pub(crate) runner_id: String,
+    pub(crate) token: [u8; 16],
+    pub(crate) fingerprint: String,
+    pub(crate) manifest_hash: u64,
+    /// Sorted `(task id, signature hash)` pairs, so a mismatch can be explained by name.
+    pub(crate) manifest: Vec<(String, u64)>,
+}
+
+/// What the parent tells a runner it accepted.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Welcome {
+    pub(crate) heartbeat_ms: u64,
+    pub(crate) miss_limit: u32,
+    pub(crate) idle_ms: Option<u64>,
+}
+
+/// Parent → runner.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum ToRunner {
+    Welcome(Welcome),
+    Refused {
+        reason: String,
+    },
+    Run {
+        call: u64,
+        task: String,
+        args: Bytes,
+        /// Time left until the call's deadline, relative because clocks differ between hosts.
+        deadline_ms: Option<u64>,
+    },
+    Cancel {
+        call: u64,
+    },
+    Heartbeat,
+    /// Stop taking work, let running tasks finish within `grace_ms`, then exit.
+    Shutdown {
+        grace_ms: u64,
+    },
+}
+
+/// Runner → parent.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum ToParent {
+    Hello(Hello),
+    Done {
+        call: u64,
+        outcome: Outcome,
+    },
+    /// The task's future has been dropped after a `Cancel`.
+    Cancelled {
+        call: u64,
+    },
+    Heartbeat,
+    /// The runner had no work for its idle period; the parent decides whether it stops.
+    Idle,
+    /// The runner's `main` returned an error: it is going away.
+    BootFailed {
+        reason: String,
+    },
+}
+
+/// How a call ended on the runner.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum Outcome {
+    Ok(Bytes),
+    Panicked(String),
+    Failed { kind: WireErrorKind, message: String },
+}
+
+/// The error kinds a runner can report for a call.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub(crate) enum WireErrorKind {
+    TimedOut,
+    UnknownTask,
+    Codec,
+    ShuttingDown,
+}
+
+impl Outcome {
+    pub(crate) fn into_result(self) -> Result<Bytes, Error> {
+        match self {
+            Outcome::Ok(bytes) => Ok(bytes),
+            Outcome::Panicked(message) => Err(Error::new(ErrorKind::Panicked, message)),
+            Outcome::Failed { kind, message } => Err(Error::new(
+                match kind {
+                    WireErrorKind::TimedOut => ErrorKind::TimedOut,
+                    WireErrorKind::UnknownTask => ErrorKind::UnknownTask,
+                    WireErrorKind::Codec => ErrorKind::Codec,
+                    WireErrorKind::ShuttingDown => ErrorKind::PoolClosed,
+                },
+                message,
+            )),
+        }
+    }
+}
+
+pub(crate) fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .max_frame_length(MAX_FRAME)
+        .new_codec()
+}
+
+pub(crate) fn encode<T: Serialize>(msg: &T) -> Result<Bytes, Error> {
+    postcard::to_stdvec(msg)
+        .map(Bytes::from)
+        .map_err(|e| Error::new(ErrorKind::Codec, e.to_string()))
+}
+
+pub(crate) fn decode<T: DeserializeOwned>(frame: &[u8]) -> Result<T, Error> {
+    postcard::from_bytes(frame).map_err(|e| Error::new(ErrorKind::Protocol, e.to_string()))
+}
+
+/// The reading half of a connection: decoded messages.
+pub(crate) struct Reader<R> {
+    inner: FramedRead<R, LengthDelimitedCodec>,
+}
+
+impl<R: AsyncRead + Unpin> Reader<R> {
+    pub(crate) fn new(io: R) -> Self {
+        Reader {
+            inner: FramedRead::new(io, codec()),
+        }
+    }
+
+    /// The next message; `None` at a clean end of stream.
+    pub(crate) async fn next<T: DeserializeOwned>(&mut self) -> Option<Result<T, Error>> {
+        match self.inner.next().await? {
+            Ok(frame) => Some(decode(&frame)),
+            Err(e) => Some(Err(Error::io("reading a frame", e))),
+        }
+    }
+}
+
+/// Sends already-encoded frames from a queue, flushing only when the queue runs dry: one
+/// syscall carries every frame that piled up while the previous write was in progress.
+/// Ends when every sender is gone (after writing what was queued) or on a write error.
+pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(io: W, mut queue: mpsc::UnboundedReceiver<Bytes>) {
+    let mut sink = FramedWrite::new(io, codec());
+    while let Some(frame) = queue.recv().await {
+        if sink.feed(frame).await.is_err() {
+            return;
+        }
+        while let Ok(frame) = queue.try_recv() {
+            if sink.feed(frame).await.is_err() {
+                return;
+            }
+        }
+        if SinkExt::<Bytes>::flush(&mut sink).await.is_err() {
+            return;
+        }
+    }
+    let _ = SinkExt::<Bytes>::close(&mut sink).await;
+}
