@@ -35,7 +35,7 @@ fn is_prime(n: u64) -> bool {
     }
     let mut d = 2;
     while d * d <= n {
-        if n % d == 0 {
+        if n.is_multiple_of(d) {
             return false;
         }
         d += 1;
@@ -58,7 +58,10 @@ async fn main() -> anyhow::Result<()> {
         return Ok(()); // a runner: nothing parent-only to do, it keeps serving calls
     }
 
-    println!("parent pid {}: counting primes below 4,000,000 in 8 chunks", std::process::id());
+    println!(
+        "parent pid {}: counting primes below 4,000,000 in 8 chunks",
+        std::process::id()
+    );
     let started = Instant::now();
     let chunk = 500_000;
     let handles: Vec<_> = (0..8)
@@ -79,7 +82,10 @@ async fn main() -> anyhow::Result<()> {
         2
     );
     let local = count_primes(0, chunk).await;
-    println!("the same first chunk run in-process with `.await`: {} primes in {:.1} ms", local.primes, local.millis);
+    println!(
+        "the same first chunk run in-process with `.await`: {} primes in {:.1} ms",
+        local.primes, local.millis
+    );
     pool.shutdown().await;
     Ok(())
 }

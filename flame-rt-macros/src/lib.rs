@@ -97,7 +97,10 @@ impl<'ast> Visit<'ast> for Forbidden {
     fn visit_lifetime(&mut self, l: &'ast syn::Lifetime) {
         if l.ident != "static" {
             self.0.get_or_insert_with(|| {
-                syn::Error::new(l.span(), "task arguments must be 'static: they cannot borrow")
+                syn::Error::new(
+                    l.span(),
+                    "task arguments must be 'static: they cannot borrow",
+                )
             });
         }
     }
@@ -136,7 +139,10 @@ fn expand_task(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
         return Err(syn::Error::new(u.span(), "a task cannot be an `unsafe fn`"));
     }
     if let Some(abi) = &sig.abi {
-        return Err(syn::Error::new(abi.span(), "a task cannot have an `extern` ABI"));
+        return Err(syn::Error::new(
+            abi.span(),
+            "a task cannot have an `extern` ABI",
+        ));
     }
     if let Some(v) = &sig.variadic {
         return Err(syn::Error::new(v.span(), "a task cannot be variadic"));
@@ -188,6 +194,34 @@ fn expand_task(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
     });
     let ret_assert = quote_spanned! {ret.span()=> #krate::__private::assert_ret::<#ret>(); };
     let private = quote!(#krate::__private);
+    // Trait-bound errors on the argument tuple point at the argument list, not the attribute.
+    let args_span = if sig.inputs.is_empty() {
+        sig.ident.span()
+    } else {
+        sig.inputs.span()
+    };
+    let new_call = respan(
+        quote!(#krate::Call::__new(&__FLAME_TASK, (#(#idents,)*), __flame_local, __flame_culprit)),
+        args_span,
+    );
+    let decode = respan(quote!(#private::decode_args(bytes)?), args_span);
+    let culprit_checks = idents
+        .iter()
+        .zip(&types)
+        .enumerate()
+        .map(|(i, (ident, ty))| {
+            let index = syn::Index::from(i);
+            let label = format!("argument `{}: {}`", ident, quote!(#ty))
+                .replace(" <", "<")
+                .replace("< ", "<")
+                .replace(" >", ">");
+            let encodes = respan(quote!(#private::encodes(&args.#index)), ty.span());
+            quote! {
+                if !#encodes {
+                    return #label;
+                }
+            }
+        });
 
     Ok(quote! {
         #(#attrs)*
@@ -207,15 +241,17 @@ fn expand_task(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
 
             fn __flame_invoke(
                 bytes: &[u8],
-            ) -> ::core::result::Result<
-                #private::BoxFuture<'static, ::core::result::Result<#private::Bytes, ::std::string::String>>,
-                ::std::string::String,
-            > {
-                let (#(#idents,)*): (#(#types,)*) = #private::decode_args(bytes)?;
+            ) -> ::core::result::Result<#private::RunningTask, ::std::string::String> {
+                let (#(#idents,)*): (#(#types,)*) = #decode;
                 ::core::result::Result::Ok(::std::boxed::Box::pin(async move {
                     let output: #ret = __flame_body(#(#idents),*).await;
                     #private::encode_result(&output)
                 }))
+            }
+
+            fn __flame_culprit(args: &(#(#types,)*)) -> &'static str {
+                #(#culprit_checks)*
+                "an argument"
             }
 
             static __FLAME_TASK: #private::TaskDef = #private::TaskDef {
@@ -226,9 +262,26 @@ fn expand_task(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
 
             #private::inventory::submit! { #private::Registration(&__FLAME_TASK) }
 
-            #krate::Call::__new(&__FLAME_TASK, (#(#idents,)*), __flame_local)
+            #new_call
         }
     })
+}
+
+/// Gives every token the span `span`, so errors about generated code point at the user's code.
+fn respan(tokens: TokenStream2, span: Span) -> TokenStream2 {
+    tokens
+        .into_iter()
+        .map(|mut tt| {
+            if let proc_macro2::TokenTree::Group(g) = &tt {
+                let mut group = proc_macro2::Group::new(g.delimiter(), respan(g.stream(), span));
+                group.set_span(span);
+                tt = proc_macro2::TokenTree::Group(group);
+            } else {
+                tt.set_span(span);
+            }
+            tt
+        })
+        .collect()
 }
 
 fn expand_main(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
@@ -237,15 +290,27 @@ fn expand_main(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
     let func: ItemFn = syn::parse2(item)?;
     let sig = &func.sig;
     if sig.asyncness.is_none() {
-        return Err(syn::Error::new(sig.fn_token.span(), "#[flame::main] needs an `async fn`"));
+        return Err(syn::Error::new(
+            sig.fn_token.span(),
+            "#[flame::main] needs an `async fn`",
+        ));
     }
     if !sig.inputs.is_empty() {
-        return Err(syn::Error::new(sig.inputs.span(), "#[flame::main] takes no arguments"));
+        return Err(syn::Error::new(
+            sig.inputs.span(),
+            "#[flame::main] takes no arguments",
+        ));
     }
     if !sig.generics.params.is_empty() {
-        return Err(syn::Error::new(sig.generics.span(), "#[flame::main] cannot be generic"));
+        return Err(syn::Error::new(
+            sig.generics.span(),
+            "#[flame::main] cannot be generic",
+        ));
     }
-    let current_thread = options.flavor.as_ref().is_some_and(|f| f.value() == "current_thread");
+    let current_thread = options
+        .flavor
+        .as_ref()
+        .is_some_and(|f| f.value() == "current_thread");
     let mut builder = if current_thread {
         quote!(#krate::__private::tokio::runtime::Builder::new_current_thread())
     } else {
@@ -253,7 +318,10 @@ fn expand_main(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
     };
     if let Some(n) = &options.worker_threads {
         if current_thread {
-            return Err(syn::Error::new(n.span(), "worker_threads does not apply to the current_thread flavor"));
+            return Err(syn::Error::new(
+                n.span(),
+                "worker_threads does not apply to the current_thread flavor",
+            ));
         }
         builder = quote!({ let mut b = #builder; b.worker_threads(#n); b });
     }

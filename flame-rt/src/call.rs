@@ -44,12 +44,15 @@ pub struct Call<R> {
 /// local `.await` costs what it cost before the attribute was added.
 trait CallArgs<R>: Send {
     fn encode(&self) -> Result<Bytes, postcard::Error>;
+    /// Names the first argument that fails to encode (postcard's errors don't say which).
+    fn culprit(&self) -> &'static str;
     fn run_local(self: Box<Self>) -> BoxFuture<'static, R>;
 }
 
 struct TypedArgs<A, R> {
     args: A,
     body: fn(A) -> BoxFuture<'static, R>,
+    culprit: fn(&A) -> &'static str,
 }
 
 impl<A, R> CallArgs<R> for TypedArgs<A, R>
@@ -61,6 +64,10 @@ where
         postcard::to_stdvec(&self.args).map(Bytes::from)
     }
 
+    fn culprit(&self) -> &'static str {
+        (self.culprit)(&self.args)
+    }
+
     fn run_local(self: Box<Self>) -> BoxFuture<'static, R> {
         (self.body)(self.args)
     }
@@ -69,13 +76,22 @@ where
 impl<R: 'static> Call<R> {
     /// Used by `#[flame::task]`. Not public API.
     #[doc(hidden)]
-    pub fn __new<A>(def: &'static TaskDef, args: A, body: fn(A) -> BoxFuture<'static, R>) -> Call<R>
+    pub fn __new<A>(
+        def: &'static TaskDef,
+        args: A,
+        body: fn(A) -> BoxFuture<'static, R>,
+        culprit: fn(&A) -> &'static str,
+    ) -> Call<R>
     where
         A: Serialize + Send + 'static,
     {
         Call {
             def,
-            args: Box::new(TypedArgs { args, body }),
+            args: Box::new(TypedArgs {
+                args,
+                body,
+                culprit,
+            }),
             timeout: None,
         }
     }
@@ -101,8 +117,9 @@ impl<R> Call<R> {
             Error::new(
                 ErrorKind::Codec,
                 format!(
-                    "the arguments of {} could not be encoded: {e}; every argument must serialize with \
-                     postcard (sequences and maps of known length, no serde_json::Value)",
+                    "{} of {} could not be encoded ({e}); arguments must serialize with postcard: \
+                     no live handles, sequences and maps of known length, no serde_json::Value",
+                    self.args.culprit(),
                     self.def.id
                 ),
             )

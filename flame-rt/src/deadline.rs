@@ -35,7 +35,9 @@ impl Deadline {
     pub(crate) fn expired(&self, task: &str, waiting_for_slot: bool) -> Error {
         let waited = self.start.elapsed();
         let message = match (self.timeout, waiting_for_slot) {
-            (Some(t), true) => format!("{task} waited {waited:?} for a free runner slot and hit its timeout of {t:?}"),
+            (Some(t), true) => format!(
+                "{task} waited {waited:?} for a free runner slot and hit its timeout of {t:?}"
+            ),
             (Some(t), false) => format!("{task} did not finish within its timeout of {t:?}"),
             (None, _) => format!(
                 "{task} waited {waited:?} for a free runner slot (the pool's boot_timeout, as the call has \

@@ -47,7 +47,10 @@ pub(crate) fn fingerprint() -> &'static str {
     static FINGERPRINT: OnceLock<String> = OnceLock::new();
     FINGERPRINT.get_or_init(|| {
         let path = std::path::Path::new("/proc/self/exe");
-        if let Some(id) = std::fs::File::open(path).ok().and_then(|f| gnu_build_id(f).ok().flatten()) {
+        if let Some(id) = std::fs::File::open(path)
+            .ok()
+            .and_then(|f| gnu_build_id(f).ok().flatten())
+        {
             return format!("build-id:{id}");
         }
         let meta = std::env::current_exe().and_then(std::fs::metadata);
@@ -110,7 +113,10 @@ fn gnu_build_id(mut f: impl Read + Seek) -> std::io::Result<Option<String>> {
             }
             const NT_GNU_BUILD_ID: u32 = 3;
             if kind == NT_GNU_BUILD_ID && &notes[name_at..name_at + namesz] == b"GNU\0" {
-                let id = notes[desc_at..desc_at + descsz].iter().map(|b| format!("{b:02x}")).collect();
+                let id = notes[desc_at..desc_at + descsz]
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
                 return Ok(Some(id));
             }
             at = end;

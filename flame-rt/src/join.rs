@@ -78,7 +78,9 @@ impl<R: DeserializeOwned> Future for JoinHandle<R> {
                 )
             }),
             Ok(Err(e)) => Err(e),
-            Err(e) if e.is_cancelled() => Err(Error::new(ErrorKind::Cancelled, "the call was aborted")),
+            Err(e) if e.is_cancelled() => {
+                Err(Error::new(ErrorKind::Cancelled, "the call was aborted"))
+            }
             Err(e) => Err(Error::new(
                 ErrorKind::Panicked,
                 format!("flame's call driver panicked (a bug in flame-rt): {e}"),

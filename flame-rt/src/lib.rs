@@ -121,7 +121,10 @@ pub use flame_rt_macros::main;
 #[doc(hidden)]
 pub mod __private {
     pub use crate::runtime::{MainOutput, run_main};
-    pub use crate::task::{Registration, TaskDef, assert_arg, assert_ret, decode_args, encode_result, sig_hash};
+    pub use crate::task::{
+        Registration, RunningTask, TaskDef, assert_arg, assert_ret, decode_args, encode_result,
+        encodes, sig_hash,
+    };
     pub use bytes::Bytes;
     pub use futures::future::BoxFuture;
     pub use inventory;

@@ -139,7 +139,9 @@ impl Listener {
         };
         if let Err(reason) = verdict {
             refuse(&mut stream, &reason).await;
-            let _ = expected.accepted.send(Err(Error::new(ErrorKind::Rejected, reason)));
+            let _ = expected
+                .accepted
+                .send(Err(Error::new(ErrorKind::Rejected, reason)));
             return;
         }
         if hello.fingerprint != handshake::fingerprint() {
@@ -177,14 +179,21 @@ pub(crate) struct Expectation {
 
 impl Expectation {
     pub(crate) async fn accepted(&mut self) -> Result<Accepted, Error> {
-        (&mut self.accepted)
-            .await
-            .unwrap_or_else(|_| Err(Error::new(ErrorKind::BootFailed, "the runner listener stopped")))
+        (&mut self.accepted).await.unwrap_or_else(|_| {
+            Err(Error::new(
+                ErrorKind::BootFailed,
+                "the runner listener stopped",
+            ))
+        })
     }
 }
 
 impl Drop for Expectation {
     fn drop(&mut self) {
-        self.listener.expected.lock().unwrap().remove(&self.runner_id);
+        self.listener
+            .expected
+            .lock()
+            .unwrap()
+            .remove(&self.runner_id);
     }
 }

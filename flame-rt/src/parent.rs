@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::error::{Error, ErrorKind};
 
 /// The environment variable that makes a process a runner. Backends set it to
-/// [`BootSpec::handoff`](crate::BootSpec::handoff).
+/// [`BootSpec::handoff_env`](crate::BootSpec::handoff_env).
 pub const HANDOFF_ENV: &str = "FLAME_PARENT";
 
 /// Everything a runner needs to reach its parent and prove who it is.
@@ -40,16 +40,21 @@ impl Handoff {
         let bad = |what: &str| {
             Error::new(
                 ErrorKind::Config,
-                format!("{HANDOFF_ENV} is malformed ({what}); it is set by a flame backend, not by hand"),
+                format!(
+                    "{HANDOFF_ENV} is malformed ({what}); it is set by a flame backend, not by hand"
+                ),
             )
         };
         let mut parts = s.split(';');
         if parts.next() != Some("v1") {
             return Err(bad("unknown version"));
         }
-        let (mut pool, mut runner, mut addr, mut token, mut boot_ms) = (None, None, None, None, None);
+        let (mut pool, mut runner, mut addr, mut token, mut boot_ms) =
+            (None, None, None, None, None);
         for part in parts {
-            let (k, v) = part.split_once('=').ok_or_else(|| bad("a field without '='"))?;
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| bad("a field without '='"))?;
             match k {
                 "pool" => pool = Some(v.to_string()),
                 "runner" => runner = Some(v.to_string()),
@@ -168,7 +173,9 @@ mod tests {
 
     #[test]
     fn malformed_handoff_says_what() {
-        let err = Handoff::decode("v1;pool=p;runner=r;addr=a;token=zz;boot_ms=1").err().unwrap();
+        let err = Handoff::decode("v1;pool=p;runner=r;addr=a;token=zz;boot_ms=1")
+            .err()
+            .unwrap();
         assert!(err.message().contains("token"), "{err}");
         assert!(Handoff::decode("v9").is_err());
     }

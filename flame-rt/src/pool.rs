@@ -133,7 +133,10 @@ impl Pool {
         {
             let mut state = shared.lock();
             if state.closed.is_none() {
-                let error = Error::new(ErrorKind::PoolClosed, format!("pool {} is shut down", shared.name));
+                let error = Error::new(
+                    ErrorKind::PoolClosed,
+                    format!("pool {} is shut down", shared.name),
+                );
                 state.queue.fail_all(&error);
                 state.closed = Some(error);
             }
@@ -148,7 +151,10 @@ impl Pool {
                 break;
             }
         }
-        let runners = shared.close(Error::new(ErrorKind::PoolClosed, format!("pool {} is shut down", shared.name)));
+        let runners = shared.close(Error::new(
+            ErrorKind::PoolClosed,
+            format!("pool {} is shut down", shared.name),
+        ));
         let reaps = runners.into_iter().map(|mut handle| async move {
             let _ = tokio::time::timeout(Duration::from_secs(2), handle.exited()).await;
             handle.destroy().await;
@@ -254,9 +260,20 @@ impl PoolBuilder {
             max_concurrency_set,
             mut config,
         } = self;
-        let config_error = |msg: String| Err(Error::new(ErrorKind::Config, format!("pool {name:?}: {msg}")));
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-            return config_error("a pool name is made of ASCII letters, digits, '-', '_' and '.'".into());
+        let config_error = |msg: String| {
+            Err(Error::new(
+                ErrorKind::Config,
+                format!("pool {name:?}: {msg}"),
+            ))
+        };
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return config_error(
+                "a pool name is made of ASCII letters, digits, '-', '_' and '.'".into(),
+            );
         }
         if config.single_use && !max_concurrency_set {
             config.max_concurrency = 1;
@@ -265,13 +282,20 @@ impl PoolBuilder {
             return config_error("max and max_concurrency must be at least 1".into());
         }
         if config.min > config.max {
-            return config_error(format!("min ({}) is larger than max ({})", config.min, config.max));
+            return config_error(format!(
+                "min ({}) is larger than max ({})",
+                config.min, config.max
+            ));
         }
         if config.single_use && config.max_concurrency != 1 {
-            return config_error("single_use(true) serves one call per runner: use max_concurrency(1)".into());
+            return config_error(
+                "single_use(true) serves one call per runner: use max_concurrency(1)".into(),
+            );
         }
         if config.heartbeat_interval.is_zero() || config.heartbeat_miss_limit == 0 {
-            return config_error("heartbeat_interval and heartbeat_miss_limit must be above zero".into());
+            return config_error(
+                "heartbeat_interval and heartbeat_miss_limit must be above zero".into(),
+            );
         }
         let registry = registry()?;
         if registry.len() == 0 {
@@ -492,7 +516,9 @@ impl Shared {
             if let Some(runner) = state.runners.iter_mut().find(|r| r.key == key) {
                 runner.in_flight -= 1;
                 if runner.draining && runner.in_flight == 0 {
-                    runner.conn.send(Cmd::Shutdown { grace: Duration::ZERO });
+                    runner.conn.send(Cmd::Shutdown {
+                        grace: Duration::ZERO,
+                    });
                 } else {
                     self.hand_out(&mut state);
                 }
@@ -524,7 +550,9 @@ impl Shared {
             }
         }
         if let Some(runner) = orphan {
-            runner.conn.send(Cmd::Shutdown { grace: Duration::ZERO });
+            runner.conn.send(Cmd::Shutdown {
+                grace: Duration::ZERO,
+            });
             if let Some(handle) = runner.handle {
                 handle.destroy().await;
             }
@@ -577,11 +605,15 @@ impl Shared {
                 ));
             }
         };
-        let stream = TcpStream::from_std(accepted).map_err(|e| Error::io("adopting a runner connection", e))?;
+        let stream = TcpStream::from_std(accepted)
+            .map_err(|e| Error::io("adopting a runner connection", e))?;
         let welcome = Welcome {
             heartbeat_ms: self.config.heartbeat_interval.as_millis() as u64,
             miss_limit: self.config.heartbeat_miss_limit,
-            idle_ms: self.config.idle_shutdown_after.map(|d| d.as_millis() as u64),
+            idle_ms: self
+                .config
+                .idle_shutdown_after
+                .map(|d| d.as_millis() as u64),
         };
         tracing::debug!(pool = %self.name, runner = %runner_id, via = %handle.describe(), "flame: runner connected");
         let conn = connection::start(self.clone(), key, runner_id, stream, welcome);
@@ -607,7 +639,9 @@ impl Shared {
         {
             runner.draining = true;
             tracing::debug!(pool = %self.name, runner = %runner.conn.id, "flame: idle runner shutting down");
-            runner.conn.send(Cmd::Shutdown { grace: Duration::ZERO });
+            runner.conn.send(Cmd::Shutdown {
+                grace: Duration::ZERO,
+            });
         }
     }
 
@@ -647,7 +681,9 @@ impl Shared {
         runners
             .into_iter()
             .filter_map(|r| {
-                r.conn.send(Cmd::Shutdown { grace: Duration::ZERO });
+                r.conn.send(Cmd::Shutdown {
+                    grace: Duration::ZERO,
+                });
                 r.handle
             })
             .collect()
@@ -665,7 +701,10 @@ impl Shared {
                 }
                 if state.booting == 0 {
                     return Err(state.last_boot_error.clone().unwrap_or_else(|| {
-                        Error::new(ErrorKind::BootFailed, format!("pool {}: min runners did not boot", self.name))
+                        Error::new(
+                            ErrorKind::BootFailed,
+                            format!("pool {}: min runners did not boot", self.name),
+                        )
                     }));
                 }
             }

@@ -58,7 +58,11 @@ impl Queue {
 impl Shared {
     /// A slot on a runner for one call: at once if a runner has one free and nobody is queued
     /// ahead, else after waiting in line (and asking the pool to grow) until `deadline`.
-    pub(crate) async fn checkout(self: &Arc<Self>, task: &str, deadline: Deadline) -> Result<Slot, Error> {
+    pub(crate) async fn checkout(
+        self: &Arc<Self>,
+        task: &str,
+        deadline: Deadline,
+    ) -> Result<Slot, Error> {
         let waiting = {
             let mut state = self.lock();
             if let Some(error) = &state.closed {
@@ -76,7 +80,10 @@ impl Shared {
         let until: Instant = deadline.queue_until(self.config.boot_timeout);
         match tokio::time::timeout_at(until, waiting).await {
             Ok(Ok(slot)) => slot,
-            Ok(Err(_)) => Err(Error::new(ErrorKind::PoolClosed, format!("pool {} was closed", self.name))),
+            Ok(Err(_)) => Err(Error::new(
+                ErrorKind::PoolClosed,
+                format!("pool {} was closed", self.name),
+            )),
             Err(_) => Err(deadline.expired(task, true)),
         }
     }

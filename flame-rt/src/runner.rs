@@ -13,7 +13,9 @@ use tokio::time::Instant;
 use crate::parent::{Handoff, Parent, TASK_PARENT};
 use crate::task::{Registry, registry};
 use crate::terminator::{self, Exit, Watchdog};
-use crate::wire::{self, Hello, MAX_FRAME, Outcome, PROTOCOL_VERSION, Reader, ToParent, ToRunner, WireErrorKind};
+use crate::wire::{
+    self, Hello, MAX_FRAME, Outcome, PROTOCOL_VERSION, Reader, ToParent, ToRunner, WireErrorKind,
+};
 
 /// Told to a running service by the process hosting it.
 #[derive(Debug)]
@@ -25,7 +27,10 @@ pub(crate) enum Control {
 }
 
 /// Serves one runner's connection to its parent until it ends, then drops every task.
-pub(crate) async fn serve(handoff: Arc<Handoff>, control: mpsc::UnboundedReceiver<Control>) -> Exit {
+pub(crate) async fn serve(
+    handoff: Arc<Handoff>,
+    control: mpsc::UnboundedReceiver<Control>,
+) -> Exit {
     let exit = match registry() {
         Ok(reg) => Service::run(handoff.clone(), reg, control).await,
         Err(e) => Exit::Unreachable(e.to_string()),
@@ -76,13 +81,24 @@ impl Service {
             manifest_hash: registry.manifest_hash,
             manifest: registry.manifest.clone(),
         }));
-        let welcome = match tokio::time::timeout_at(boot_deadline, reader.next::<ToRunner>()).await {
+        let welcome = match tokio::time::timeout_at(boot_deadline, reader.next::<ToRunner>()).await
+        {
             Ok(Some(Ok(ToRunner::Welcome(w)))) => w,
             Ok(Some(Ok(ToRunner::Refused { reason }))) => return Exit::Refused(reason),
-            Ok(Some(Ok(other))) => return Exit::ParentLost(format!("expected a welcome, got {other:?}")),
+            Ok(Some(Ok(other))) => {
+                return Exit::ParentLost(format!("expected a welcome, got {other:?}"));
+            }
             Ok(Some(Err(e))) => return Exit::ParentLost(e.to_string()),
-            Ok(None) => return Exit::ParentLost("the parent closed the connection during the handshake".into()),
-            Err(_) => return Exit::Unreachable("the parent did not answer the handshake in the boot window".into()),
+            Ok(None) => {
+                return Exit::ParentLost(
+                    "the parent closed the connection during the handshake".into(),
+                );
+            }
+            Err(_) => {
+                return Exit::Unreachable(
+                    "the parent did not answer the handshake in the boot window".into(),
+                );
+            }
         };
         let heartbeat = Duration::from_millis(welcome.heartbeat_ms.max(1));
         let mut watchdog = Watchdog::new(heartbeat * welcome.miss_limit.max(1));
@@ -215,7 +231,9 @@ impl Service {
                     Err(_) => {
                         return Outcome::Failed {
                             kind: WireErrorKind::TimedOut,
-                            message: format!("{task_id} did not finish before its deadline; the runner dropped it"),
+                            message: format!(
+                                "{task_id} did not finish before its deadline; the runner dropped it"
+                            ),
                         };
                     }
                 },
@@ -237,7 +255,9 @@ impl Service {
                 },
             }
         };
-        let handle = self.tasks.spawn(TASK_PARENT.scope(self.parent.clone(), work));
+        let handle = self
+            .tasks
+            .spawn(TASK_PARENT.scope(self.parent.clone(), work));
         self.by_task.insert(handle.id(), call);
         self.by_call.insert(call, handle);
     }
@@ -251,7 +271,9 @@ impl Service {
                 (id, Some(Outcome::Panicked(panic_message(e.into_panic()))))
             }
         };
-        let Some(call) = self.by_task.remove(&id) else { return };
+        let Some(call) = self.by_task.remove(&id) else {
+            return;
+        };
         self.by_call.remove(&call);
         match outcome {
             Some(outcome) => self.done(call, outcome),

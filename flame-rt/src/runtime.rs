@@ -25,7 +25,15 @@ impl MainOutput for () {
 
 impl<T, E: Debug> MainOutput for Result<T, E> {
     fn failure(&self) -> Option<String> {
-        self.as_ref().err().map(|e| format!("{e:?}"))
+        self.as_ref().err().map(|e| {
+            let text = format!("{e:?}");
+            // anyhow and friends append a backtrace when RUST_BACKTRACE is set: the parent's
+            // error message needs the cause, not that.
+            match text.split_once("\n\nStack backtrace:") {
+                Some((cause, _)) => cause.to_string(),
+                None => text,
+            }
+        })
     }
 }
 
@@ -37,7 +45,10 @@ where
     F: Future,
     F::Output: MainOutput,
 {
-    let runtime = runtime.enable_all().build().expect("failed to build the Tokio runtime");
+    let runtime = runtime
+        .enable_all()
+        .build()
+        .expect("failed to build the Tokio runtime");
     let handoff = match process_handoff() {
         None => return runtime.block_on(body),
         Some(Ok(handoff)) => handoff.clone(),

@@ -9,6 +9,11 @@ use futures::future::BoxFuture;
 
 use crate::error::{Error, ErrorKind};
 
+/// A task body started on a runner: resolves to the encoded result, or why it could not be
+/// encoded. Not public API.
+#[doc(hidden)]
+pub type RunningTask = BoxFuture<'static, Result<Bytes, String>>;
+
 /// What `#[flame::task]` generates for one task. Not public API.
 #[doc(hidden)]
 pub struct TaskDef {
@@ -18,7 +23,7 @@ pub struct TaskDef {
     /// a task's signature refuse each other instead of mis-decoding.
     pub sig: u64,
     /// Decodes the arguments and returns the body's future, whose output is the encoded result.
-    pub invoke: fn(&[u8]) -> Result<BoxFuture<'static, Result<Bytes, String>>, String>,
+    pub invoke: fn(&[u8]) -> Result<RunningTask, String>,
 }
 
 /// A `TaskDef` as collected by `inventory`. Not public API.
@@ -71,7 +76,8 @@ fn build() -> Result<Registry, Error> {
             ),
         ));
     }
-    let mut manifest: Vec<(String, u64)> = by_id.values().map(|d| (d.id.to_string(), d.sig)).collect();
+    let mut manifest: Vec<(String, u64)> =
+        by_id.values().map(|d| (d.id.to_string(), d.sig)).collect();
     manifest.sort_unstable();
     let manifest_hash = manifest_hash(&manifest);
     Ok(Registry {
@@ -172,3 +178,9 @@ pub const fn assert_arg<T: serde::Serialize + serde::de::DeserializeOwned + Send
 /// Compile-time check generated for a task's return type.
 #[doc(hidden)]
 pub const fn assert_ret<T: serde::Serialize + serde::de::DeserializeOwned + Send + 'static>() {}
+
+/// Whether one argument encodes (generated code uses it to name a failing argument).
+#[doc(hidden)]
+pub fn encodes<T: serde::Serialize>(value: &T) -> bool {
+    postcard::to_stdvec(value).is_ok()
+}

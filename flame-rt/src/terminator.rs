@@ -56,7 +56,8 @@ impl Watchdog {
     /// `Some(reason)` once the parent has been silent for the whole window.
     pub(crate) fn silent(&self) -> Option<Exit> {
         let quiet = self.last_heard.elapsed();
-        (quiet >= self.window).then(|| Exit::ParentLost(format!("no word from the parent for {quiet:?}")))
+        (quiet >= self.window)
+            .then(|| Exit::ParentLost(format!("no word from the parent for {quiet:?}")))
     }
 }
 

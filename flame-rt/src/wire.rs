@@ -91,7 +91,10 @@ pub(crate) enum ToParent {
 pub(crate) enum Outcome {
     Ok(Bytes),
     Panicked(String),
-    Failed { kind: WireErrorKind, message: String },
+    Failed {
+        kind: WireErrorKind,
+        message: String,
+    },
 }
 
 /// The error kinds a runner can report for a call.
@@ -161,7 +164,10 @@ impl<R: AsyncRead + Unpin> Reader<R> {
 /// Sends already-encoded frames from a queue, flushing only when the queue runs dry: one
 /// syscall carries every frame that piled up while the previous write was in progress.
 /// Ends when every sender is gone (after writing what was queued) or on a write error.
-pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(io: W, mut queue: mpsc::UnboundedReceiver<Bytes>) {
+pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
+    io: W,
+    mut queue: mpsc::UnboundedReceiver<Bytes>,
+) {
     let mut sink = FramedWrite::new(io, codec());
     while let Some(frame) = queue.recv().await {
         if sink.feed(frame).await.is_err() {

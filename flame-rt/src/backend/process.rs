@@ -4,7 +4,7 @@ use std::ffi::{OsStr, OsString};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -64,13 +64,18 @@ impl ProcessBackend {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        self.args = Some(args.into_iter().map(|a| a.as_ref().to_os_string()).collect());
+        self.args = Some(
+            args.into_iter()
+                .map(|a| a.as_ref().to_os_string())
+                .collect(),
+        );
         self
     }
 
     /// Sets an environment variable in runners (they inherit the parent's environment too).
     pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
-        self.env.push((key.as_ref().to_os_string(), value.as_ref().to_os_string()));
+        self.env
+            .push((key.as_ref().to_os_string(), value.as_ref().to_os_string()));
         self
     }
 
@@ -84,7 +89,8 @@ impl ProcessBackend {
     fn command(&self, spec: &BootSpec) -> Result<Command, Error> {
         let program = match &self.program {
             Some(p) => p.clone(),
-            None => std::env::current_exe().map_err(|e| Error::io("finding the current executable", e))?,
+            None => std::env::current_exe()
+                .map_err(|e| Error::io("finding the current executable", e))?,
         };
         let mut cmd = Command::new(&program);
         match &self.args {
@@ -129,18 +135,25 @@ impl Backend for ProcessBackend {
         let runner_id = spec.runner_id().to_string();
         async move {
             let mut child = spawn(command?).await.map_err(|e| {
-                Error::new(ErrorKind::BootFailed, format!("could not start the runner process: {e}"))
+                Error::new(
+                    ErrorKind::BootFailed,
+                    format!("could not start the runner process: {e}"),
+                )
             })?;
             let prefix = format!("[{runner_id}] ");
+            let last_words = Arc::new(Mutex::new(String::new()));
             if let Some(out) = child.stdout.take() {
-                tokio::spawn(forward(out, prefix.clone(), false));
+                tokio::spawn(forward(out, prefix.clone(), None));
             }
-            if let Some(err) = child.stderr.take() {
-                tokio::spawn(forward(err, prefix, true));
-            }
+            let stderr_done = child
+                .stderr
+                .take()
+                .map(|err| tokio::spawn(forward(err, prefix, Some(last_words.clone()))));
             let handle: Box<dyn RunnerHandle> = Box::new(ProcessRunner {
                 pid: child.id().unwrap_or(0),
                 child,
+                last_words,
+                stderr_done,
             });
             Ok(handle)
         }
@@ -186,8 +199,13 @@ async fn spawn(command: Command) -> std::io::Result<Child> {
 }
 
 /// Copies a runner's output to ours line by line, each line prefixed and written at once so
-/// lines from different runners never interleave.
-async fn forward(from: impl AsyncRead + Unpin, prefix: String, stderr: bool) {
+/// lines from different runners never interleave. For stderr, keeps the last line: when a runner
+/// dies before dialing back, its last words usually say why.
+async fn forward(
+    from: impl AsyncRead + Unpin,
+    prefix: String,
+    last_words: Option<Arc<Mutex<String>>>,
+) {
     let mut lines = BufReader::new(from);
     let mut line = Vec::with_capacity(256);
     loop {
@@ -201,10 +219,16 @@ async fn forward(from: impl AsyncRead + Unpin, prefix: String, stderr: bool) {
                 let mut out = Vec::with_capacity(prefix.len() + line.len());
                 out.extend_from_slice(prefix.as_bytes());
                 out.extend_from_slice(&line);
-                let _ = if stderr {
-                    std::io::stderr().lock().write_all(&out)
-                } else {
-                    std::io::stdout().lock().write_all(&out)
+                let _ = match &last_words {
+                    Some(last) => {
+                        let text = String::from_utf8_lossy(&line);
+                        if !text.trim().is_empty() {
+                            *last.lock().unwrap_or_else(|e| e.into_inner()) =
+                                text.trim_end().to_string();
+                        }
+                        std::io::stderr().lock().write_all(&out)
+                    }
+                    None => std::io::stdout().lock().write_all(&out),
                 };
             }
         }
@@ -214,6 +238,8 @@ async fn forward(from: impl AsyncRead + Unpin, prefix: String, stderr: bool) {
 struct ProcessRunner {
     pid: u32,
     child: Child,
+    last_words: Arc<Mutex<String>>,
+    stderr_done: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl RunnerHandle for ProcessRunner {
@@ -223,9 +249,24 @@ impl RunnerHandle for ProcessRunner {
 
     fn exited(&mut self) -> BoxFuture<'_, String> {
         async move {
-            match self.child.wait().await {
+            let status = match self.child.wait().await {
                 Ok(status) => status.to_string(),
-                Err(e) => format!("could not wait for it: {e}"),
+                Err(e) => return format!("could not wait for it: {e}"),
+            };
+            // Its last lines may still be in the pipe. Bounded, as a grandchild holding the pipe
+            // keeps it open.
+            if let Some(forwarder) = self.stderr_done.take() {
+                let _ = tokio::time::timeout(Duration::from_millis(200), forwarder).await;
+            }
+            let last = self
+                .last_words
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            if last.is_empty() {
+                status
+            } else {
+                format!("{status}; its last words: {last}")
             }
         }
         .boxed()
@@ -234,7 +275,10 @@ impl RunnerHandle for ProcessRunner {
     fn destroy(mut self: Box<Self>) -> BoxFuture<'static, ()> {
         async move {
             // A runner told to stop exits by itself within moments; one that doesn't is killed.
-            if tokio::time::timeout(Duration::from_secs(1), self.child.wait()).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(1), self.child.wait())
+                .await
+                .is_err()
+            {
                 let _ = self.child.start_kill();
                 let _ = self.child.wait().await;
             }

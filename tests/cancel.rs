@@ -1,0 +1,179 @@
+//! Cancel on drop: a dropped or aborted JoinHandle makes the runner drop the task's future, and
+//! the task's `kill_on_drop` child process dies with it.
+
+use std::time::{Duration, Instant};
+
+use flame::{ErrorKind, JoinHandle, LocalBackend, Pool, ProcessBackend};
+use flame_tests::*;
+
+const RUNNER: &str = env!("CARGO_BIN_EXE_flame-test-runner");
+const BOUND: Duration = Duration::from_secs(30);
+
+async fn process_pool(name: &str) -> Pool {
+    Pool::builder(name)
+        .backend(ProcessBackend::new().program(RUNNER))
+        .max(1)
+        .max_concurrency(4)
+        .start()
+        .await
+        .expect("pool starts")
+}
+
+/// Waits until the runner has acknowledged that no call is running any more: the slot of a
+/// cancelled call is released only on the runner's acknowledgement that the future was dropped.
+async fn until_idle(pool: &Pool) -> Duration {
+    let started = Instant::now();
+    while pool.stats().in_flight > 0 {
+        assert!(
+            started.elapsed() < BOUND,
+            "the runner never acknowledged the cancel"
+        );
+        tokio::task::yield_now().await;
+    }
+    started.elapsed()
+}
+
+/// Starts `hold_child`, waits until its `sleep` child runs, cancels with `cancel`, and checks
+/// that the runner dropped the future within 100 ms and the child is gone.
+async fn cancel_kills_the_child(
+    pool: &Pool,
+    name: &str,
+    cancel: impl FnOnce(JoinHandle<()>) -> Option<JoinHandle<()>>,
+) {
+    let dir = scratch_dir(name);
+    let handle = flame::spawn_on(pool, hold_child(dir.clone()));
+    let (runner_pid, child_pid) = held_pids(&dir).await;
+    assert!(!is_gone(child_pid), "the sleep child is running");
+    assert_eq!(pool.stats().in_flight, 1);
+
+    let kept = cancel(handle);
+    let dropped_after = until_idle(pool).await;
+    assert!(
+        dropped_after < Duration::from_millis(100),
+        "the runner took {dropped_after:?} to drop the cancelled task"
+    );
+    assert!(
+        dir.join("dropped").exists(),
+        "the task's future was dropped on the runner"
+    );
+    assert!(
+        wait_gone(child_pid, Duration::from_secs(5)).await,
+        "the kill_on_drop child {child_pid} survived the cancel"
+    );
+    assert!(!is_gone(runner_pid), "the runner itself keeps running");
+    if let Some(handle) = kept {
+        let err = handle.await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Cancelled, "{err}");
+        assert!(err.is_cancelled());
+    }
+    // The runner still serves.
+    assert_eq!(flame::call(pool, add(1, 1)).await.unwrap(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_handle_cancels_the_running_task() {
+    tokio::time::timeout(BOUND, async {
+        let pool = process_pool("dropcancel").await;
+        cancel_kills_the_child(&pool, "drop", |handle| {
+            drop(handle);
+            None
+        })
+        .await;
+        pool.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_cancels_the_running_task() {
+    tokio::time::timeout(BOUND, async {
+        let pool = process_pool("abort").await;
+        cancel_kills_the_child(&pool, "abort", |handle| {
+            handle.abort();
+            Some(handle)
+        })
+        .await;
+        pool.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_backend_cancels_too() {
+    tokio::time::timeout(BOUND, async {
+        let pool = Pool::builder("localcancel")
+            .backend(LocalBackend::new())
+            .max(1)
+            .start()
+            .await
+            .unwrap();
+        cancel_kills_the_child(&pool, "local", |handle| {
+            drop(handle);
+            None
+        })
+        .await;
+        pool.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_call_dropped_never_starts() {
+    tokio::time::timeout(BOUND, async {
+        let pool = Pool::builder("queued")
+            .backend(ProcessBackend::new().program(RUNNER))
+            .max(1)
+            .max_concurrency(1)
+            .start()
+            .await
+            .unwrap();
+        let busy_dir = scratch_dir("queued-busy");
+        let busy = flame::spawn_on(&pool, hold_child(busy_dir.clone()));
+        held_pids(&busy_dir).await;
+
+        let queued_dir = scratch_dir("queued-waiting");
+        let marker = queued_dir.join("ran");
+        let queued = flame::spawn_on(&pool, write_after(0, marker.clone()));
+        while pool.stats().queued == 0 {
+            tokio::task::yield_now().await;
+        }
+        drop(queued);
+        while pool.stats().queued > 0 {
+            tokio::task::yield_now().await;
+        }
+        // Free the runner; if the dropped call were still queued it would run now.
+        drop(busy);
+        until_idle(&pool).await;
+        assert_eq!(
+            flame::call(&pool, add(2, 2)).await.unwrap(),
+            4,
+            "the next call runs"
+        );
+        assert!(!marker.exists(), "the dropped queued call ran anyway");
+        pool.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn awaiting_a_mutable_reference_is_cancel_safe() {
+    tokio::time::timeout(BOUND, async {
+        let pool = process_pool("cancelsafe").await;
+        let mut handle = flame::spawn_on(&pool, sleep_ms(300));
+        // A select that gives up on the handle first must not cancel the call.
+        tokio::select! {
+            _ = &mut handle => panic!("the call cannot be done yet"),
+            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+        }
+        assert!(!handle.is_finished());
+        let there = handle.await.expect("the call survived the dropped await");
+        assert!(there.runner.is_some());
+        pool.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}

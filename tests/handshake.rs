@@ -1,0 +1,209 @@
+//! The handshake: a runner with a wrong token, an unknown runner id, or another build's task
+//! manifest is refused with a reason on both sides, and nobody hangs. Garbage on the listener
+//! harms nothing.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flame::{Backend, BootSpec, ErrorKind, Pool, ProcessBackend, RunnerHandle};
+use flame_tests::*;
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use tokio::io::AsyncWriteExt;
+
+const RUNNER: &str = env!("CARGO_BIN_EXE_flame-test-runner");
+const OTHER_BUILD: &str = env!("CARGO_BIN_EXE_flame-test-other-build");
+const BOUND: Duration = Duration::from_secs(60);
+
+/// A backend that boots the test runner with a doctored hand-off, as an attacker or a stale
+/// runner would present it. Written against the public `Backend` trait only.
+struct Doctored {
+    doctor: fn(&str) -> String,
+    pids: Arc<Mutex<Vec<u32>>>,
+}
+
+struct Child(tokio::process::Child);
+
+impl RunnerHandle for Child {
+    fn describe(&self) -> String {
+        format!("pid {:?}", self.0.id())
+    }
+
+    fn exited(&mut self) -> BoxFuture<'_, String> {
+        async move { format!("{:?}", self.0.wait().await) }.boxed()
+    }
+
+    fn destroy(mut self: Box<Self>) -> BoxFuture<'static, ()> {
+        async move {
+            let _ = self.0.start_kill();
+            let _ = self.0.wait().await;
+        }
+        .boxed()
+    }
+}
+
+impl Backend for Doctored {
+    fn name(&self) -> &str {
+        "doctored"
+    }
+
+    fn boot(
+        &self,
+        spec: BootSpec,
+    ) -> BoxFuture<'static, Result<Box<dyn RunnerHandle>, flame::Error>> {
+        let (key, value) = spec.handoff_env();
+        let child = tokio::process::Command::new(RUNNER)
+            .env(key, (self.doctor)(value))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawning the test runner");
+        self.pids.lock().unwrap().push(child.id().unwrap());
+        let handle: Box<dyn RunnerHandle> = Box::new(Child(child));
+        futures::future::ready(Ok(handle)).boxed()
+    }
+}
+
+fn replace_field(handoff: &str, field: &str, value: &str) -> String {
+    handoff
+        .split(';')
+        .map(|part| match part.split_once('=') {
+            Some((k, _)) if k == field => format!("{k}={value}"),
+            _ => part.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
+async fn doctored_pool(name: &str, doctor: fn(&str) -> String) -> (Pool, Arc<Mutex<Vec<u32>>>) {
+    let pids = Arc::new(Mutex::new(Vec::new()));
+    let pool = Pool::builder(name)
+        .backend(Doctored {
+            doctor,
+            pids: pids.clone(),
+        })
+        .max(1)
+        .boot_timeout(Duration::from_secs(20))
+        .start()
+        .await
+        .unwrap();
+    (pool, pids)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_token_is_rejected() {
+    tokio::time::timeout(BOUND, async {
+        let (pool, pids) =
+            doctored_pool("wrongtoken", |h| replace_field(h, "token", &"0".repeat(32))).await;
+        let err = flame::call(&pool, add(1, 2)).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Rejected, "{err}");
+        assert!(err.message().contains("wrong token"), "{err}");
+        let pid = pids.lock().unwrap()[0];
+        assert!(
+            wait_gone(pid, Duration::from_secs(10)).await,
+            "the refused runner exits"
+        );
+        pool.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_runner_id_is_refused_and_the_boot_fails_with_its_reason() {
+    tokio::time::timeout(BOUND, async {
+        let (pool, pids) =
+            doctored_pool("stranger", |h| replace_field(h, "runner", "nobody-0")).await;
+        let err = flame::call(&pool, add(1, 2)).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::BootFailed, "{err}");
+        assert!(
+            err.message().contains("exited before it connected back"),
+            "{err}"
+        );
+        let pid = pids.lock().unwrap()[0];
+        assert!(
+            wait_gone(pid, Duration::from_secs(10)).await,
+            "the refused runner exits"
+        );
+        pool.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_builds_manifest_is_rejected_by_name() {
+    tokio::time::timeout(BOUND, async {
+        let pool = Pool::builder("otherbuild")
+            .backend(ProcessBackend::new().program(OTHER_BUILD))
+            .max(1)
+            .start()
+            .await
+            .unwrap();
+        let err = flame::call(&pool, add(1, 2)).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Rejected, "{err}");
+        assert!(err.message().contains("task manifest mismatch"), "{err}");
+        assert!(err.message().contains("only_in_other_build"), "{err}");
+        pool.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Records where the parent listens, then boots normally.
+struct Spy {
+    inner: ProcessBackend,
+    addr: Arc<Mutex<Option<String>>>,
+}
+
+impl Backend for Spy {
+    fn name(&self) -> &str {
+        "spy"
+    }
+
+    fn boot(
+        &self,
+        spec: BootSpec,
+    ) -> BoxFuture<'static, Result<Box<dyn RunnerHandle>, flame::Error>> {
+        *self.addr.lock().unwrap() = Some(spec.parent_addr().to_string());
+        self.inner.boot(spec)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_listener_harms_nothing() {
+    tokio::time::timeout(BOUND, async {
+        let addr = Arc::new(Mutex::new(None));
+        let pool = Pool::builder("garbage")
+            .backend(Spy {
+                inner: ProcessBackend::new().program(RUNNER),
+                addr: addr.clone(),
+            })
+            .min(1)
+            .max(1)
+            .start()
+            .await
+            .unwrap();
+        let addr = addr.lock().unwrap().clone().unwrap();
+        // A frame header announcing 4 GiB, then junk; and a frame that is not a hello.
+        for junk in [&b"\xff\xff\xff\xffjunk"[..], &b"\x00\x00\x00\x03abc"[..]] {
+            let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            stream.write_all(junk).await.unwrap();
+            let mut rest = Vec::new();
+            // The parent closes the connection instead of waiting forever.
+            let read = tokio::time::timeout(
+                Duration::from_secs(15),
+                tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut rest),
+            )
+            .await;
+            assert!(read.is_ok(), "the parent kept a garbage connection open");
+        }
+        assert_eq!(
+            flame::call(&pool, add(40, 2)).await.unwrap(),
+            42,
+            "the pool still works"
+        );
+        pool.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}

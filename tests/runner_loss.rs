@@ -1,0 +1,183 @@
+//! Runners that die, parents that die, runners that never come up: no hang, no orphan, and an
+//! error that says why.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use flame::{ErrorKind, Pool, ProcessBackend};
+use flame_tests::*;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+const RUNNER: &str = env!("CARGO_BIN_EXE_flame-test-runner");
+const PARENT: &str = env!("CARGO_BIN_EXE_flame-test-parent");
+const FAILING_MAIN: &str = env!("CARGO_BIN_EXE_flame-test-failing-main");
+const BOUND: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_runner_fails_its_calls_with_runner_lost() {
+    tokio::time::timeout(BOUND, async {
+        let pool = Pool::builder("killed")
+            .backend(ProcessBackend::new().program(RUNNER))
+            .max(1)
+            .max_concurrency(4)
+            .start()
+            .await
+            .unwrap();
+        let dir = scratch_dir("killed");
+        let held = flame::spawn_on(&pool, hold_child(dir.clone()));
+        let slow = flame::spawn_on(&pool, sleep_ms(60_000));
+        let (runner_pid, child_pid) = held_pids(&dir).await;
+
+        kill(runner_pid);
+        let killed_at = Instant::now();
+        for result in [held.await.map(|_| ()), slow.await.map(|_| ())] {
+            let err = result.unwrap_err();
+            assert!(err.is_runner_lost(), "{err:?}");
+        }
+        let noticed = killed_at.elapsed();
+        assert!(
+            noticed < Duration::from_secs(1),
+            "in-flight calls failed only after {noticed:?}"
+        );
+        kill(child_pid); // SIGKILL of the runner leaves its child to init: not ours to judge here.
+
+        // The pool heals: the next call boots a fresh runner.
+        let there = flame::call(&pool, whereabouts()).await.unwrap();
+        assert_ne!(there.pid, runner_pid);
+        pool.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Starts `flame-test-parent`, kills it with SIGKILL once its three runners each hold a
+/// `sleep` child, and checks that no runner and no child survives the failsafe window.
+async fn parent_killed_leaves_nothing(pdeathsig: &str) {
+    let dir = scratch_dir(&format!("orphans-{pdeathsig}"));
+    let mut parent = tokio::process::Command::new(PARENT)
+        .args([RUNNER, dir.to_str().unwrap(), pdeathsig])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(parent.stdout.take().unwrap()).lines();
+    loop {
+        match lines.next_line().await.unwrap() {
+            Some(line) if line == "READY" => break,
+            Some(_) => continue,
+            None => panic!("the parent exited before it was ready"),
+        }
+    }
+    let mut pids = Vec::new();
+    for i in 0..3 {
+        let (runner, child) = held_pids(&dir.join(i.to_string())).await;
+        pids.extend([runner, child]);
+    }
+    assert!(
+        pids.iter().all(|&p| !is_gone(p)),
+        "all runners and children run"
+    );
+
+    parent.start_kill().unwrap();
+    parent.wait().await.unwrap();
+    // The failsafe window: 5 missed heartbeats of 1 s; the connection's end is noticed sooner.
+    let window = Duration::from_secs(5);
+    for &pid in &pids {
+        wait_gone(pid, window + Duration::from_secs(5)).await;
+    }
+    let alive: Vec<u32> = pids.iter().copied().filter(|&p| !is_gone(p)).collect();
+    for &pid in &alive {
+        kill(pid);
+    }
+    assert_eq!(
+        alive,
+        Vec::<u32>::new(),
+        "processes outlived their SIGKILLed parent"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_parent_leaves_no_runner_by_protocol_failsafe_alone() {
+    tokio::time::timeout(BOUND, parent_killed_leaves_nothing("off"))
+        .await
+        .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_parent_leaves_no_runner_with_the_parent_death_signal() {
+    tokio::time::timeout(BOUND, parent_killed_leaves_nothing("on"))
+        .await
+        .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_whose_main_fails_is_a_boot_failure_with_its_message() {
+    tokio::time::timeout(BOUND, async {
+        let pool = Pool::builder("failingmain")
+            .backend(ProcessBackend::new().program(FAILING_MAIN))
+            .max(1)
+            .boot_timeout(Duration::from_secs(20))
+            .start()
+            .await
+            .unwrap();
+        let err = flame::call(&pool, add(1, 2)).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::BootFailed, "{err}");
+        assert!(
+            err.message()
+                .contains("database at db.internal:5432 is unreachable"),
+            "{err}"
+        );
+        pool.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_runners_that_cannot_boot_fail_start() {
+    tokio::time::timeout(BOUND, async {
+        let err = Pool::builder("nosuchprogram")
+            .backend(ProcessBackend::new().program("/nonexistent/flame-app"))
+            .min(1)
+            .max(1)
+            .start()
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::BootFailed, "{err}");
+        assert!(
+            err.message().contains("could not start the runner process"),
+            "{err}"
+        );
+        assert!(err.message().contains("No such file"), "{err}");
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_that_exits_before_dialing_back_fails_the_call_at_once() {
+    tokio::time::timeout(BOUND, async {
+        // `true` ignores the hand-off and exits 0: the boot must fail now, not at boot_timeout.
+        let pool = Pool::builder("exitsearly")
+            .backend(ProcessBackend::new().program("true"))
+            .max(1)
+            .boot_timeout(Duration::from_secs(50))
+            .start()
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let err = flame::call(&pool, add(1, 2)).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::BootFailed, "{err}");
+        assert!(
+            err.message().contains("exited before it connected back"),
+            "{err}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(40),
+            "the failure waited for the boot timeout"
+        );
+        pool.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}

@@ -1,0 +1,222 @@
+//! Tasks and helpers shared by the integration tests and the runner programs they boot.
+//!
+//! Every task the tests call lives here, so the test binaries (parents) and the runner
+//! programs in `bin/` register the same task manifest.
+
+use std::collections::HashMap;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Where a task ran.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Whereabouts {
+    /// The process that ran it.
+    pub pid: u32,
+    /// `flame::parent()`'s runner id there.
+    pub runner: Option<String>,
+}
+
+fn here() -> Whereabouts {
+    Whereabouts {
+        pid: std::process::id(),
+        runner: flame::parent().map(|p| p.runner_id().to_string()),
+    }
+}
+
+/// Adds two numbers.
+#[flame::task]
+pub async fn add(a: u64, b: u64) -> u64 {
+    a + b
+}
+
+/// Says where it ran.
+#[flame::task]
+pub async fn whereabouts() -> Whereabouts {
+    here()
+}
+
+/// Sleeps, then says where it ran.
+#[flame::task]
+pub async fn sleep_ms(ms: u64) -> Whereabouts {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    here()
+}
+
+/// Returns its input.
+#[flame::task]
+pub async fn echo(data: Vec<u8>) -> Vec<u8> {
+    data
+}
+
+/// A task whose own error type stays inside its result.
+#[flame::task]
+pub async fn checked_div(a: u64, b: u64) -> Result<u64, String> {
+    a.checked_div(b)
+        .ok_or_else(|| format!("cannot divide {a} by zero"))
+}
+
+/// Panics with `message`.
+#[flame::task]
+pub async fn panic_with(message: String) -> u64 {
+    panic!("{message}")
+}
+
+/// Starts `sleep 1000` with `kill_on_drop(true)`, writes `<runner pid> <child pid>` to
+/// `dir/pids`, and waits on the child forever: only cancellation ends it. When its future is
+/// dropped it writes `dir/dropped`.
+#[flame::task]
+pub async fn hold_child(dir: PathBuf) {
+    struct OnDrop(PathBuf);
+    impl Drop for OnDrop {
+        fn drop(&mut self) {
+            let _ = std::fs::write(self.0.join("dropped"), b"1");
+        }
+    }
+    let _on_drop = OnDrop(dir.clone());
+    let mut child = tokio::process::Command::new("sleep")
+        .arg("1000")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawning sleep");
+    let pids = format!("{} {}", std::process::id(), child.id().expect("child pid"));
+    write_atomically(&dir.join("pids"), pids.as_bytes());
+    let _ = child.wait().await;
+}
+
+/// Sleeps `ms`, then writes `path`.
+#[flame::task]
+pub async fn write_after(ms: u64, path: PathBuf) -> u32 {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    write_atomically(&path, b"done");
+    std::process::id()
+}
+
+static RUNNING: Mutex<Option<HashMap<String, usize>>> = Mutex::new(None);
+
+/// Counts the calls running at once on this runner while it sleeps `ms`; returns the count it
+/// saw at its start, including itself.
+#[flame::task]
+pub async fn concurrency_probe(ms: u64) -> usize {
+    let key = here().runner.unwrap_or_default();
+    let seen = {
+        let mut running = RUNNING.lock().unwrap();
+        let count = running
+            .get_or_insert_with(HashMap::new)
+            .entry(key.clone())
+            .or_default();
+        *count += 1;
+        *count
+    };
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    *RUNNING
+        .lock()
+        .unwrap()
+        .as_mut()
+        .unwrap()
+        .get_mut(&key)
+        .unwrap() -= 1;
+    seen
+}
+
+/// A value whose `Serialize` always fails, like a type holding a live handle would.
+#[derive(Debug, Deserialize)]
+pub struct Unserializable;
+
+impl Serialize for Unserializable {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom(
+            "an Unserializable cannot be serialized",
+        ))
+    }
+}
+
+/// Takes an argument that cannot be encoded.
+#[flame::task]
+pub async fn take_unserializable(value: Unserializable) -> u64 {
+    drop(value);
+    1
+}
+
+fn write_atomically(path: &Path, contents: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).expect("writing a test file");
+    std::fs::rename(&tmp, path).expect("renaming a test file");
+}
+
+/// A fresh, empty directory for one test.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("flame-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("creating a scratch dir");
+    dir
+}
+
+/// Waits (up to `bound`) for a file to appear and returns its contents.
+pub async fn wait_for_file(path: &Path, bound: Duration) -> Option<String> {
+    let until = tokio::time::Instant::now() + bound;
+    loop {
+        if let Ok(s) = std::fs::read_to_string(path) {
+            return Some(s);
+        }
+        if tokio::time::Instant::now() >= until {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Reads the `<runner pid> <child pid>` a `hold_child` task wrote.
+pub async fn held_pids(dir: &Path) -> (u32, u32) {
+    let text = wait_for_file(&dir.join("pids"), Duration::from_secs(20))
+        .await
+        .expect("hold_child never started");
+    let mut it = text.split_whitespace().map(|s| s.parse::<u32>().unwrap());
+    (it.next().unwrap(), it.next().unwrap())
+}
+
+/// Whether a process is gone (a zombie nobody reaped yet counts as gone).
+pub fn is_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // The state follows the parenthesised command name.
+        Ok(stat) => matches!(
+            stat.rsplit(')')
+                .next()
+                .and_then(|s| s.trim().chars().next()),
+            Some('Z' | 'X')
+        ),
+    }
+}
+
+/// Waits for the process to exit, up to `bound`, by watching a pidfd (an event, not a poll).
+/// Returns whether it is gone.
+pub async fn wait_gone(pid: u32, bound: Duration) -> bool {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return true; // no such process
+    }
+    // SAFETY: the fd was just returned to us and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: we own the fd and keep it open as long as the AsyncFd lives.
+    let Ok(fd) = (unsafe { tokio::io::unix::AsyncFd::register(fd) }) else {
+        return is_gone(pid);
+    };
+    // A pidfd becomes readable when its process exits.
+    match tokio::time::timeout(bound, fd.readable()).await {
+        Ok(_) => true,
+        Err(_) => is_gone(pid),
+    }
+}
+
+/// Kills a process by pid if it is still there (test cleanup; never by name).
+pub fn kill(pid: u32) {
+    // SAFETY: kill(2) with a pid we started.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGKILL);
+    }
+}

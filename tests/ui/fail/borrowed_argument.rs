@@ -1,0 +1,6 @@
+#[flame::task]
+async fn count(words: &str) -> usize {
+    words.len()
+}
+
+fn main() {}

@@ -1,0 +1,2 @@
+#[flame::main]
+fn main() {}

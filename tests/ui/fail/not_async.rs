@@ -1,0 +1,6 @@
+#[flame::task]
+fn compute(x: u32) -> u32 {
+    x
+}
+
+fn main() {}

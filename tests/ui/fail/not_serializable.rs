@@ -1,0 +1,9 @@
+struct Connection;
+
+#[flame::task]
+async fn query(conn: Connection, sql: String) -> usize {
+    drop(conn);
+    sql.len()
+}
+
+fn main() {}

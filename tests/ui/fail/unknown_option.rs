@@ -1,0 +1,4 @@
+#[flame::task(retries = 3)]
+async fn flaky() {}
+
+fn main() {}
