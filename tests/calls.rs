@@ -172,6 +172,28 @@ both!(shutdown_rejects_new_calls, |kind| {
     assert_eq!(pool.stats().runners, 0);
 });
 
+both!(a_pool_inside_a_runner_runs_calls_in_that_runner, |kind| {
+    let pool = pool(kind, "outer").await;
+    let runner = flame::call(&pool, whereabouts()).await.unwrap();
+    let (sum, pid) = flame::call(&pool, nested_add(40, 2)).await.unwrap();
+    assert_eq!(sum, 42);
+    assert_eq!(
+        pid, runner.pid,
+        "the nested call ran in the runner itself: no recursive booting"
+    );
+    pool.shutdown().await;
+});
+
+#[test]
+fn handles_are_shareable() {
+    fn shareable<T: Clone + Send + Sync + 'static>() {}
+    fn sendable<T: Send + 'static>() {}
+    shareable::<Pool>();
+    sendable::<flame::JoinHandle<Vec<u8>>>();
+    sendable::<flame::Call<Vec<u8>>>();
+    shareable::<flame::Error>();
+}
+
 #[tokio::test]
 async fn awaiting_a_call_runs_it_in_process() {
     assert_eq!(add(20, 22).await, 42);

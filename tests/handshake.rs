@@ -207,3 +207,16 @@ async fn garbage_on_the_listener_harms_nothing() {
     .await
     .expect("test timed out");
 }
+
+#[test]
+fn a_binary_without_tasks_is_told_how_to_link_them() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flame-test-no-tasks"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("no #[flame::task] is registered in this binary"),
+        "{text}"
+    );
+    assert!(text.contains("use my_tasks as _;"), "{text}");
+}

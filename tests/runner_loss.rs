@@ -120,13 +120,18 @@ async fn a_runner_whose_main_fails_is_a_boot_failure_with_its_message() {
             .start()
             .await
             .unwrap();
-        let err = flame::call(&pool, add(1, 2)).await.unwrap_err();
+        // The runner serves calls as soon as it is connected, while its main still runs: a call
+        // in flight when main fails is failed with main's error.
+        let err = flame::call(&pool, sleep_ms(10_000)).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::BootFailed, "{err}");
         assert!(
             err.message()
                 .contains("database at db.internal:5432 is unreachable"),
             "{err}"
         );
+        // The next call fails the same way, after the pool's pause before booting again.
+        let err = flame::call(&pool, sleep_ms(10_000)).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::BootFailed, "{err}");
         pool.shutdown().await;
     })
     .await
@@ -166,7 +171,9 @@ async fn a_runner_that_exits_before_dialing_back_fails_the_call_at_once() {
             .await
             .unwrap();
         let started = Instant::now();
-        let err = flame::call(&pool, add(1, 2)).await.unwrap_err();
+        // The runner serves calls as soon as it is connected, while its main still runs: a call
+        // in flight when main fails is failed with main's error.
+        let err = flame::call(&pool, sleep_ms(10_000)).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::BootFailed, "{err}");
         assert!(
             err.message().contains("exited before it connected back"),

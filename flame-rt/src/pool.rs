@@ -382,6 +382,9 @@ impl Drop for Slot {
 
 static NEXT_RUNNER: AtomicU64 = AtomicU64::new(1);
 
+/// How long the pool waits before booting again after a runner's `main` failed.
+const BOOT_RETRY_PAUSE: Duration = Duration::from_secs(1);
+
 impl Shared {
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding this lock is a bug in flame-rt; the state is still consistent
@@ -657,10 +660,21 @@ impl Shared {
                 tracing::warn!(pool = %self.name, runner = %runner.conn.id, %reason, "flame: runner lost");
             }
             if reason.kind() == ErrorKind::BootFailed {
+                // The app's main failed on this runner and would fail on the next one too:
+                // tell the waiting callers why, and try again only after a pause.
+                if state.runners.is_empty() && state.booting == 0 {
+                    state.queue.fail_all(reason);
+                }
                 state.last_boot_error = Some(reason.clone());
+                let shared = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(BOOT_RETRY_PAUSE).await;
+                    shared.grow(&mut shared.lock());
+                });
+            } else {
+                // Keep `min` alive and serve whoever is waiting.
+                self.grow(&mut state);
             }
-            // Keep `min` alive and serve whoever is waiting.
-            self.grow(&mut state);
             runner.handle
         };
         if let Some(handle) = handle {

@@ -117,6 +117,17 @@ impl Service {
                 _ => far_future,
             };
             tokio::select! {
+                // A failed `main` goes first: such a runner should take no more calls.
+                biased;
+                ctl = control.recv(), if control_open => match ctl {
+                    Some(Control::BootFailed(reason)) => {
+                        service.send(&ToParent::BootFailed { reason: reason.clone() });
+                        break Exit::BootFailed(reason);
+                    }
+                    Some(Control::Terminate) => break Exit::Terminated,
+                    // The host dropped its control handle: keep serving.
+                    None => control_open = false,
+                },
                 msg = reader.next::<ToRunner>() => {
                     watchdog.heard();
                     match msg {
@@ -168,15 +179,6 @@ impl Service {
                     idle_since = Instant::now();
                 }
                 _ = tokio::time::sleep_until(draining.unwrap_or(far_future)) => break Exit::Stopped,
-                ctl = control.recv(), if control_open => match ctl {
-                    Some(Control::BootFailed(reason)) => {
-                        service.send(&ToParent::BootFailed { reason: reason.clone() });
-                        break Exit::BootFailed(reason);
-                    }
-                    Some(Control::Terminate) => break Exit::Terminated,
-                    // The host dropped its control handle: keep serving.
-                    None => control_open = false,
-                },
             }
         };
         // Drop every task before going away, so their kill_on_drop children die with them.

@@ -53,14 +53,17 @@ impl Registry {
 /// asked for, so every pool start and runner start reports them.
 pub(crate) fn registry() -> Result<&'static Registry, Error> {
     static REGISTRY: OnceLock<Result<Registry, Error>> = OnceLock::new();
-    REGISTRY.get_or_init(build).as_ref().map_err(Clone::clone)
+    REGISTRY
+        .get_or_init(|| build(inventory::iter::<Registration>.into_iter().map(|r| r.0)))
+        .as_ref()
+        .map_err(Clone::clone)
 }
 
-fn build() -> Result<Registry, Error> {
+fn build(defs: impl Iterator<Item = &'static TaskDef>) -> Result<Registry, Error> {
     let mut by_id = HashMap::new();
     let mut duplicates = Vec::new();
-    for Registration(def) in inventory::iter::<Registration> {
-        if by_id.insert(def.id, *def).is_some() {
+    for def in defs {
+        if by_id.insert(def.id, def).is_some() {
             duplicates.push(def.id);
         }
     }
@@ -183,4 +186,62 @@ pub const fn assert_ret<T: serde::Serialize + serde::de::DeserializeOwned + Send
 #[doc(hidden)]
 pub fn encodes<T: serde::Serialize>(value: &T) -> bool {
     postcard::to_stdvec(value).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn never(_: &[u8]) -> Result<RunningTask, String> {
+        Err("not run in these tests".into())
+    }
+
+    static A: TaskDef = TaskDef {
+        id: "app::a",
+        sig: 1,
+        invoke: never,
+    };
+    static B: TaskDef = TaskDef {
+        id: "app::b",
+        sig: 2,
+        invoke: never,
+    };
+    static A_AGAIN: TaskDef = TaskDef {
+        id: "app::a",
+        sig: 3,
+        invoke: never,
+    };
+
+    #[test]
+    fn duplicate_ids_are_a_startup_error() {
+        let err = build([&A, &B, &A_AGAIN].into_iter())
+            .err()
+            .expect("duplicates refused");
+        assert_eq!(err.kind(), ErrorKind::Config);
+        assert!(err.message().contains("app::a"), "{err}");
+        assert!(!err.message().contains("app::b"), "{err}");
+    }
+
+    #[test]
+    fn manifests_are_sorted_and_their_differences_named() {
+        let reg = build([&B, &A].into_iter()).unwrap();
+        assert_eq!(
+            reg.manifest,
+            vec![("app::a".to_string(), 1), ("app::b".to_string(), 2)]
+        );
+        let other = vec![("app::a".to_string(), 9), ("app::c".to_string(), 2)];
+        let diff = manifest_diff(&reg.manifest, &other);
+        assert_eq!(
+            diff,
+            "the runner lacks app::b; the runner has extra app::c; signatures differ for app::a"
+        );
+        assert_ne!(manifest_hash(&reg.manifest), manifest_hash(&other));
+    }
+
+    #[test]
+    fn signature_hashes_are_stable() {
+        // FNV-1a of the empty string and of "a": fixed forever, whatever the Rust version.
+        assert_eq!(sig_hash(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(sig_hash("a"), 0xaf63_dc4c_8601_ec8c);
+    }
 }

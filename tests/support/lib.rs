@@ -87,6 +87,23 @@ pub async fn hold_child(dir: PathBuf) {
     let _ = child.wait().await;
 }
 
+/// Starts a pool *inside* the runner and calls `add` on it: returns the sum and the pid that
+/// computed it. A pool in a runner runs calls in-process instead of booting runners.
+#[flame::task]
+pub async fn nested_add(a: u64, b: u64) -> (u64, u32) {
+    let pool = flame::Pool::builder("nested")
+        .max(1)
+        .start()
+        .await
+        .expect("nested pool");
+    let sum = flame::call(&pool, add(a, b)).await.expect("nested call");
+    let there = flame::call(&pool, whereabouts())
+        .await
+        .expect("nested call");
+    pool.shutdown().await;
+    (sum, there.pid)
+}
+
 /// Sleeps `ms`, then writes `path`.
 #[flame::task]
 pub async fn write_after(ms: u64, path: PathBuf) -> u32 {
