@@ -52,13 +52,15 @@ impl ProcessBackend {
     }
 
     /// Runs another program as the runner (it must be built with the same tasks: parent and
-    /// runner compare task manifests in the handshake).
+    /// runner compare task manifests in the handshake). It gets no arguments unless
+    /// [`args`](ProcessBackend::args) gives some.
     pub fn program(mut self, program: impl Into<PathBuf>) -> Self {
         self.program = Some(program.into());
         self
     }
 
-    /// Replaces the runner's arguments (default: this process's own).
+    /// Sets the runner's arguments (default: this process's own when the runner is this
+    /// executable, none for another [`program`](ProcessBackend::program)).
     pub fn args<I, S>(mut self, args: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -87,16 +89,22 @@ impl ProcessBackend {
     }
 
     fn command(&self, spec: &BootSpec) -> Result<Command, Error> {
-        let program = match &self.program {
-            Some(p) => p.clone(),
-            None => std::env::current_exe()
-                .map_err(|e| Error::io("finding the current executable", e))?,
+        let mut cmd = match &self.program {
+            Some(program) => Command::new(program),
+            None => {
+                let exe = std::env::current_exe()
+                    .map_err(|e| Error::io("finding the current executable", e))?;
+                let mut cmd = Command::new(exe);
+                // The same app, so the same command line, unless told otherwise.
+                if self.args.is_none() {
+                    cmd.args(std::env::args_os().skip(1));
+                }
+                cmd
+            }
         };
-        let mut cmd = Command::new(&program);
-        match &self.args {
-            Some(args) => cmd.args(args),
-            None => cmd.args(std::env::args_os().skip(1)),
-        };
+        if let Some(args) = &self.args {
+            cmd.args(args);
+        }
         let (key, value) = spec.handoff_env();
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)))
             .env(key, value)
