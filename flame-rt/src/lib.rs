@@ -6,7 +6,7 @@
 //! booted on demand with its config, logging and connection pools, which idles away when the
 //! work is done. No FaaS rewrite, no queues, no glue code.
 //!
-//! ```no_run
+//! ```
 //! use flame::{Pool, ProcessBackend};
 //! use std::time::Duration;
 //!
