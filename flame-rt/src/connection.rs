@@ -113,6 +113,7 @@ async fn run(
                 last_heard = Instant::now();
                 match msg {
                     Some(Ok(ToParent::Done { call, outcome })) => {
+                        shared.note_served();
                         if let Some(p) = pending.remove(&call) {
                             // Free the slot before waking the caller, so its next call finds it.
                             let Pending { reply, _slot } = p;
@@ -126,7 +127,7 @@ async fn run(
                         pending.remove(&call);
                     }
                     Some(Ok(ToParent::Heartbeat)) => {}
-                    Some(Ok(ToParent::Idle)) => shared.runner_idle(key),
+                    Some(Ok(ToParent::Idle { idle_ms })) => shared.runner_idle(key, Duration::from_millis(idle_ms)),
                     Some(Ok(ToParent::BootFailed { reason })) => {
                         break Error::new(ErrorKind::BootFailed, format!("runner {id}: main returned an error: {reason}"));
                     }

@@ -71,7 +71,9 @@ pub struct Error {
 }
 
 impl Error {
-    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Error {
+    /// An error of `kind` saying `message`. For [`Backend`](crate::Backend) implementations,
+    /// whose boot errors should say what they were told and what failed.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Error {
         Error {
             kind,
             message: message.into(),

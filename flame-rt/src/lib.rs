@@ -43,7 +43,8 @@
 //! |---|---|
 //! | [`#[flame::task]`](task): a task and its [`Call`] | `call.rs`, `task.rs` (the registry) |
 //! | [`spawn_on`] / [`call()`] / [`cast`] and the [`JoinHandle`] (cancels on drop) | `call.rs`, `join.rs`, `cancel.rs`, `deadline.rs` |
-//! | [`Pool`]: placement, growth, idle shutdown | `pool.rs`; waiting for a slot: `queue.rs` |
+//! | [`Pool`]: placement, growth, retries, idle shutdown | `pool.rs`; waiting for a slot: `queue.rs` |
+//! | [`PoolBuilder`]: every knob and its default; lifecycle hooks | `builder.rs`, `hooks.rs` |
 //! | the parent's side of a runner connection | `listener.rs` (dial-back, handshake), `connection.rs` |
 //! | the runner's side, and its failsafe | `runner.rs`, `terminator.rs` |
 //! | [`#[flame::main]`](main), [`parent()`] and the hand-off to runners | `runtime.rs`, `parent.rs` |
@@ -73,12 +74,14 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod backend;
+mod builder;
 mod call;
 mod cancel;
 mod connection;
 mod deadline;
 mod error;
 mod handshake;
+mod hooks;
 mod join;
 mod listener;
 mod parent;
@@ -91,11 +94,13 @@ mod terminator;
 mod wire;
 
 pub use backend::{Backend, BootSpec, LocalBackend, ProcessBackend, RunnerHandle};
+pub use builder::PoolBuilder;
 pub use call::{Call, call, cast, spawn_on};
 pub use error::{Error, ErrorKind};
+pub use hooks::{GrowEnd, GrowReason, GrowStart, Shrink, ShrinkReason};
 pub use join::JoinHandle;
 pub use parent::{HANDOFF_ENV, Parent, parent};
-pub use pool::{Pool, PoolBuilder, PoolStats};
+pub use pool::{Pool, PoolStats};
 
 /// Turns an `async fn` into a FLAME task.
 ///

@@ -1,5 +1,8 @@
 //! The pool: which runners exist, where each call goes (the least-loaded runner with a free
-//! slot), when to boot more, and when to let them go.
+//! slot), when to boot more, when to try a failed boot again, and when to let runners go.
+//!
+//! All of it is decided under one short lock, so `runners + booting + exiting` can never pass
+//! `max`, however many callers race (Elixir FLAME issue #64).
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,15 +12,18 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
 
-use crate::backend::{Backend, BootSpec, LocalBackend, ProcessBackend, RunnerHandle};
+use crate::backend::{Backend, BootSpec, RunnerHandle};
+use crate::builder::{Config, PoolBuilder};
 use crate::cancel::CancelOnDrop;
 use crate::connection::{self, Cmd, RunnerConn};
 use crate::deadline::Deadline;
 use crate::error::{Error, ErrorKind};
 use crate::handshake::new_token;
-use crate::listener::{Listener, listener_for};
-use crate::parent::{Handoff, parent};
+use crate::hooks::{GrowEnd, GrowReason, GrowStart, Hooks, Shrink, ShrinkReason};
+use crate::listener::Listener;
+use crate::parent::Handoff;
 use crate::queue::Queue;
 use crate::task::{TaskDef, registry};
 use crate::wire::{MAX_FRAME, Welcome};
@@ -54,58 +60,33 @@ pub struct PoolStats {
     pub runners: usize,
     /// Runners booting.
     pub booting: usize,
-    /// Calls running on runners.
+    /// Busy slots: calls running on runners.
     pub in_flight: usize,
     /// Calls waiting for a slot.
     pub queued: usize,
-}
-
-#[derive(Clone, Debug)]
-pub(crate) struct Config {
-    pub(crate) min: usize,
-    pub(crate) max: usize,
-    pub(crate) max_concurrency: usize,
-    pub(crate) idle_shutdown_after: Option<Duration>,
-    pub(crate) boot_timeout: Duration,
-    pub(crate) timeout: Option<Duration>,
-    pub(crate) single_use: bool,
-    pub(crate) shutdown_timeout: Duration,
-    pub(crate) heartbeat_interval: Duration,
-    pub(crate) heartbeat_miss_limit: u32,
-}
-
-/// Configures and starts a [`Pool`]; from [`Pool::builder`].
-#[must_use = "a PoolBuilder does nothing until .start().await"]
-pub struct PoolBuilder {
-    name: String,
-    backend: Option<Arc<dyn Backend>>,
-    max_concurrency_set: bool,
-    config: Config,
+    /// Runners booted successfully since the pool started.
+    pub booted: u64,
+    /// Boots that failed since the pool started.
+    pub failed_boots: u64,
+    /// Calls that got an outcome from a runner since the pool started.
+    pub served: u64,
+    /// The current `min`.
+    pub min: usize,
+    /// The current `max`.
+    pub max: usize,
 }
 
 impl Pool {
     /// Starts configuring a pool named `name` (letters, digits, `-`, `_`, `.`; it names the
-    /// runners in logs).
-    ///
-    /// Defaults: [`ProcessBackend`], `min(0)`, `max(1)`, `max_concurrency(100)`,
-    /// `idle_shutdown_after(30 s)`, `boot_timeout(30 s)`, no call timeout, `shutdown_timeout(30 s)`.
+    /// runners in logs). See [`PoolBuilder`] for every knob and its default.
     pub fn builder(name: impl Into<String>) -> PoolBuilder {
-        PoolBuilder {
-            name: name.into(),
-            backend: None,
-            max_concurrency_set: false,
-            config: Config {
-                min: 0,
-                max: 1,
-                max_concurrency: 100,
-                idle_shutdown_after: Some(Duration::from_secs(30)),
-                boot_timeout: Duration::from_secs(30),
-                timeout: None,
-                single_use: false,
-                shutdown_timeout: Duration::from_secs(30),
-                heartbeat_interval: Duration::from_secs(1),
-                heartbeat_miss_limit: 5,
-            },
+        PoolBuilder::new(name.into())
+    }
+
+    pub(crate) fn new(shared: Arc<Shared>) -> Pool {
+        Pool {
+            _close_on_drop: Arc::new(CloseOnDrop(shared.clone())),
+            shared,
         }
     }
 
@@ -114,7 +95,7 @@ impl Pool {
         &self.shared.name
     }
 
-    /// How many runners and calls the pool has right now.
+    /// How many runners and calls the pool has right now, and totals since it started.
     pub fn stats(&self) -> PoolStats {
         let mut state = self.shared.lock();
         PoolStats {
@@ -122,7 +103,65 @@ impl Pool {
             booting: state.booting,
             in_flight: state.runners.iter().map(|r| r.in_flight).sum(),
             queued: state.queue.len(),
+            booted: state.booted,
+            failed_boots: state.failed_boots,
+            served: self.shared.served.load(Ordering::Relaxed),
+            min: state.min,
+            max: state.max,
         }
+    }
+
+    /// Changes `max` at run time. Lowering it stops the excess runners once their calls are done
+    /// (idle ones first); raising it lets waiting callers get runners at once.
+    pub fn set_max(&self, max: usize) -> Result<(), Error> {
+        let shared = &self.shared;
+        let mut state = shared.lock();
+        if max == 0 || max < state.min {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "pool {}: max must be at least 1 and at least min ({})",
+                    shared.name, state.min
+                ),
+            ));
+        }
+        state.max = max;
+        let active = state.runners.iter().filter(|r| r.drain.is_none()).count() + state.booting;
+        let mut excess = active.saturating_sub(max);
+        // Idle runners go first, then the least busy.
+        let mut order: Vec<usize> = (0..state.runners.len())
+            .filter(|&i| state.runners[i].drain.is_none())
+            .collect();
+        order.sort_by_key(|&i| state.runners[i].in_flight);
+        for i in order {
+            if excess == 0 {
+                break;
+            }
+            state.runners[i].stop(ShrinkReason::Resized);
+            excess -= 1;
+        }
+        shared.grow(&mut state, None);
+        Ok(())
+    }
+
+    /// Changes `min` at run time. Raising it boots runners in the background; lowering it lets
+    /// idle runners above the new `min` stop at their next idle period.
+    pub fn set_min(&self, min: usize) -> Result<(), Error> {
+        let shared = &self.shared;
+        let mut state = shared.lock();
+        if min > state.max {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "pool {}: min ({min}) is larger than max ({})",
+                    shared.name, state.max
+                ),
+            ));
+        }
+        state.min = min;
+        state.min_suspended = false;
+        shared.grow(&mut state, None);
+        Ok(())
     }
 
     /// Stops the pool gracefully: new and queued calls fail with [`ErrorKind::PoolClosed`],
@@ -141,7 +180,7 @@ impl Pool {
                 state.closed = Some(error);
             }
         }
-        let deadline = tokio::time::Instant::now() + shared.config.shutdown_timeout;
+        let deadline = Instant::now() + shared.config.shutdown_timeout;
         loop {
             let changed = shared.changed.notified();
             if shared.lock().runners.iter().all(|r| r.in_flight == 0) {
@@ -155,10 +194,17 @@ impl Pool {
             ErrorKind::PoolClosed,
             format!("pool {} is shut down", shared.name),
         ));
-        let reaps = runners.into_iter().map(|mut handle| async move {
-            let _ = tokio::time::timeout(Duration::from_secs(2), handle.exited()).await;
-            handle.destroy().await;
-        });
+        let reaps = runners
+            .into_iter()
+            .map(|(runner_id, mut handle)| async move {
+                let _ = tokio::time::timeout(Duration::from_secs(2), handle.exited()).await;
+                handle.destroy().await;
+                shared.hooks.shrink(Shrink {
+                    pool: shared.name.clone(),
+                    runner_id,
+                    reason: ShrinkReason::Shutdown,
+                });
+            });
         futures::future::join_all(reaps).await;
     }
 
@@ -177,161 +223,6 @@ impl fmt::Debug for Pool {
     }
 }
 
-impl PoolBuilder {
-    /// The backend that boots runners. Default: [`ProcessBackend::new()`].
-    pub fn backend(mut self, backend: impl Backend) -> Self {
-        self.backend = Some(Arc::new(backend));
-        self
-    }
-
-    /// Runners kept alive at all times; booted by [`start`](PoolBuilder::start). Default 0.
-    pub fn min(mut self, min: usize) -> Self {
-        self.config.min = min;
-        self
-    }
-
-    /// The most runners the pool may have, booting included. Default 1.
-    pub fn max(mut self, max: usize) -> Self {
-        self.config.max = max;
-        self
-    }
-
-    /// The most calls one runner runs at once. Default 100.
-    pub fn max_concurrency(mut self, n: usize) -> Self {
-        self.config.max_concurrency = n;
-        self.max_concurrency_set = true;
-        self
-    }
-
-    /// A runner with no calls for this long stops, unless the pool is at `min`. Default 30 s.
-    pub fn idle_shutdown_after(mut self, after: Duration) -> Self {
-        self.config.idle_shutdown_after = Some(after);
-        self
-    }
-
-    /// How long a runner may take from boot to a completed handshake; also how long a call
-    /// without a timeout may wait for a slot. Default 30 s.
-    pub fn boot_timeout(mut self, timeout: Duration) -> Self {
-        self.config.boot_timeout = timeout;
-        self
-    }
-
-    /// The default deadline of every call on this pool ([`Call::timeout`](crate::Call::timeout)
-    /// overrides it). Default: none, as a Rust future has no implicit deadline.
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.config.timeout = Some(timeout);
-        self
-    }
-
-    /// Each runner serves a single call and then exits. Needs `max_concurrency(1)`, which is
-    /// implied when `max_concurrency` is not set.
-    pub fn single_use(mut self, single_use: bool) -> Self {
-        self.config.single_use = single_use;
-        self
-    }
-
-    /// How long [`Pool::shutdown`] lets in-flight calls finish. Default 30 s.
-    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
-        self.config.shutdown_timeout = timeout;
-        self
-    }
-
-    /// How often parent and runner tell each other they are alive. Default 1 s.
-    pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
-        self.config.heartbeat_interval = interval;
-        self
-    }
-
-    /// How many heartbeat intervals of silence declare the other side lost: the runner fails
-    /// its calls with [`ErrorKind::RunnerLost`], the runner exits. Default 5.
-    pub fn heartbeat_miss_limit(mut self, misses: u32) -> Self {
-        self.config.heartbeat_miss_limit = misses;
-        self
-    }
-
-    /// Starts the pool: boots `min` runners and returns once they are connected.
-    ///
-    /// Inside a runner, pools never boot runners of their own: a pool started there runs its
-    /// calls in-process (through [`LocalBackend`]), with `min` 0.
-    pub async fn start(self) -> Result<Pool, Error> {
-        let PoolBuilder {
-            name,
-            backend,
-            max_concurrency_set,
-            mut config,
-        } = self;
-        let config_error = |msg: String| {
-            Err(Error::new(
-                ErrorKind::Config,
-                format!("pool {name:?}: {msg}"),
-            ))
-        };
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
-            return config_error(
-                "a pool name is made of ASCII letters, digits, '-', '_' and '.'".into(),
-            );
-        }
-        if config.single_use && !max_concurrency_set {
-            config.max_concurrency = 1;
-        }
-        if config.max == 0 || config.max_concurrency == 0 {
-            return config_error("max and max_concurrency must be at least 1".into());
-        }
-        if config.min > config.max {
-            return config_error(format!(
-                "min ({}) is larger than max ({})",
-                config.min, config.max
-            ));
-        }
-        if config.single_use && config.max_concurrency != 1 {
-            return config_error(
-                "single_use(true) serves one call per runner: use max_concurrency(1)".into(),
-            );
-        }
-        if config.heartbeat_interval.is_zero() || config.heartbeat_miss_limit == 0 {
-            return config_error(
-                "heartbeat_interval and heartbeat_miss_limit must be above zero".into(),
-            );
-        }
-        let registry = registry()?;
-        if registry.len() == 0 {
-            return config_error(
-                "no #[flame::task] is registered in this binary. Tasks defined in a library crate are \
-                 dropped by the linker unless the binary references that crate: add `use my_tasks as _;` \
-                 to the binary"
-                    .into(),
-            );
-        }
-        let backend: Arc<dyn Backend> = if parent().is_some() {
-            config.min = 0;
-            Arc::new(LocalBackend::new())
-        } else {
-            backend.unwrap_or_else(|| Arc::new(ProcessBackend::new()))
-        };
-        let listener = listener_for(backend.listen_addr())?;
-        let advertise = backend.advertise_addr(listener.addr());
-        let shared = Arc::new(Shared {
-            name,
-            config,
-            backend,
-            listener,
-            advertise,
-            state: Mutex::new(State::default()),
-            changed: Notify::new(),
-        });
-        let pool = Pool {
-            _close_on_drop: Arc::new(CloseOnDrop(shared.clone())),
-            shared,
-        };
-        pool.shared.wait_for_min().await?;
-        Ok(pool)
-    }
-}
-
 /// The pool's state, shared by the `Pool` handles, the calls and the runner connections.
 pub(crate) struct Shared {
     pub(crate) name: String,
@@ -339,28 +230,63 @@ pub(crate) struct Shared {
     backend: Arc<dyn Backend>,
     listener: Arc<Listener>,
     advertise: String,
+    hooks: Hooks,
     state: Mutex<State>,
     /// Woken when runners come or go and when calls finish.
     changed: Notify,
+    served: AtomicU64,
 }
 
-#[derive(Default)]
 pub(crate) struct State {
     /// `Some(why)` once the pool takes no more calls.
     pub(crate) closed: Option<Error>,
+    min: usize,
+    max: usize,
     runners: Vec<Runner>,
     booting: usize,
+    /// Runners that left the pool but are not yet confirmed gone: they still count against `max`.
+    exiting: usize,
     pub(crate) queue: Queue,
+    /// Set when a `min` runner stopped for idleness; cleared by the next call.
+    pub(crate) min_suspended: bool,
     last_boot_error: Option<Error>,
+    /// Boots failed in a row; reset by a successful one.
+    boot_failures: u32,
+    /// A boot will be tried again after a pause: no other boot starts meanwhile.
+    retry_pending: bool,
+    booted: u64,
+    failed_boots: u64,
+}
+
+impl State {
+    /// No runner can be added now.
+    pub(crate) fn at_max(&self) -> bool {
+        self.runners.len() + self.booting + self.exiting >= self.max
+    }
+
+    fn active(&self) -> usize {
+        self.runners.iter().filter(|r| r.drain.is_none()).count()
+    }
 }
 
 struct Runner {
     key: u64,
     conn: Arc<RunnerConn>,
     in_flight: usize,
-    /// Told to stop: gets no new calls, counts against `max` until it is gone.
-    draining: bool,
+    /// Why it was told to stop: it gets no new calls and stops when its calls are done.
+    drain: Option<ShrinkReason>,
     handle: Option<Box<dyn RunnerHandle>>,
+}
+
+impl Runner {
+    fn stop(&mut self, reason: ShrinkReason) {
+        self.drain = Some(reason);
+        if self.in_flight == 0 {
+            self.conn.send(Cmd::Shutdown {
+                grace: Duration::ZERO,
+            });
+        }
+    }
 }
 
 /// One call's claim on one runner. Released when dropped, which the runner connection does
@@ -382,10 +308,53 @@ impl Drop for Slot {
 
 static NEXT_RUNNER: AtomicU64 = AtomicU64::new(1);
 
-/// How long the pool waits before booting again after a runner's `main` failed.
-const BOOT_RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// Boots tried for waiting callers before they are told the pool cannot boot.
+const BOOT_ATTEMPTS: u32 = 3;
+
+/// The pause before boot attempt `failures + 1`: 100 ms, 400 ms, 1.6 s, then 5 s.
+fn retry_pause(failures: u32) -> Duration {
+    let ms = 100u64.saturating_mul(4u64.saturating_pow(failures.saturating_sub(1)));
+    Duration::from_millis(ms.min(5_000))
+}
 
 impl Shared {
+    pub(crate) fn new(
+        name: String,
+        config: Config,
+        min: usize,
+        max: usize,
+        backend: Arc<dyn Backend>,
+        listener: Arc<Listener>,
+        hooks: Hooks,
+    ) -> Arc<Shared> {
+        let advertise = backend.advertise_addr(listener.addr());
+        Arc::new(Shared {
+            name,
+            config,
+            backend,
+            listener,
+            advertise,
+            hooks,
+            state: Mutex::new(State {
+                closed: None,
+                min,
+                max,
+                runners: Vec::new(),
+                booting: 0,
+                exiting: 0,
+                queue: Queue::default(),
+                min_suspended: false,
+                last_boot_error: None,
+                boot_failures: 0,
+                retry_pending: false,
+                booted: 0,
+                failed_boots: 0,
+            }),
+            changed: Notify::new(),
+            served: AtomicU64::new(0),
+        })
+    }
+
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding this lock is a bug in flame-rt; the state is still consistent
         // enough to shut down, so keep going rather than poison every later call.
@@ -456,11 +425,11 @@ impl Shared {
         let runner = state
             .runners
             .iter_mut()
-            .filter(|r| !r.draining && r.in_flight < self.config.max_concurrency)
+            .filter(|r| r.drain.is_none() && r.in_flight < self.config.max_concurrency)
             .min_by_key(|r| r.in_flight)?;
         runner.in_flight += 1;
         if self.config.single_use {
-            runner.draining = true;
+            runner.drain = Some(ShrinkReason::SingleUse);
         }
         Some(Slot {
             shared: self.clone(),
@@ -485,31 +454,46 @@ impl Shared {
                 if let Some(r) = state.runners.iter_mut().find(|r| r.key == slot.key) {
                     r.in_flight -= 1;
                     if self.config.single_use {
-                        r.draining = false;
+                        r.drain = None;
                     }
                 }
             }
         }
     }
 
-    /// Boots runners while the pool is below `min`, or callers wait that the runners booting
-    /// will not cover, and `max` allows.
-    pub(crate) fn grow(self: &Arc<Self>, state: &mut State) {
-        if state.closed.is_some() {
+    /// Boots runners while the pool is below `min`, while callers wait that the runners booting
+    /// will not cover, or to prewarm; never past `max`, and not while a failed boot pauses.
+    /// `retry` names the reason of the first boot when a paused retry calls this.
+    pub(crate) fn grow(self: &Arc<Self>, state: &mut State, mut retry: Option<GrowReason>) {
+        if state.closed.is_some() || state.retry_pending {
             return;
         }
-        loop {
-            let total = state.runners.len() + state.booting;
-            if total >= self.config.max {
+        while !state.at_max() {
+            let capacity = state.active() * self.config.max_concurrency;
+            let busy: usize = state
+                .runners
+                .iter()
+                .filter(|r| r.drain.is_none())
+                .map(|r| r.in_flight)
+                .sum();
+            let reason = if !state.min_suspended && state.active() + state.booting < state.min {
+                GrowReason::Min
+            } else if state
+                .queue
+                .more_than(state.booting * self.config.max_concurrency)
+            {
+                GrowReason::Demand
+            } else if let Some(threshold) = self.config.prewarm_at
+                && state.booting == 0
+                && capacity > 0
+                && busy as f64 >= threshold * capacity as f64
+            {
+                GrowReason::Prewarm
+            } else {
                 return;
-            }
-            let below_min = total < self.config.min;
-            let uncovered = state.queue.len() > state.booting * self.config.max_concurrency;
-            if !(below_min || uncovered) {
-                return;
-            }
+            };
             state.booting += 1;
-            tokio::spawn(self.clone().boot_one());
+            tokio::spawn(self.clone().boot_one(retry.take().unwrap_or(reason)));
         }
     }
 
@@ -518,20 +502,33 @@ impl Shared {
             let mut state = self.lock();
             if let Some(runner) = state.runners.iter_mut().find(|r| r.key == key) {
                 runner.in_flight -= 1;
-                if runner.draining && runner.in_flight == 0 {
-                    runner.conn.send(Cmd::Shutdown {
+                match runner.drain {
+                    Some(_) if runner.in_flight == 0 => runner.conn.send(Cmd::Shutdown {
                         grace: Duration::ZERO,
-                    });
-                } else {
-                    self.hand_out(&mut state);
+                    }),
+                    Some(_) => {}
+                    None => self.hand_out(&mut state),
                 }
             }
         }
         self.changed.notify_waiters();
     }
 
-    async fn boot_one(self: Arc<Self>) {
-        let booted = self.boot_runner().await;
+    pub(crate) fn note_served(&self) {
+        self.served.fetch_add(1, Ordering::Relaxed);
+    }
+
+    async fn boot_one(self: Arc<Self>, reason: GrowReason) {
+        let key = NEXT_RUNNER.fetch_add(1, Ordering::Relaxed);
+        let runner_id = format!("{}-{key}", self.name);
+        self.hooks.grow_start(GrowStart {
+            pool: self.name.clone(),
+            runner_id: runner_id.clone(),
+            reason,
+        });
+        let started = Instant::now();
+        let booted = self.boot_runner(key, &runner_id).await;
+        let error = booted.as_ref().err().cloned();
         let mut orphan = None;
         {
             let mut state = self.lock();
@@ -540,18 +537,23 @@ impl Shared {
                 Ok(runner) if state.closed.is_some() => orphan = Some(runner),
                 Ok(runner) => {
                     state.runners.push(runner);
+                    state.booted += 1;
+                    state.boot_failures = 0;
                     state.last_boot_error = None;
                     self.hand_out(&mut state);
+                    // The waiters it could not take, or a prewarm, may call for more.
+                    self.grow(&mut state, None);
                 }
-                Err(error) => {
-                    tracing::warn!(pool = %self.name, %error, "flame: runner boot failed");
-                    if state.runners.is_empty() && state.booting == 0 {
-                        state.queue.fail_all(&error);
-                    }
-                    state.last_boot_error = Some(error);
-                }
+                Err(error) => self.boot_failed(&mut state, error),
             }
         }
+        self.hooks.grow_end(GrowEnd {
+            pool: self.name.clone(),
+            runner_id,
+            reason,
+            duration: started.elapsed(),
+            error,
+        });
         if let Some(runner) = orphan {
             runner.conn.send(Cmd::Shutdown {
                 grace: Duration::ZERO,
@@ -563,14 +565,38 @@ impl Shared {
         self.changed.notify_waiters();
     }
 
-    async fn boot_runner(self: &Arc<Self>) -> Result<Runner, Error> {
-        let key = NEXT_RUNNER.fetch_add(1, Ordering::Relaxed);
-        let runner_id = format!("{}-{key}", self.name);
+    /// A boot failed (or a runner's `main` did): try again after a pause while callers wait or
+    /// the pool is below `min`; tell waiting callers why once it is hopeless.
+    fn boot_failed(self: &Arc<Self>, state: &mut State, error: Error) {
+        state.failed_boots += 1;
+        state.boot_failures += 1;
+        let hopeless = error.kind() == ErrorKind::Rejected || state.boot_failures >= BOOT_ATTEMPTS;
+        if hopeless && state.runners.is_empty() && state.booting == 0 {
+            // Failing the callers now beats letting them time out with no explanation.
+            state.queue.fail_all(&error);
+        }
+        state.last_boot_error = Some(error);
+        let below_min = !state.min_suspended && state.active() + state.booting < state.min;
+        let waiting = state.queue.has_waiters();
+        if state.closed.is_none() && !state.retry_pending && (below_min || waiting) {
+            state.retry_pending = true;
+            let pause = retry_pause(state.boot_failures);
+            let shared = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(pause).await;
+                let mut state = shared.lock();
+                state.retry_pending = false;
+                shared.grow(&mut state, Some(GrowReason::Retry));
+            });
+        }
+    }
+
+    async fn boot_runner(self: &Arc<Self>, key: u64, runner_id: &str) -> Result<Runner, Error> {
         let token = new_token().map_err(|e| Error::io("drawing a runner token", e))?;
-        let mut expectation = self.listener.expect(&runner_id, token);
+        let mut expectation = self.listener.expect(runner_id, token);
         let spec = BootSpec::new(Handoff {
             pool: self.name.clone(),
-            runner_id: runner_id.clone(),
+            runner_id: runner_id.to_string(),
             addr: self.advertise.clone(),
             token,
             boot_timeout: self.config.boot_timeout,
@@ -610,82 +636,91 @@ impl Shared {
         };
         let stream = TcpStream::from_std(accepted)
             .map_err(|e| Error::io("adopting a runner connection", e))?;
+        let idle = match (
+            self.config.idle_shutdown_after,
+            self.config.min_idle_shutdown_after,
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let welcome = Welcome {
             heartbeat_ms: self.config.heartbeat_interval.as_millis() as u64,
             miss_limit: self.config.heartbeat_miss_limit,
-            idle_ms: self
-                .config
-                .idle_shutdown_after
-                .map(|d| d.as_millis() as u64),
+            idle_ms: idle.map(|d| d.as_millis() as u64),
         };
-        tracing::debug!(pool = %self.name, runner = %runner_id, via = %handle.describe(), "flame: runner connected");
-        let conn = connection::start(self.clone(), key, runner_id, stream, welcome);
+        let conn = connection::start(self.clone(), key, runner_id.to_string(), stream, welcome);
         Ok(Runner {
             key,
             conn,
             in_flight: 0,
-            draining: false,
+            drain: None,
             handle: Some(handle),
         })
     }
 
-    /// The runner reported it had nothing to do for its idle period.
-    pub(crate) fn runner_idle(&self, key: u64) {
+    /// The runner has had nothing to do for `idle`.
+    pub(crate) fn runner_idle(&self, key: u64, idle: Duration) {
         let mut state = self.lock();
-        let active = state.runners.iter().filter(|r| !r.draining).count();
-        if active <= self.config.min {
+        let above_min = state.active() > state.min;
+        let Some(runner) = state.runners.iter_mut().find(|r| r.key == key) else {
+            return;
+        };
+        if runner.in_flight > 0 || runner.drain.is_some() {
             return;
         }
-        if let Some(runner) = state.runners.iter_mut().find(|r| r.key == key)
-            && runner.in_flight == 0
-            && !runner.draining
-        {
-            runner.draining = true;
-            tracing::debug!(pool = %self.name, runner = %runner.conn.id, "flame: idle runner shutting down");
-            runner.conn.send(Cmd::Shutdown {
-                grace: Duration::ZERO,
-            });
+        let idle_past = |limit: Option<Duration>| limit.is_some_and(|limit| idle >= limit);
+        if above_min && idle_past(self.config.idle_shutdown_after) {
+            runner.stop(ShrinkReason::Idle);
+        } else if idle_past(self.config.min_idle_shutdown_after) {
+            runner.stop(ShrinkReason::Idle);
+            state.min_suspended = true;
         }
     }
 
     /// The runner's connection ended, for `reason`.
     pub(crate) fn runner_gone(self: &Arc<Self>, key: u64, reason: &Error) {
-        let handle = {
+        let (runner, shrink) = {
             let mut state = self.lock();
             let Some(at) = state.runners.iter().position(|r| r.key == key) else {
                 return;
             };
             let runner = state.runners.swap_remove(at);
-            if !runner.draining {
+            state.exiting += 1;
+            let shrink = runner.drain.unwrap_or(ShrinkReason::Lost);
+            if shrink == ShrinkReason::Lost {
                 tracing::warn!(pool = %self.name, runner = %runner.conn.id, %reason, "flame: runner lost");
             }
             if reason.kind() == ErrorKind::BootFailed {
-                // The app's main failed on this runner and would fail on the next one too:
-                // tell the waiting callers why, and try again only after a pause.
-                if state.runners.is_empty() && state.booting == 0 {
-                    state.queue.fail_all(reason);
-                }
-                state.last_boot_error = Some(reason.clone());
-                let shared = self.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(BOOT_RETRY_PAUSE).await;
-                    shared.grow(&mut shared.lock());
-                });
+                // The app's main failed there, and would on the next runner too.
+                self.boot_failed(&mut state, reason.clone());
             } else {
                 // Keep `min` alive and serve whoever is waiting.
-                self.grow(&mut state);
+                self.grow(&mut state, None);
             }
-            runner.handle
+            (runner, shrink)
         };
-        if let Some(handle) = handle {
-            tokio::spawn(handle.destroy());
-        }
+        self.hooks.shrink(Shrink {
+            pool: self.name.clone(),
+            runner_id: runner.conn.id.clone(),
+            reason: shrink,
+        });
+        let shared = self.clone();
+        tokio::spawn(async move {
+            if let Some(handle) = runner.handle {
+                handle.destroy().await;
+            }
+            let mut state = shared.lock();
+            state.exiting -= 1;
+            shared.grow(&mut state, None);
+            drop(state);
+            shared.changed.notify_waiters();
+        });
         self.changed.notify_waiters();
     }
 
     /// Marks the pool closed for `reason`, fails the queue, tells every runner to stop and
-    /// returns their handles.
-    fn close(&self, reason: Error) -> Vec<Box<dyn RunnerHandle>> {
+    /// returns their ids and handles.
+    fn close(&self, reason: Error) -> Vec<(String, Box<dyn RunnerHandle>)> {
         let mut state = self.lock();
         state.queue.fail_all(&reason);
         state.closed.get_or_insert(reason);
@@ -698,28 +733,23 @@ impl Shared {
                 r.conn.send(Cmd::Shutdown {
                     grace: Duration::ZERO,
                 });
-                r.handle
+                Some((r.conn.id.clone(), r.handle?))
             })
             .collect()
     }
 
-    /// Waits until `min` runners are connected, or fails with why they could not boot.
-    async fn wait_for_min(self: &Arc<Self>) -> Result<(), Error> {
-        self.grow(&mut self.lock());
+    /// Waits until `min` runners are connected, or fails with why one could not boot.
+    pub(crate) async fn wait_for_min(self: &Arc<Self>) -> Result<(), Error> {
+        self.grow(&mut self.lock(), None);
         loop {
             let changed = self.changed.notified();
             {
                 let state = self.lock();
-                if state.runners.len() >= self.config.min {
+                if state.active() >= state.min {
                     return Ok(());
                 }
-                if state.booting == 0 {
-                    return Err(state.last_boot_error.clone().unwrap_or_else(|| {
-                        Error::new(
-                            ErrorKind::BootFailed,
-                            format!("pool {}: min runners did not boot", self.name),
-                        )
-                    }));
+                if let Some(error) = &state.last_boot_error {
+                    return Err(error.clone());
                 }
             }
             changed.await;

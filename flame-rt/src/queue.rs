@@ -26,10 +26,27 @@ impl Queue {
         rx
     }
 
-    /// How many callers are still waiting.
+    /// How many callers are still waiting (purges those who gave up: O(n), for stats).
     pub(crate) fn len(&mut self) -> usize {
         self.waiters.retain(|w| !w.is_closed());
         self.waiters.len()
+    }
+
+    /// Whether anyone still waits: O(1) unless callers at the head gave up.
+    pub(crate) fn has_waiters(&mut self) -> bool {
+        while self.waiters.front().is_some_and(|w| w.is_closed()) {
+            self.waiters.pop_front();
+        }
+        !self.waiters.is_empty()
+    }
+
+    /// Whether more than `n` callers still wait, looking at no more entries than it must.
+    pub(crate) fn more_than(&self, n: usize) -> bool {
+        self.waiters
+            .iter()
+            .filter(|w| !w.is_closed())
+            .nth(n)
+            .is_some()
     }
 
     /// The oldest caller still waiting.
@@ -68,13 +85,18 @@ impl Shared {
             if let Some(error) = &state.closed {
                 return Err(error.clone());
             }
-            if state.queue.len() == 0
+            // Demand lifts a pause of `min` taken for idleness.
+            state.min_suspended = false;
+            if !state.queue.has_waiters()
                 && let Some(slot) = self.take_slot(&mut state)
             {
+                // A busy pool may want its next runner before it is full.
+                self.grow(&mut state, None);
                 return Ok(slot);
             }
             let rx = state.queue.push();
-            self.grow(&mut state);
+            tracing::debug!(pool = %self.name, task, at_max = state.at_max(), "flame: call waits for a slot");
+            self.grow(&mut state, None);
             rx
         };
         let until: Instant = deadline.queue_until(self.config.boot_timeout);

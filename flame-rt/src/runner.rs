@@ -103,7 +103,9 @@ impl Service {
         let heartbeat = Duration::from_millis(welcome.heartbeat_ms.max(1));
         let mut watchdog = Watchdog::new(heartbeat * welcome.miss_limit.max(1));
         let idle_after = welcome.idle_ms.map(Duration::from_millis);
+        // When the runner last became idle, and when it next tells the parent so.
         let mut idle_since = Instant::now();
+        let mut idle_report = idle_after.map(|after| idle_since + after);
         let mut ticker = tokio::time::interval(heartbeat);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Set once the parent asks us to stop: no new calls, and this is when we stop waiting.
@@ -112,8 +114,8 @@ impl Service {
         let mut control_open = true;
 
         let exit = loop {
-            let idle_at = match idle_after {
-                Some(after) if service.tasks.is_empty() && draining.is_none() => idle_since + after,
+            let idle_at = match idle_report {
+                Some(at) if service.tasks.is_empty() && draining.is_none() => at,
                 _ => far_future,
             };
             tokio::select! {
@@ -165,6 +167,7 @@ impl Service {
                             break Exit::Stopped;
                         }
                         idle_since = Instant::now();
+                        idle_report = idle_after.map(|after| idle_since + after);
                     }
                 }
                 _ = ticker.tick() => {
@@ -174,9 +177,10 @@ impl Service {
                     service.send(&ToParent::Heartbeat);
                 }
                 _ = tokio::time::sleep_until(idle_at) => {
-                    service.send(&ToParent::Idle);
-                    // Min runners are kept by the parent: ask again after another idle period.
-                    idle_since = Instant::now();
+                    let idle_ms = idle_since.elapsed().as_millis() as u64;
+                    service.send(&ToParent::Idle { idle_ms });
+                    // The parent may keep us (min runners): tell it again after another period.
+                    idle_report = idle_after.map(|after| idle_at + after);
                 }
                 _ = tokio::time::sleep_until(draining.unwrap_or(far_future)) => break Exit::Stopped,
             }

@@ -78,8 +78,11 @@ pub(crate) enum ToParent {
         call: u64,
     },
     Heartbeat,
-    /// The runner had no work for its idle period; the parent decides whether it stops.
-    Idle,
+    /// The runner has had no work for `idle_ms`; the parent decides whether it stops. Sent
+    /// after each idle period.
+    Idle {
+        idle_ms: u64,
+    },
     /// The runner's `main` returned an error: it is going away.
     BootFailed {
         reason: String,
