@@ -115,27 +115,25 @@ pub async fn write_after(ms: u64, path: PathBuf) -> u32 {
 static RUNNING: Mutex<Option<HashMap<String, usize>>> = Mutex::new(None);
 
 /// Counts the calls running at once on this runner while it sleeps `ms`; returns the count it
-/// saw at its start, including itself.
+/// saw at its start, including itself. A cancelled probe (future dropped) still counts itself
+/// out.
 #[flame::task]
 pub async fn concurrency_probe(ms: u64) -> usize {
+    struct Running(String);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            *RUNNING.lock().unwrap().as_mut().unwrap().get_mut(&self.0).unwrap() -= 1;
+        }
+    }
     let key = here().runner.unwrap_or_default();
     let seen = {
         let mut running = RUNNING.lock().unwrap();
-        let count = running
-            .get_or_insert_with(HashMap::new)
-            .entry(key.clone())
-            .or_default();
+        let count = running.get_or_insert_with(HashMap::new).entry(key.clone()).or_default();
         *count += 1;
         *count
     };
+    let _running = Running(key);
     tokio::time::sleep(Duration::from_millis(ms)).await;
-    *RUNNING
-        .lock()
-        .unwrap()
-        .as_mut()
-        .unwrap()
-        .get_mut(&key)
-        .unwrap() -= 1;
     seen
 }
 
@@ -236,4 +234,184 @@ pub fn kill(pid: u32) {
     unsafe {
         libc::kill(pid as libc::pid_t, libc::SIGKILL);
     }
+}
+
+/// A pool lifecycle event, as recorded by an [`EventLog`].
+#[derive(Debug, Clone)]
+pub enum PoolEvent {
+    /// A boot started.
+    GrowStart(flame::GrowStart),
+    /// A boot ended.
+    GrowEnd(flame::GrowEnd),
+    /// A runner left.
+    Shrink(flame::Shrink),
+}
+
+/// Records a pool's hook events, so a test can await "a runner booted" instead of sleeping.
+#[derive(Clone, Default)]
+pub struct EventLog {
+    inner: std::sync::Arc<(Mutex<Vec<PoolEvent>>, tokio::sync::Notify)>,
+}
+
+impl EventLog {
+    /// Registers the log's hooks on a pool builder.
+    pub fn attach(&self, builder: flame::PoolBuilder) -> flame::PoolBuilder {
+        let (a, b, c) = (self.clone(), self.clone(), self.clone());
+        builder
+            .on_grow_start(move |e| a.push(PoolEvent::GrowStart(e.clone())))
+            .on_grow_end(move |e| b.push(PoolEvent::GrowEnd(e.clone())))
+            .on_shrink(move |e| c.push(PoolEvent::Shrink(e.clone())))
+    }
+
+    fn push(&self, event: PoolEvent) {
+        self.inner.0.lock().unwrap().push(event);
+        self.inner.1.notify_waiters();
+    }
+
+    /// Every event so far.
+    pub fn events(&self) -> Vec<PoolEvent> {
+        self.inner.0.lock().unwrap().clone()
+    }
+
+    /// Boots that ended, with their outcome.
+    pub fn grow_ends(&self) -> Vec<flame::GrowEnd> {
+        self.events()
+            .into_iter()
+            .filter_map(|e| match e {
+                PoolEvent::GrowEnd(e) => Some(e),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Runners that left, with why.
+    pub fn shrinks(&self) -> Vec<flame::Shrink> {
+        self.events()
+            .into_iter()
+            .filter_map(|e| match e {
+                PoolEvent::Shrink(e) => Some(e),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Waits until `check` finds what it looks for in the events, up to `bound`.
+    pub async fn wait_for<T>(
+        &self,
+        bound: Duration,
+        mut check: impl FnMut(&EventLog) -> Option<T>,
+    ) -> T {
+        let until = tokio::time::Instant::now() + bound;
+        loop {
+            let changed = self.inner.1.notified();
+            if let Some(found) = check(self) {
+                return found;
+            }
+            if tokio::time::timeout_at(until, changed).await.is_err() {
+                panic!(
+                    "the awaited pool event never came; events: {:#?}",
+                    self.events()
+                );
+            }
+        }
+    }
+}
+
+/// Wraps a backend and counts the runners it has alive (booted and not yet destroyed or
+/// dropped), and the most ever alive at once.
+pub struct Counting<B> {
+    inner: B,
+    /// Runners alive now.
+    pub alive: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// The most runners alive at once.
+    pub peak: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl<B> Counting<B> {
+    /// Counts the runners `inner` boots.
+    pub fn new(inner: B) -> Self {
+        Counting {
+            inner,
+            alive: Default::default(),
+            peak: Default::default(),
+        }
+    }
+}
+
+struct Counted {
+    inner: Option<Box<dyn flame::RunnerHandle>>,
+    alive: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        // Dropping a process handle kills the process; a destroyed one is already gone.
+        drop(self.inner.take());
+        self.alive.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl flame::RunnerHandle for Counted {
+    fn describe(&self) -> String {
+        self.inner
+            .as_ref()
+            .map(|h| h.describe())
+            .unwrap_or_default()
+    }
+
+    fn exited(&mut self) -> futures::future::BoxFuture<'_, String> {
+        self.inner.as_mut().expect("handle").exited()
+    }
+
+    fn destroy(mut self: Box<Self>) -> futures::future::BoxFuture<'static, ()> {
+        let inner = self.inner.take().expect("handle");
+        Box::pin(async move {
+            inner.destroy().await;
+            drop(self);
+        })
+    }
+}
+
+impl<B: flame::Backend> flame::Backend for Counting<B> {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn boot(
+        &self,
+        spec: flame::BootSpec,
+    ) -> futures::future::BoxFuture<'static, Result<Box<dyn flame::RunnerHandle>, flame::Error>>
+    {
+        use std::sync::atomic::Ordering::SeqCst;
+        let boot = self.inner.boot(spec);
+        let (alive, peak) = (self.alive.clone(), self.peak.clone());
+        Box::pin(async move {
+            let inner = boot.await?;
+            let now = alive.fetch_add(1, SeqCst) + 1;
+            peak.fetch_max(now, SeqCst);
+            let handle: Box<dyn flame::RunnerHandle> = Box::new(Counted {
+                inner: Some(inner),
+                alive,
+            });
+            Ok(handle)
+        })
+    }
+}
+
+/// Appends `line` to the file at `path` (one call at a time per file: tests serialise them).
+#[flame::task]
+pub async fn append_line(path: PathBuf, line: String) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("opening a test file");
+    writeln!(f, "{line}").expect("appending to a test file");
+}
+
+/// [`concurrency_probe`] that also says which process it ran in.
+#[flame::task]
+pub async fn located_probe(ms: u64) -> (usize, u32) {
+    (concurrency_probe(ms).await, std::process::id())
 }

@@ -1,0 +1,482 @@
+//! Elastic pools on real runner processes: placement, growth, the queue, boot failures,
+//! idle shutdown and `min`, prewarm and resizing. Waits are on pool events, never sleeps.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use flame::{
+    Backend, BootSpec, ErrorKind, GrowReason, Pool, ProcessBackend, RunnerHandle, ShrinkReason,
+};
+use flame_tests::*;
+use futures::future::BoxFuture;
+
+const RUNNER: &str = env!("CARGO_BIN_EXE_flame-test-runner");
+const BOUND: Duration = Duration::from_secs(60);
+
+fn runner() -> ProcessBackend {
+    ProcessBackend::new().program(RUNNER)
+}
+
+async fn bounded(test: impl std::future::Future<Output = ()>) {
+    tokio::time::timeout(BOUND, test)
+        .await
+        .expect("test timed out");
+}
+
+/// Spawns `sleep_ms(ms)` calls one at a time, each placed before the next is spawned, and
+/// returns their handles.
+async fn place_one_by_one(pool: &Pool, n: usize, ms: u64) -> Vec<flame::JoinHandle<Whereabouts>> {
+    let mut handles = Vec::new();
+    for i in 0..n {
+        handles.push(flame::spawn_on(pool, sleep_ms(ms)));
+        while pool.stats().in_flight < i + 1 {
+            tokio::task::yield_now().await;
+        }
+    }
+    handles
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_go_to_the_least_loaded_runner() {
+    bounded(async {
+        let pool = Pool::builder("leastloaded")
+            .backend(runner())
+            .min(2)
+            .max(2)
+            .max_concurrency(10)
+            .start()
+            .await
+            .unwrap();
+        let handles = place_one_by_one(&pool, 6, 1_000).await;
+        let mut per_runner: HashMap<u32, usize> = HashMap::new();
+        for h in handles {
+            *per_runner.entry(h.await.unwrap().pid).or_default() += 1;
+        }
+        let mut counts: Vec<usize> = per_runner.into_values().collect();
+        counts.sort();
+        assert_eq!(
+            counts,
+            vec![3, 3],
+            "six calls placed one by one alternate between two runners"
+        );
+        pool.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_grows_the_pool_to_max_concurrently_and_never_past_it() {
+    bounded(async {
+        let log = EventLog::default();
+        let backend = Counting::new(runner());
+        let peak = backend.peak.clone();
+        let (max, per_runner) = (3, 2);
+        let pool = log
+            .attach(
+                Pool::builder("burst")
+                    .backend(backend)
+                    .max(max)
+                    .max_concurrency(per_runner),
+            )
+            .start()
+            .await
+            .unwrap();
+        let burst = max * per_runner * 3;
+        let handles: Vec<_> = (0..burst)
+            .map(|_| flame::spawn_on(&pool, concurrency_probe(150)))
+            .collect();
+        let mut seen_max = 0;
+        for h in handles {
+            seen_max = seen_max.max(h.await.unwrap());
+        }
+        assert_eq!(
+            seen_max, per_runner,
+            "max_concurrency was reached and never exceeded"
+        );
+        let boots = log.grow_ends();
+        assert_eq!(
+            boots.len(),
+            max,
+            "the burst booted exactly max runners: {boots:#?}"
+        );
+        assert!(
+            boots
+                .iter()
+                .all(|b| b.error.is_none() && b.reason == GrowReason::Demand)
+        );
+        assert_eq!(
+            peak.load(std::sync::atomic::Ordering::SeqCst),
+            max,
+            "never more than max runners alive"
+        );
+        // The boots overlapped: all three started before the first one ended.
+        let events = log.events();
+        let first_end = events
+            .iter()
+            .position(|e| matches!(e, PoolEvent::GrowEnd(_)))
+            .unwrap();
+        let starts_before = events[..first_end]
+            .iter()
+            .filter(|e| matches!(e, PoolEvent::GrowStart(_)))
+            .count();
+        assert_eq!(
+            starts_before, max,
+            "runners booted concurrently, not one at a time"
+        );
+        let stats = pool.stats();
+        assert_eq!(
+            (stats.runners, stats.booted, stats.served),
+            (max, max as u64, burst as u64),
+            "{stats:?}"
+        );
+        pool.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_callers_are_served_in_fifo_order() {
+    bounded(async {
+        let pool = Pool::builder("fifo")
+            .backend(runner())
+            .max(1)
+            .max_concurrency(1)
+            .start()
+            .await
+            .unwrap();
+        let dir = scratch_dir("fifo");
+        let busy = flame::spawn_on(&pool, hold_child(dir.clone()));
+        held_pids(&dir).await;
+        let order = dir.join("order");
+        let mut queued = Vec::new();
+        for i in 0..6 {
+            queued.push(flame::spawn_on(
+                &pool,
+                append_line(order.clone(), i.to_string()),
+            ));
+            while pool.stats().queued < i + 1 {
+                tokio::task::yield_now().await;
+            }
+        }
+        drop(busy);
+        for h in queued {
+            h.await.unwrap();
+        }
+        let lines = std::fs::read_to_string(&order).unwrap();
+        assert_eq!(
+            lines, "0\n1\n2\n3\n4\n5\n",
+            "callers ran in the order they queued"
+        );
+        pool.shutdown().await;
+    })
+    .await;
+}
+
+/// Fails its first `failures` boots with a backend error, then boots real runners.
+struct Flaky {
+    inner: ProcessBackend,
+    failures: std::sync::atomic::AtomicUsize,
+}
+
+impl Backend for Flaky {
+    fn name(&self) -> &str {
+        "flaky"
+    }
+
+    fn boot(
+        &self,
+        spec: BootSpec,
+    ) -> BoxFuture<'static, Result<Box<dyn RunnerHandle>, flame::Error>> {
+        let left = self.failures.load(std::sync::atomic::Ordering::SeqCst);
+        if left > 0 {
+            self.failures
+                .store(left - 1, std::sync::atomic::Ordering::SeqCst);
+            return Box::pin(async {
+                Err(flame::Error::new(
+                    ErrorKind::BootFailed,
+                    "no capacity in region ams",
+                ))
+            });
+        }
+        self.inner.boot(spec)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_boots_are_retried_while_callers_wait() {
+    bounded(async {
+        let log = EventLog::default();
+        let flaky = Flaky {
+            inner: runner(),
+            failures: 2.into(),
+        };
+        let pool = log
+            .attach(Pool::builder("flaky").backend(flaky).max(1))
+            .start()
+            .await
+            .unwrap();
+        assert_eq!(
+            flame::call(&pool, add(1, 2)).await.unwrap(),
+            3,
+            "the third boot served the call"
+        );
+        let boots = log.grow_ends();
+        let outcomes: Vec<(GrowReason, bool)> = boots
+            .iter()
+            .map(|b| (b.reason, b.error.is_none()))
+            .collect();
+        assert_eq!(
+            outcomes,
+            vec![
+                (GrowReason::Demand, false),
+                (GrowReason::Retry, false),
+                (GrowReason::Retry, true)
+            ]
+        );
+        assert_eq!(pool.stats().failed_boots, 2);
+        pool.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_nothing_can_boot_callers_get_the_backends_reason() {
+    bounded(async {
+        let flaky = Flaky {
+            inner: runner(),
+            failures: usize::MAX.into(),
+        };
+        let pool = Pool::builder("noboot")
+            .backend(flaky)
+            .max(2)
+            .boot_timeout(Duration::from_secs(50))
+            .start()
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let err = flame::call(&pool, add(1, 2)).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::BootFailed, "{err}");
+        assert!(err.message().contains("no capacity in region ams"), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(40),
+            "the caller was not left to time out"
+        );
+        pool.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_min_runner_is_replaced() {
+    bounded(async {
+        let log = EventLog::default();
+        let pool = log
+            .attach(
+                Pool::builder("keepmin")
+                    .backend(runner())
+                    .min(2)
+                    .max(2)
+                    .max_concurrency(1),
+            )
+            .start()
+            .await
+            .unwrap();
+        let (a, b) = tokio::join!(
+            flame::call(&pool, sleep_ms(100)),
+            flame::call(&pool, sleep_ms(100))
+        );
+        let (a, b) = (a.unwrap().pid, b.unwrap().pid);
+        assert_ne!(a, b);
+        kill(a);
+        log.wait_for(BOUND, |log| {
+            log.shrinks()
+                .iter()
+                .any(|s| s.reason == ShrinkReason::Lost)
+                .then_some(())
+        })
+        .await;
+        let booted = log
+            .wait_for(BOUND, |log| {
+                let ends = log.grow_ends();
+                (ends.len() == 3).then(|| ends[2].clone())
+            })
+            .await;
+        assert_eq!(
+            (booted.reason, booted.error.is_none()),
+            (GrowReason::Min, true)
+        );
+        let (c, d) = tokio::join!(
+            flame::call(&pool, sleep_ms(100)),
+            flame::call(&pool, sleep_ms(100))
+        );
+        let now: HashSet<u32> = [c.unwrap().pid, d.unwrap().pid].into();
+        assert!(
+            now.contains(&b) && !now.contains(&a) && now.len() == 2,
+            "{now:?}"
+        );
+        pool.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_runners_stop_after_min_idle_shutdown_after_and_come_back_on_demand() {
+    bounded(async {
+        let log = EventLog::default();
+        let pool = log
+            .attach(
+                Pool::builder("minidle")
+                    .backend(runner())
+                    .min(1)
+                    .max(1)
+                    .idle_shutdown_after(Duration::from_millis(100))
+                    .min_idle_shutdown_after(Some(Duration::from_millis(400))),
+            )
+            .start()
+            .await
+            .unwrap();
+        let first = flame::call(&pool, whereabouts()).await.unwrap().pid;
+        let shrink = log
+            .wait_for(BOUND, |log| log.shrinks().first().cloned())
+            .await;
+        assert_eq!(shrink.reason, ShrinkReason::Idle);
+        assert!(
+            wait_gone(first, Duration::from_secs(10)).await,
+            "the idle min runner exited"
+        );
+        while pool.stats().runners > 0 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            log.grow_ends().len(),
+            1,
+            "the pool did not boot it again by itself"
+        );
+        let second = flame::call(&pool, whereabouts()).await.unwrap().pid;
+        assert_ne!(first, second, "a call boots a runner again");
+        pool.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_calls_in_flight_finish() {
+    bounded(async {
+        let pool = Pool::builder("draining")
+            .backend(runner())
+            .max(1)
+            .start()
+            .await
+            .unwrap();
+        let running = flame::spawn_on(&pool, sleep_ms(400));
+        while pool.stats().in_flight == 0 {
+            tokio::task::yield_now().await;
+        }
+        let shutdown = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.shutdown().await }
+        });
+        // Calls made once shutdown has begun are rejected, while the one in flight goes on.
+        let rejected = loop {
+            match flame::call(&pool, add(1, 1)).await {
+                Ok(_) => tokio::task::yield_now().await,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(rejected.kind(), ErrorKind::PoolClosed, "{rejected}");
+        assert!(
+            !running.is_finished(),
+            "the rejection came while the call was still in flight"
+        );
+        let there = running
+            .await
+            .expect("the call in flight finished during shutdown");
+        shutdown.await.unwrap();
+        assert!(
+            wait_gone(there.pid, Duration::from_secs(10)).await,
+            "the runner stopped after"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prewarm_boots_the_next_runner_before_the_pool_is_full() {
+    bounded(async {
+        let log = EventLog::default();
+        let pool = log
+            .attach(
+                Pool::builder("prewarm")
+                    .backend(runner())
+                    .min(1)
+                    .max(2)
+                    .max_concurrency(2)
+                    .prewarm_at(0.5),
+            )
+            .start()
+            .await
+            .unwrap();
+        let busy = flame::spawn_on(&pool, sleep_ms(2_000));
+        let warmed = log
+            .wait_for(BOUND, |log| {
+                log.grow_ends()
+                    .into_iter()
+                    .find(|e| e.reason == GrowReason::Prewarm)
+            })
+            .await;
+        assert!(warmed.error.is_none(), "{warmed:?}");
+        let stats = pool.stats();
+        assert_eq!(
+            (stats.runners, stats.queued),
+            (2, 0),
+            "a second runner is up while nobody waits: {stats:?}"
+        );
+        drop(busy);
+        pool.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_resize_at_run_time() {
+    bounded(async {
+        let log = EventLog::default();
+        let pool = log
+            .attach(
+                Pool::builder("resize")
+                    .backend(runner())
+                    .max(1)
+                    .max_concurrency(1)
+                    .idle_shutdown_after(Duration::from_secs(60)),
+            )
+            .start()
+            .await
+            .unwrap();
+        assert!(pool.set_min(2).is_err(), "min above max is refused");
+        pool.set_max(3).unwrap();
+        pool.set_min(2).unwrap();
+        log.wait_for(BOUND, |log| {
+            (log.grow_ends().iter().filter(|e| e.error.is_none()).count() == 2).then_some(())
+        })
+        .await;
+        let stats = pool.stats();
+        assert_eq!(
+            (stats.runners, stats.min, stats.max),
+            (2, 2, 3),
+            "{stats:?}"
+        );
+
+        pool.set_min(0).unwrap();
+        pool.set_max(1).unwrap();
+        let shrink = log
+            .wait_for(BOUND, |log| log.shrinks().first().cloned())
+            .await;
+        assert_eq!(shrink.reason, ShrinkReason::Resized);
+        while pool.stats().runners > 1 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(flame::call(&pool, add(2, 2)).await.unwrap(), 4);
+        pool.shutdown().await;
+    })
+    .await;
+}
