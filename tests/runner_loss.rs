@@ -55,7 +55,7 @@ async fn killing_a_runner_fails_its_calls_with_runner_lost() {
 async fn parent_killed_leaves_nothing(pdeathsig: &str) {
     let dir = scratch_dir(&format!("orphans-{pdeathsig}"));
     let mut parent = tokio::process::Command::new(PARENT)
-        .args([RUNNER, dir.to_str().unwrap(), pdeathsig])
+        .args(["orphans", RUNNER, dir.to_str().unwrap(), pdeathsig])
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()

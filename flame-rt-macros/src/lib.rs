@@ -42,6 +42,7 @@ struct Options {
     krate: Option<syn::Path>,
     flavor: Option<LitStr>,
     worker_threads: Option<LitInt>,
+    graceful_shutdown: Option<syn::LitBool>,
 }
 
 fn parse_options(attr: TokenStream2, allow_runtime: bool) -> syn::Result<Options> {
@@ -64,8 +65,11 @@ fn parse_options(attr: TokenStream2, allow_runtime: bool) -> syn::Result<Options
         } else if allow_runtime && meta.path.is_ident("worker_threads") {
             options.worker_threads = Some(meta.value()?.parse()?);
             Ok(())
+        } else if allow_runtime && meta.path.is_ident("graceful_shutdown") {
+            options.graceful_shutdown = Some(meta.value()?.parse()?);
+            Ok(())
         } else if allow_runtime {
-            Err(meta.error("unknown option: #[flame::main] takes crate, flavor and worker_threads"))
+            Err(meta.error("unknown option: #[flame::main] takes crate, flavor, worker_threads and graceful_shutdown"))
         } else {
             Err(meta.error("unknown option: #[flame::task] takes only crate = \"...\""))
         }
@@ -334,6 +338,7 @@ fn expand_main(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
     let name = &sig.ident;
     let block = &func.block;
     let output = &sig.output;
+    let graceful = options.graceful_shutdown.as_ref().is_none_or(|b| b.value);
     let span = Span::call_site();
     Ok(quote_spanned! {span=>
         #(#attrs)*
@@ -342,7 +347,7 @@ fn expand_main(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
             let body = ::core::pin::pin!(body);
             // Names the output type, so `?` in the body knows what to convert errors into.
             let body: ::core::pin::Pin<&mut dyn ::core::future::Future<Output = #ret>> = body;
-            #krate::__private::run_main(#builder, body)
+            #krate::__private::run_main(#builder, #graceful, body)
         }
     })
 }

@@ -38,6 +38,7 @@ pub struct Call<R> {
     def: &'static TaskDef,
     args: Box<dyn CallArgs<R>>,
     timeout: Option<Duration>,
+    retries: u32,
 }
 
 /// The arguments of a call, still typed: encoded only if the call goes to a runner, so a
@@ -93,6 +94,7 @@ impl<R: 'static> Call<R> {
                 culprit,
             }),
             timeout: None,
+            retries: 0,
         }
     }
 }
@@ -107,12 +109,21 @@ impl<R> Call<R> {
         self
     }
 
+    /// Lets the call run again, up to `retries` more times, when its runner is lost or no runner
+    /// could boot for it ([`ErrorKind::RunnerLost`], [`ErrorKind::BootFailed`]), within its
+    /// deadline. Only for idempotent tasks: a lost runner may have done part or all of the work.
+    /// Calls are never retried otherwise (at most once, as in FLAME).
+    pub fn retries(mut self, retries: u32) -> Call<R> {
+        self.retries = retries;
+        self
+    }
+
     /// The task's id, `module::path::function`.
     pub fn task_id(&self) -> &'static str {
         self.def.id
     }
 
-    pub(crate) fn into_parts(self) -> (&'static TaskDef, Result<Bytes, Error>, Option<Duration>) {
+    pub(crate) fn into_parts(self) -> Result<Outgoing, Error> {
         let args = self.args.encode().map_err(|e| {
             Error::new(
                 ErrorKind::Codec,
@@ -124,7 +135,12 @@ impl<R> Call<R> {
                 ),
             )
         });
-        (self.def, args, self.timeout)
+        Ok(Outgoing {
+            def: self.def,
+            args: args?,
+            timeout: self.timeout,
+            retries: self.retries,
+        })
     }
 }
 
@@ -143,8 +159,17 @@ impl<R> fmt::Debug for Call<R> {
         f.debug_struct("Call")
             .field("task", &self.def.id)
             .field("timeout", &self.timeout)
+            .field("retries", &self.retries)
             .finish_non_exhaustive()
     }
+}
+
+/// A call encoded and ready to go to a runner.
+pub(crate) struct Outgoing {
+    pub(crate) def: &'static TaskDef,
+    pub(crate) args: Bytes,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) retries: u32,
 }
 
 /// Starts `call` on `pool` and returns at once, like `tokio::spawn`, with a handle to its result.
@@ -160,12 +185,11 @@ pub fn spawn_on<R>(pool: &Pool, call: Call<R>) -> JoinHandle<R>
 where
     R: DeserializeOwned + Send + 'static,
 {
-    let (def, args, timeout) = call.into_parts();
+    let outgoing = call.into_parts();
     let shared = pool.shared().clone();
-    JoinHandle::new(tokio::spawn(async move {
-        let args = args?;
-        shared.dispatch(def, args, timeout).await
-    }))
+    JoinHandle::new(tokio::spawn(
+        async move { shared.dispatch(outgoing?).await },
+    ))
 }
 
 /// Runs `call` on `pool` and waits for its result: `spawn_on(pool, call).await`.

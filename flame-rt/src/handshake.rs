@@ -16,14 +16,18 @@ pub(crate) fn new_token() -> std::io::Result<[u8; 16]> {
     Ok(token)
 }
 
+/// Why a runner speaking protocol `version` is refused.
+pub(crate) fn version_mismatch(version: u32) -> String {
+    format!(
+        "protocol version mismatch: the runner speaks {version}, the parent {PROTOCOL_VERSION}; parent \
+         and runners must run the same flame-rt release"
+    )
+}
+
 /// Why the parent refuses a runner that named a runner id it expected.
 pub(crate) fn check(hello: &Hello, token: &[u8; 16], registry: &Registry) -> Result<(), String> {
     if hello.protocol != PROTOCOL_VERSION {
-        return Err(format!(
-            "protocol version mismatch: the runner speaks {}, the parent {}; parent and runners must run \
-             the same flame-rt release",
-            hello.protocol, PROTOCOL_VERSION
-        ));
+        return Err(version_mismatch(hello.protocol));
     }
     if !bool::from(hello.token.ct_eq(token)) {
         return Err(format!(

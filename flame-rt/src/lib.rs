@@ -48,6 +48,7 @@
 //! | the parent's side of a runner connection | `listener.rs` (dial-back, handshake), `connection.rs` |
 //! | the runner's side, and its failsafe | `runner.rs`, `terminator.rs` |
 //! | [`#[flame::main]`](main), [`parent()`] and the hand-off to runners | `runtime.rs`, `parent.rs` |
+//! | graceful shutdown on SIGTERM/SIGINT, [`shutdown_all`] | `shutdown.rs` |
 //! | [`Backend`]: [`ProcessBackend`], [`LocalBackend`] | `backend/` |
 //! | the wire protocol | `wire.rs`, `handshake.rs` |
 //!
@@ -89,6 +90,7 @@ mod pool;
 mod queue;
 mod runner;
 mod runtime;
+mod shutdown;
 mod task;
 mod terminator;
 mod wire;
@@ -101,6 +103,7 @@ pub use hooks::{GrowEnd, GrowReason, GrowStart, Shrink, ShrinkReason};
 pub use join::JoinHandle;
 pub use parent::{HANDOFF_ENV, Parent, parent};
 pub use pool::{Pool, PoolStats};
+pub use shutdown::shutdown_all;
 
 /// Turns an `async fn` into a FLAME task.
 ///
@@ -119,8 +122,12 @@ pub use flame_rt_macros::task;
 /// body returns `Err` in a runner, the parent's waiting callers get
 /// [`ErrorKind::BootFailed`] with that error.
 ///
-/// Accepts `flavor = "current_thread" | "multi_thread"`, `worker_threads = N` and
-/// `crate = "..."`.
+/// In the parent, SIGTERM and SIGINT shut every pool down gracefully ([`shutdown_all`]) and
+/// then end the process with status 128 + the signal number; a second signal ends it at once.
+/// `graceful_shutdown = false` leaves signals alone.
+///
+/// Accepts `flavor = "current_thread" | "multi_thread"`, `worker_threads = N`,
+/// `graceful_shutdown = true | false` and `crate = "..."`.
 pub use flame_rt_macros::main;
 
 #[doc(hidden)]

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,12 +21,15 @@ use crate::handshake;
 use crate::task::registry;
 use crate::wire::{self, Reader, ToParent, ToRunner};
 
-/// How long a fresh connection may take to send its `Hello`.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a fresh connection may take to send its `Hello`: a runner sends it at once, so a
+/// peer that dribbles bytes (slowloris) is cut off early.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(crate) struct Listener {
     addr: SocketAddr,
     expected: Mutex<HashMap<String, Expected>>,
+    /// Connections dropped before a valid hello, for the logs.
+    unauthenticated: AtomicU64,
 }
 
 struct Expected {
@@ -53,6 +57,7 @@ pub(crate) fn listener_for(bind: SocketAddr) -> Result<Arc<Listener>, Error> {
             .local_addr()
             .map_err(|e| Error::io("reading the runner listener's address", e))?,
         expected: Mutex::new(HashMap::new()),
+        unauthenticated: AtomicU64::new(0),
     });
     let accepting = listener.clone();
     std::thread::Builder::new()
@@ -102,8 +107,8 @@ impl Listener {
         };
         loop {
             match listener.accept().await {
-                Ok((stream, _peer)) => {
-                    tokio::spawn(self.clone().handshake(stream));
+                Ok((stream, peer)) => {
+                    tokio::spawn(self.clone().handshake(stream, peer));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off rather than spin.
@@ -114,15 +119,38 @@ impl Listener {
         }
     }
 
-    async fn handshake(self: Arc<Self>, mut stream: TcpStream) {
+    async fn handshake(self: Arc<Self>, mut stream: TcpStream, peer: SocketAddr) {
         let _ = stream.set_nodelay(true);
-        let mut reader = Reader::new(&mut stream);
+        // Nothing but a small hello is read before the peer has proven who it is.
+        let mut reader = Reader::with_max_frame(&mut stream, wire::MAX_HELLO_FRAME);
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, reader.next::<ToParent>()).await {
             Ok(Some(Ok(ToParent::Hello(hello)))) => hello,
-            // Not a runner, or a runner that died mid-hello: nothing to tell anyone.
-            _ => return,
+            outcome => {
+                let why = match outcome {
+                    Err(_) => "sent no hello in time".to_string(),
+                    Ok(None) => "closed the connection before its hello".to_string(),
+                    Ok(Some(Ok(other))) => {
+                        format!("sent {} before its hello", message_name(&other))
+                    }
+                    Ok(Some(Err(e))) => format!("sent an unreadable frame ({e})"),
+                };
+                let refused = self.unauthenticated.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::warn!(%peer, refused, "flame: dropped a connection that {why}");
+                return;
+            }
         };
         drop(reader);
+        // The version first: a runner of another release may not even mean the same by its id.
+        if hello.protocol != wire::PROTOCOL_VERSION {
+            let reason = handshake::version_mismatch(hello.protocol);
+            refuse(&mut stream, &reason).await;
+            if let Some(expected) = self.expected.lock().unwrap().remove(&hello.runner_id) {
+                let _ = expected
+                    .accepted
+                    .send(Err(Error::new(ErrorKind::Rejected, reason)));
+            }
+            return;
+        }
         let expected = self.expected.lock().unwrap().remove(&hello.runner_id);
         let Some(expected) = expected else {
             let reason = format!(
@@ -156,6 +184,17 @@ impl Listener {
             .into_std()
             .map_err(|e| Error::io("handing over a runner connection", e));
         let _ = expected.accepted.send(accepted);
+    }
+}
+
+fn message_name(msg: &ToParent) -> &'static str {
+    match msg {
+        ToParent::Hello(_) => "a hello",
+        ToParent::Done { .. } => "a result",
+        ToParent::Cancelled { .. } => "a cancel acknowledgement",
+        ToParent::Heartbeat => "a heartbeat",
+        ToParent::Idle { .. } => "an idle notice",
+        ToParent::BootFailed { .. } => "a boot failure",
     }
 }
 

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use crate::backend::{Backend, BootSpec, RunnerHandle};
 use crate::builder::{Config, PoolBuilder};
+use crate::call::Outgoing;
 use crate::cancel::CancelOnDrop;
 use crate::connection::{self, Cmd, RunnerConn};
 use crate::deadline::Deadline;
@@ -84,6 +85,7 @@ impl Pool {
     }
 
     pub(crate) fn new(shared: Arc<Shared>) -> Pool {
+        crate::shutdown::register(&shared);
         Pool {
             _close_on_drop: Arc::new(CloseOnDrop(shared.clone())),
             shared,
@@ -166,46 +168,12 @@ impl Pool {
 
     /// Stops the pool gracefully: new and queued calls fail with [`ErrorKind::PoolClosed`],
     /// calls in flight get up to the pool's `shutdown_timeout` to finish, then every runner is
-    /// told to stop and is reaped.
+    /// stopped and reaped. Returns when no runner of the pool is left.
+    ///
+    /// Runners are told the grace up front, so they finish their calls within it even if this
+    /// process goes away meanwhile.
     pub async fn shutdown(&self) {
-        let shared = &self.shared;
-        {
-            let mut state = shared.lock();
-            if state.closed.is_none() {
-                let error = Error::new(
-                    ErrorKind::PoolClosed,
-                    format!("pool {} is shut down", shared.name),
-                );
-                state.queue.fail_all(&error);
-                state.closed = Some(error);
-            }
-        }
-        let deadline = Instant::now() + shared.config.shutdown_timeout;
-        loop {
-            let changed = shared.changed.notified();
-            if shared.lock().runners.iter().all(|r| r.in_flight == 0) {
-                break;
-            }
-            if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                break;
-            }
-        }
-        let runners = shared.close(Error::new(
-            ErrorKind::PoolClosed,
-            format!("pool {} is shut down", shared.name),
-        ));
-        let reaps = runners
-            .into_iter()
-            .map(|(runner_id, mut handle)| async move {
-                let _ = tokio::time::timeout(Duration::from_secs(2), handle.exited()).await;
-                handle.destroy().await;
-                shared.hooks.shrink(Shrink {
-                    pool: shared.name.clone(),
-                    runner_id,
-                    reason: ShrinkReason::Shutdown,
-                });
-            });
-        futures::future::join_all(reaps).await;
+        self.shared.shutdown().await;
     }
 
     pub(crate) fn shared(&self) -> &Arc<Shared> {
@@ -361,14 +329,16 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs one call: waits for a slot, sends the call, waits for its outcome. Cancels the
-    /// call on the runner if dropped on the way.
-    pub(crate) async fn dispatch(
-        self: Arc<Self>,
-        def: &'static TaskDef,
-        args: Bytes,
-        timeout: Option<Duration>,
-    ) -> Result<Bytes, Error> {
+    /// Runs one call: waits for a slot, sends the call, waits for its outcome, and tries again
+    /// if the call asked for retries and its runner was lost. Cancels the call on the runner if
+    /// dropped on the way.
+    pub(crate) async fn dispatch(self: Arc<Self>, call: Outgoing) -> Result<Bytes, Error> {
+        let Outgoing {
+            def,
+            args,
+            timeout,
+            retries,
+        } = call;
         if args.len() > MAX_FRAME - 4096 {
             return Err(Error::new(
                 ErrorKind::Codec,
@@ -390,7 +360,30 @@ impl Shared {
                 ),
             ));
         }
+        // One deadline for every attempt.
         let deadline = Deadline::starting_now(timeout.or(self.config.timeout));
+        let mut attempt = 0;
+        loop {
+            let result = self.run_once(def, args.clone(), deadline).await;
+            match result {
+                Err(e)
+                    if attempt < retries
+                        && matches!(e.kind(), ErrorKind::RunnerLost | ErrorKind::BootFailed) =>
+                {
+                    attempt += 1;
+                    tracing::debug!(pool = %self.name, task = def.id, attempt, error = %e, "flame: retrying a call");
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn run_once(
+        self: &Arc<Self>,
+        def: &'static TaskDef,
+        args: Bytes,
+        deadline: Deadline,
+    ) -> Result<Bytes, Error> {
         let slot = self.checkout(def.id, deadline).await?;
         let conn = slot.conn.clone();
         let call = conn.next_call();
@@ -736,6 +729,67 @@ impl Shared {
                 Some((r.conn.id.clone(), r.handle?))
             })
             .collect()
+    }
+
+    pub(crate) async fn shutdown(self: &Arc<Self>) {
+        let shared = self;
+        let grace = shared.config.shutdown_timeout;
+        {
+            let mut state = shared.lock();
+            if state.closed.is_none() {
+                let error = Error::new(
+                    ErrorKind::PoolClosed,
+                    format!("pool {} is shut down", shared.name),
+                );
+                state.queue.fail_all(&error);
+                state.closed = Some(error);
+            }
+            for runner in &mut state.runners {
+                runner.drain.get_or_insert(ShrinkReason::Shutdown);
+                runner.conn.send(Cmd::Shutdown { grace });
+            }
+        }
+        let deadline = Instant::now() + grace;
+        shared
+            .wait_until(deadline, |state| {
+                state.runners.iter().all(|r| r.in_flight == 0)
+            })
+            .await;
+        let runners = shared.close(Error::new(
+            ErrorKind::PoolClosed,
+            format!("pool {} is shut down", shared.name),
+        ));
+        let reaps = runners
+            .into_iter()
+            .map(|(runner_id, mut handle)| async move {
+                let _ = tokio::time::timeout(Duration::from_secs(2), handle.exited()).await;
+                handle.destroy().await;
+                shared.hooks.shrink(Shrink {
+                    pool: shared.name.clone(),
+                    runner_id,
+                    reason: ShrinkReason::Shutdown,
+                });
+            });
+        futures::future::join_all(reaps).await;
+        // Runners that stopped by themselves during the grace are reaped by their own tasks.
+        shared
+            .wait_until(Instant::now() + Duration::from_secs(5), |state| {
+                state.exiting == 0
+            })
+            .await;
+    }
+
+    /// Waits until `done` holds for the state, or `deadline`; returns whether it holds.
+    async fn wait_until(&self, deadline: Instant, done: impl Fn(&State) -> bool) -> bool {
+        loop {
+            let changed = self.changed.notified();
+            if done(&self.lock()) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return done(&self.lock());
+            }
+        }
     }
 
     /// Waits until `min` runners are connected, or fails with why one could not boot.

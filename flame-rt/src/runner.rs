@@ -112,6 +112,7 @@ impl Service {
         let mut draining: Option<Instant> = None;
         let far_future = Instant::now() + Duration::from_secs(86400 * 365);
         let mut control_open = true;
+        let mut parent_open = true;
 
         let exit = loop {
             let idle_at = match idle_report {
@@ -126,11 +127,14 @@ impl Service {
                         service.send(&ToParent::BootFailed { reason: reason.clone() });
                         break Exit::BootFailed(reason);
                     }
+                    // Told to stop while finishing calls within a grace the parent gave (its
+                    // death signal, say): the grace stands.
+                    Some(Control::Terminate) if draining.is_some() => {}
                     Some(Control::Terminate) => break Exit::Terminated,
                     // The host dropped its control handle: keep serving.
                     None => control_open = false,
                 },
-                msg = reader.next::<ToRunner>() => {
+                msg = reader.next::<ToRunner>(), if parent_open => {
                     watchdog.heard();
                     match msg {
                         Some(Ok(ToRunner::Run { call, task, args, deadline_ms })) => {
@@ -153,9 +157,14 @@ impl Service {
                             if service.tasks.is_empty() {
                                 break Exit::Stopped;
                             }
-                            draining = Some(Instant::now() + Duration::from_millis(grace_ms));
+                            let until = Instant::now() + Duration::from_millis(grace_ms);
+                            draining = Some(draining.map_or(until, |d| d.min(until)));
                         }
                         Some(Ok(other)) => break Exit::ParentLost(format!("unexpected message {other:?}")),
+                        // A runner told to stop keeps the grace it was given even if the parent
+                        // goes away meanwhile (Elixir FLAME #86): its tasks may be half-way
+                        // through work worth finishing.
+                        Some(Err(_)) | None if draining.is_some() => parent_open = false,
                         Some(Err(e)) => break Exit::ParentLost(e.to_string()),
                         None => break Exit::ParentLost("the parent closed the connection".into()),
                     }
@@ -171,7 +180,9 @@ impl Service {
                     }
                 }
                 _ = ticker.tick() => {
-                    if let Some(exit) = watchdog.silent() {
+                    if draining.is_none()
+                        && let Some(exit) = watchdog.silent()
+                    {
                         break exit;
                     }
                     service.send(&ToParent::Heartbeat);

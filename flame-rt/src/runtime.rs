@@ -9,6 +9,7 @@ use tokio::sync::mpsc;
 
 use crate::parent::{HANDOFF_ENV, process_handoff};
 use crate::runner::{self, Control};
+use crate::shutdown;
 
 /// The return types `#[flame::main]` accepts: `()` and `Result<T, E: Debug>`. Not public API.
 #[doc(hidden)]
@@ -40,7 +41,11 @@ impl<T, E: Debug> MainOutput for Result<T, E> {
 /// Runs `body` as the app's main. In a runner process this never returns: the process exits
 /// when its runner service ends. Not public API.
 #[doc(hidden)]
-pub fn run_main<F>(mut runtime: tokio::runtime::Builder, body: F) -> F::Output
+pub fn run_main<F>(
+    mut runtime: tokio::runtime::Builder,
+    graceful_shutdown: bool,
+    body: F,
+) -> F::Output
 where
     F: Future,
     F::Output: MainOutput,
@@ -50,6 +55,7 @@ where
         .build()
         .expect("failed to build the Tokio runtime");
     let handoff = match process_handoff() {
+        None if graceful_shutdown => return runtime.block_on(parent_main(body)),
         None => return runtime.block_on(body),
         Some(Ok(handoff)) => handoff.clone(),
         Some(Err(e)) => {
@@ -79,6 +85,27 @@ where
     // Drop whatever else the app spawned, but don't wait long for blocking threads.
     runtime.shutdown_timeout(Duration::from_millis(500));
     std::process::exit(code);
+}
+
+/// The app's main in the parent: on SIGTERM or SIGINT every pool drains, then the process
+/// ends; the body keeps running meanwhile, so it still sees the results of its calls.
+async fn parent_main<F: Future>(body: F) -> F::Output {
+    tokio::pin!(body);
+    let signal = tokio::select! {
+        output = &mut body => return output,
+        signal = shutdown::stop_signal() => signal,
+    };
+    tracing::info!(
+        signal,
+        "flame: stop signal received, draining pools (send it again to stop at once)"
+    );
+    let drained = tokio::spawn(shutdown::shutdown_all());
+    tokio::select! {
+        output = &mut body => return output,
+        _ = drained => {}
+        _ = shutdown::stop_signal() => {}
+    }
+    std::process::exit(128 + signal);
 }
 
 /// SIGTERM (also the parent-death signal of process runners) stops the runner cleanly: its

@@ -21,6 +21,10 @@ pub(crate) const PROTOCOL_VERSION: u32 = 1;
 /// [`ErrorKind::Codec`] before it is sent; streaming large data is what channels are for.
 pub(crate) const MAX_FRAME: usize = 64 * 1024 * 1024;
 
+/// Largest frame the parent reads from a peer that has not proven who it is: a `Hello` with
+/// the task manifest of a big app fits many times over; an attacker's 64 MiB allocation doesn't.
+pub(crate) const MAX_HELLO_FRAME: usize = 1024 * 1024;
+
 /// The runner's first frame.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct Hello {
@@ -128,8 +132,12 @@ impl Outcome {
 }
 
 pub(crate) fn codec() -> LengthDelimitedCodec {
+    codec_with_max(MAX_FRAME)
+}
+
+fn codec_with_max(max_frame: usize) -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
-        .max_frame_length(MAX_FRAME)
+        .max_frame_length(max_frame)
         .new_codec()
 }
 
@@ -150,8 +158,12 @@ pub(crate) struct Reader<R> {
 
 impl<R: AsyncRead + Unpin> Reader<R> {
     pub(crate) fn new(io: R) -> Self {
+        Reader::with_max_frame(io, MAX_FRAME)
+    }
+
+    pub(crate) fn with_max_frame(io: R, max_frame: usize) -> Self {
         Reader {
-            inner: FramedRead::new(io, codec()),
+            inner: FramedRead::new(io, codec_with_max(max_frame)),
         }
     }
 

@@ -1,42 +1,116 @@
-//! A parent for the "parent killed" tests: boots three runners, gives each a task holding a
-//! `sleep 1000` child, prints `READY`, and waits to be killed.
+//! A parent process for the tests that kill, freeze or signal a parent. The mode says what it
+//! sets up before it prints `READY` (or `DRAINING`) and waits for the test:
 //!
-//! Usage: `flame-test-parent <runner program> <scratch dir> <pdeathsig: on|off>`
+//! - `orphans <pdeathsig: on|off>`: three runners, each holding a `sleep 1000` child;
+//! - `deadline`: one runner holding a `sleep 1000` child in a call with a 1.5 s timeout;
+//! - `grace`: one runner writing `<dir>/marker` after 1.5 s, then the pool's shutdown begins;
+//! - `graceful`: a cast and an awaited call in flight; it prints `RESULT ok` when the awaited
+//!   call succeeds (a SIGTERM must let both finish).
+//!
+//! Usage: `flame-test-parent <mode> <runner program> <scratch dir> [pdeathsig]`
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use flame::{Pool, ProcessBackend};
+use flame_tests::*;
 
-#[tokio::main]
+#[flame::main]
 async fn main() -> anyhow::Result<()> {
-    let mut args = std::env::args().skip(1);
-    let (Some(runner), Some(dir), Some(pdeathsig)) = (args.next(), args.next(), args.next()) else {
-        anyhow::bail!(
-            "usage: flame-test-parent <runner program> <scratch dir> <pdeathsig: on|off>"
-        );
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [mode, runner, dir, rest @ ..] = args.as_slice() else {
+        anyhow::bail!("usage: flame-test-parent <mode> <runner program> <scratch dir> [pdeathsig]");
     };
-    let pool = Pool::builder("orphans")
-        .backend(
-            ProcessBackend::new()
-                .program(runner)
-                .parent_death_signal(pdeathsig == "on"),
-        )
-        .min(3)
-        .max(3)
-        .max_concurrency(1)
-        .start()
-        .await?;
     let dir = PathBuf::from(dir);
-    let mut handles = Vec::new();
-    for i in 0..3 {
-        let sub = dir.join(i.to_string());
-        std::fs::create_dir_all(&sub)?;
-        handles.push(flame::spawn_on(&pool, flame_tests::hold_child(sub.clone())));
-        flame_tests::held_pids(&sub).await;
-    }
-    println!("READY");
+    let pdeathsig = rest.first().is_none_or(|p| p == "on");
+    let backend = ProcessBackend::new()
+        .program(runner)
+        .parent_death_signal(pdeathsig);
+    let mut keep = Vec::new();
+    // The pool lives until the process ends (or is signalled).
+    let _pool = match mode.as_str() {
+        "orphans" => {
+            let pool = Pool::builder("orphans")
+                .backend(backend)
+                .min(3)
+                .max(3)
+                .max_concurrency(1)
+                .start()
+                .await?;
+            for i in 0..3 {
+                let sub = dir.join(i.to_string());
+                std::fs::create_dir_all(&sub)?;
+                keep.push(flame::spawn_on(&pool, hold_child(sub.clone())));
+                held_pids(&sub).await;
+            }
+            println!("READY");
+            pool
+        }
+        "deadline" => {
+            let pool = Pool::builder("deadline")
+                .backend(backend)
+                .max(1)
+                .start()
+                .await?;
+            keep.push(flame::spawn_on(
+                &pool,
+                hold_child(dir.clone()).timeout(Duration::from_millis(1500)),
+            ));
+            held_pids(&dir).await;
+            println!("READY");
+            pool
+        }
+        "grace" => {
+            let pool = Pool::builder("grace")
+                .backend(backend)
+                .max(1)
+                .shutdown_timeout(Duration::from_secs(10))
+                .start()
+                .await?;
+            let there = flame::call(&pool, whereabouts()).await?;
+            flame::spawn_on(&pool, write_after(1500, dir.join("marker"))).detach();
+            while pool.stats().in_flight == 0 {
+                tokio::task::yield_now().await;
+            }
+            let draining = pool.clone();
+            tokio::spawn(async move { draining.shutdown().await });
+            // Let the shutdown send its grace to the runner before the test kills us.
+            for _ in 0..100 {
+                tokio::task::yield_now().await;
+            }
+            println!("RUNNER {}", there.pid);
+            println!("DRAINING");
+            pool
+        }
+        "graceful" => {
+            let pool = Pool::builder("graceful")
+                .backend(backend)
+                .max(1)
+                .shutdown_timeout(Duration::from_secs(10))
+                .start()
+                .await?;
+            let there = flame::call(&pool, whereabouts()).await?;
+            flame::cast(&pool, write_after(800, dir.join("marker")));
+            let awaited = flame::spawn_on(&pool, sleep_ms(600));
+            while pool.stats().in_flight < 2 {
+                tokio::task::yield_now().await;
+            }
+            println!("RUNNER {}", there.pid);
+            println!("READY");
+            let result = awaited.await;
+            println!(
+                "RESULT {}",
+                if result.is_ok() {
+                    "ok".to_string()
+                } else {
+                    format!("{result:?}")
+                }
+            );
+            pool
+        }
+        other => anyhow::bail!("unknown mode {other}"),
+    };
     tokio::time::sleep(Duration::from_secs(600)).await;
-    drop(handles);
+    drop(keep);
     Ok(())
 }

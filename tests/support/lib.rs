@@ -122,13 +122,22 @@ pub async fn concurrency_probe(ms: u64) -> usize {
     struct Running(String);
     impl Drop for Running {
         fn drop(&mut self) {
-            *RUNNING.lock().unwrap().as_mut().unwrap().get_mut(&self.0).unwrap() -= 1;
+            *RUNNING
+                .lock()
+                .unwrap()
+                .as_mut()
+                .unwrap()
+                .get_mut(&self.0)
+                .unwrap() -= 1;
         }
     }
     let key = here().runner.unwrap_or_default();
     let seen = {
         let mut running = RUNNING.lock().unwrap();
-        let count = running.get_or_insert_with(HashMap::new).entry(key.clone()).or_default();
+        let count = running
+            .get_or_insert_with(HashMap::new)
+            .entry(key.clone())
+            .or_default();
         *count += 1;
         *count
     };

@@ -1,0 +1,209 @@
+//! Faults: frozen runners, frozen or vanished parents, stop signals, and retries. Nobody hangs,
+//! nothing is orphaned, and work given a grace gets it.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use flame::{ErrorKind, Pool, ProcessBackend};
+use flame_tests::*;
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout};
+
+const RUNNER: &str = env!("CARGO_BIN_EXE_flame-test-runner");
+const PARENT: &str = env!("CARGO_BIN_EXE_flame-test-parent");
+const BOUND: Duration = Duration::from_secs(60);
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) on a pid this test started.
+    unsafe {
+        libc::kill(pid as libc::pid_t, sig);
+    }
+}
+
+/// Starts `flame-test-parent` in `mode` and reads its output until the line `until`.
+async fn start_parent(
+    mode: &str,
+    dir: &std::path::Path,
+    until: &str,
+) -> (Child, Lines<BufReader<ChildStdout>>, Vec<String>) {
+    let mut parent = tokio::process::Command::new(PARENT)
+        .args([mode, RUNNER, dir.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(parent.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    loop {
+        match lines.next_line().await.unwrap() {
+            Some(line) if line == until => break,
+            Some(line) => seen.push(line),
+            None => panic!("the parent exited before printing {until}: {seen:?}"),
+        }
+    }
+    (parent, lines, seen)
+}
+
+fn runner_pid(lines: &[String]) -> u32 {
+    lines
+        .iter()
+        .find_map(|l| l.strip_prefix("RUNNER "))
+        .expect("the parent names its runner")
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_runner_is_declared_lost_and_destroyed() {
+    tokio::time::timeout(BOUND, async {
+        let pool = Pool::builder("frozen")
+            .backend(ProcessBackend::new().program(RUNNER))
+            .max(1)
+            .heartbeat_interval(Duration::from_millis(100))
+            .heartbeat_miss_limit(3)
+            .start()
+            .await
+            .unwrap();
+        let dir = scratch_dir("frozen");
+        let held = flame::spawn_on(&pool, hold_child(dir.clone()));
+        let (runner, child) = held_pids(&dir).await;
+        signal(runner, libc::SIGSTOP);
+        let frozen_at = Instant::now();
+        let err = held.await.unwrap_err();
+        let noticed = frozen_at.elapsed();
+        assert!(err.is_runner_lost(), "{err:?}");
+        assert!(err.message().contains("sent nothing for"), "{err}");
+        // The window is 3 x 100 ms; the check runs on the heartbeat tick.
+        assert!(
+            noticed < Duration::from_secs(2),
+            "noticed only after {noticed:?}"
+        );
+        assert!(
+            wait_gone(runner, Duration::from_secs(10)).await,
+            "the frozen runner was destroyed"
+        );
+        kill(child); // its own child was orphaned by the SIGKILL: not the pool's to reap
+        assert_eq!(
+            flame::call(&pool, add(1, 1)).await.unwrap(),
+            2,
+            "the pool healed"
+        );
+        pool.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runner_enforces_a_deadline_while_the_parent_is_frozen() {
+    tokio::time::timeout(BOUND, async {
+        let dir = scratch_dir("frozen-parent");
+        let (mut parent, _lines, _) = start_parent("deadline", &dir, "READY").await;
+        let (runner, child) = held_pids(&dir).await;
+        signal(parent.id().unwrap(), libc::SIGSTOP);
+        // The call's 1.5 s deadline passes well before the runner's 5 s failsafe window.
+        assert!(
+            wait_gone(child, Duration::from_secs(4)).await,
+            "the task outlived its deadline"
+        );
+        assert!(
+            !is_gone(runner),
+            "the runner dropped the task itself, it did not just exit"
+        );
+        parent.start_kill().unwrap();
+        parent.wait().await.unwrap();
+        assert!(
+            wait_gone(runner, Duration::from_secs(10)).await,
+            "the runner outlived its parent"
+        );
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_keeps_its_grace_when_the_parent_goes_away() {
+    tokio::time::timeout(BOUND, async {
+        let dir = scratch_dir("grace");
+        let (mut parent, _lines, seen) = start_parent("grace", &dir, "DRAINING").await;
+        let runner = runner_pid(&seen);
+        parent.start_kill().unwrap();
+        parent.wait().await.unwrap();
+        let marker = wait_for_file(&dir.join("marker"), Duration::from_secs(8)).await;
+        assert_eq!(
+            marker.as_deref(),
+            Some("done"),
+            "the runner finished its call within the grace"
+        );
+        assert!(
+            wait_gone(runner, Duration::from_secs(10)).await,
+            "then it exited"
+        );
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_the_parent_before_it_exits() {
+    tokio::time::timeout(BOUND, async {
+        let dir = scratch_dir("sigterm");
+        let (mut parent, mut lines, seen) = start_parent("graceful", &dir, "READY").await;
+        let runner = runner_pid(&seen);
+        signal(parent.id().unwrap(), libc::SIGTERM);
+        let status = parent.wait().await.unwrap();
+        let mut rest = Vec::new();
+        while let Some(line) = lines.next_line().await.unwrap() {
+            rest.push(line);
+        }
+        assert!(
+            rest.contains(&"RESULT ok".to_string()),
+            "the awaited call finished: {rest:?}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join("marker")).ok().as_deref(),
+            Some("done"),
+            "the detached cast finished"
+        );
+        assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");
+        assert!(
+            wait_gone(runner, Duration::from_secs(10)).await,
+            "the runner was stopped and reaped"
+        );
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_with_retries_survives_a_lost_runner() {
+    tokio::time::timeout(BOUND, async {
+        let pool = Pool::builder("retries")
+            .backend(ProcessBackend::new().program(RUNNER))
+            .max(1)
+            .start()
+            .await
+            .unwrap();
+        let first = flame::call(&pool, whereabouts()).await.unwrap().pid;
+        let handle = flame::spawn_on(&pool, sleep_ms(1_000).retries(1));
+        while pool.stats().in_flight == 0 {
+            tokio::task::yield_now().await;
+        }
+        kill(first);
+        let there = handle.await.expect("the retry ran on a new runner");
+        assert_ne!(there.pid, first);
+
+        // Without retries the same loss is the caller's to see.
+        let second = there.pid;
+        let handle = flame::spawn_on(&pool, sleep_ms(1_000));
+        while pool.stats().in_flight == 0 {
+            tokio::task::yield_now().await;
+        }
+        kill(second);
+        let err = handle.await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::RunnerLost, "{err}");
+        pool.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
