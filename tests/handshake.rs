@@ -169,11 +169,96 @@ impl Backend for Spy {
     }
 }
 
+/// The runner → parent messages as they look on the wire (mirrors of flame-rt's private types:
+/// the point is to write bytes a real runner never would).
+#[derive(serde::Serialize)]
+enum ToParentWire {
+    Hello(HelloWire),
+    Done { call: u64, outcome: OutcomeWire },
+}
+
+#[derive(serde::Serialize)]
+struct HelloWire {
+    protocol: u32,
+    runner_id: String,
+    token: [u8; 16],
+    fingerprint: String,
+    manifest_hash: u64,
+    manifest: Vec<(String, u64)>,
+}
+
+#[derive(serde::Serialize)]
+enum OutcomeWire {
+    Ok(Vec<u8>),
+}
+
+#[derive(serde::Deserialize, Debug)]
+enum ToRunnerWire {
+    Welcome {
+        heartbeat_ms: u64,
+        miss_limit: u32,
+        idle_ms: Option<u64>,
+    },
+    Refused {
+        reason: String,
+    },
+}
+
+fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut out = (payload.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(payload);
+    out
+}
+
+fn hello(protocol: u32, runner_id: &str) -> Vec<u8> {
+    frame(
+        &postcard::to_stdvec(&ToParentWire::Hello(HelloWire {
+            protocol,
+            runner_id: runner_id.into(),
+            token: [7; 16],
+            fingerprint: "attacker".into(),
+            manifest_hash: 0,
+            manifest: vec![],
+        }))
+        .unwrap(),
+    )
+}
+
+/// Sends `bytes`, optionally half-closes, and returns what the parent answered before it
+/// closed the connection (it must close it: nobody waits forever on a bad peer).
+async fn throw(addr: &str, bytes: &[u8], half_close: bool) -> Vec<u8> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    if half_close {
+        stream.shutdown().await.unwrap();
+    }
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(
+        Duration::from_secs(15),
+        tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut answer),
+    )
+    .await;
+    assert!(
+        read.is_ok(),
+        "the parent kept a bad connection open after {bytes:?}"
+    );
+    answer
+}
+
+fn refusal(answer: &[u8]) -> String {
+    assert!(answer.len() > 4, "the parent sent no refusal");
+    match postcard::from_bytes::<ToRunnerWire>(&answer[4..]).unwrap() {
+        ToRunnerWire::Refused { reason } => reason,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn garbage_on_the_listener_harms_nothing() {
+async fn bad_input_on_the_listener_harms_nothing() {
     tokio::time::timeout(BOUND, async {
         let addr = Arc::new(Mutex::new(None));
-        let pool = Pool::builder("garbage")
+        let dir = scratch_dir("bad-input");
+        let pool = Pool::builder("badinput")
             .backend(Spy {
                 inner: ProcessBackend::new().program(RUNNER),
                 addr: addr.clone(),
@@ -184,24 +269,47 @@ async fn garbage_on_the_listener_harms_nothing() {
             .await
             .unwrap();
         let addr = addr.lock().unwrap().clone().unwrap();
-        // A frame header announcing 4 GiB, then junk; and a frame that is not a hello.
-        for junk in [&b"\xff\xff\xff\xffjunk"[..], &b"\x00\x00\x00\x03abc"[..]] {
-            let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
-            stream.write_all(junk).await.unwrap();
-            let mut rest = Vec::new();
-            // The parent closes the connection instead of waiting forever.
-            let read = tokio::time::timeout(
-                Duration::from_secs(15),
-                tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut rest),
-            )
-            .await;
-            assert!(read.is_ok(), "the parent kept a garbage connection open");
+        let task_frame = postcard::to_stdvec(&ToParentWire::Done {
+            call: 1,
+            outcome: OutcomeWire::Ok(postcard::to_stdvec(&7u64).unwrap()),
+        })
+        .unwrap();
+        let silent: Vec<Vec<u8>> = vec![
+            b"\xff\xff\xff\xffjunk".to_vec(),     // a 4 GiB length prefix
+            frame(&vec![0; 2 * 1024 * 1024]),     // 2 MiB before any hello
+            b"\x00\x00\x00\x64only ten".to_vec(), // a truncated frame
+            frame(&[200, 1, 2, 3]),               // an unknown message tag
+            frame(&task_frame),                   // a result before any hello
+        ];
+        for bytes in &silent {
+            let answer = throw(&addr, bytes, true).await;
+            assert!(
+                answer.is_empty(),
+                "the parent answered an unauthenticated peer: {answer:?}"
+            );
         }
+        let reason = refusal(&throw(&addr, &hello(99, "badinput-1"), false).await);
+        assert!(reason.contains("protocol version mismatch"), "{reason}");
+        let reason = refusal(&throw(&addr, &hello(1, "nobody-9"), false).await);
+        assert!(reason.contains("unknown runner id"), "{reason}");
+        // A peer that never finishes its hello is cut off (slowloris).
+        let started = std::time::Instant::now();
+        throw(&addr, b"\x00\x00", false).await;
+        assert!(started.elapsed() < Duration::from_secs(14));
+
+        // The pool's runner was never disturbed, and nothing ran for the strangers.
+        assert_eq!(pool.stats().served, 0);
+        let marker = dir.join("ran");
+        flame::call(&pool, write_after(0, marker.clone()))
+            .await
+            .unwrap();
         assert_eq!(
             flame::call(&pool, add(40, 2)).await.unwrap(),
             42,
             "the pool still works"
         );
+        assert_eq!(pool.stats().served, 2);
+        assert_eq!(pool.stats().booted, 1, "the one runner served throughout");
         pool.shutdown().await;
     })
     .await
