@@ -194,6 +194,8 @@ enum OutcomeWire {
 
 #[derive(serde::Deserialize, Debug)]
 enum ToRunnerWire {
+    // Only its position matters: Refused is the second variant.
+    #[allow(dead_code)]
     Welcome {
         heartbeat_ms: u64,
         miss_limit: u32,

@@ -81,6 +81,9 @@ mod cancel;
 mod connection;
 mod deadline;
 mod error;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzz;
 mod handshake;
 mod hooks;
 mod join;

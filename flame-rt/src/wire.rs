@@ -26,7 +26,7 @@ pub(crate) const MAX_FRAME: usize = 64 * 1024 * 1024;
 pub(crate) const MAX_HELLO_FRAME: usize = 1024 * 1024;
 
 /// The runner's first frame.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Hello {
     pub(crate) protocol: u32,
     pub(crate) runner_id: String,
@@ -38,7 +38,7 @@ pub(crate) struct Hello {
 }
 
 /// What the parent tells a runner it accepted.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Welcome {
     pub(crate) heartbeat_ms: u64,
     pub(crate) miss_limit: u32,
@@ -46,7 +46,7 @@ pub(crate) struct Welcome {
 }
 
 /// Parent → runner.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) enum ToRunner {
     Welcome(Welcome),
     Refused {
@@ -70,7 +70,7 @@ pub(crate) enum ToRunner {
 }
 
 /// Runner → parent.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) enum ToParent {
     Hello(Hello),
     Done {
@@ -94,7 +94,7 @@ pub(crate) enum ToParent {
 }
 
 /// How a call ended on the runner.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) enum Outcome {
     Ok(Bytes),
     Panicked(String),
@@ -105,7 +105,7 @@ pub(crate) enum Outcome {
 }
 
 /// The error kinds a runner can report for a call.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub(crate) enum WireErrorKind {
     TimedOut,
     UnknownTask,
@@ -198,4 +198,107 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
         }
     }
     let _ = SinkExt::<Bytes>::close(&mut sink).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::collection::vec;
+    use proptest::option;
+    use proptest::prelude::*;
+
+    fn bytes() -> impl Strategy<Value = Bytes> {
+        vec(any::<u8>(), 0..512).prop_map(Bytes::from)
+    }
+
+    fn to_runner() -> impl Strategy<Value = ToRunner> {
+        prop_oneof![
+            (any::<u64>(), any::<u32>(), option::of(any::<u64>())).prop_map(
+                |(heartbeat_ms, miss_limit, idle_ms)| {
+                    ToRunner::Welcome(Welcome {
+                        heartbeat_ms,
+                        miss_limit,
+                        idle_ms,
+                    })
+                }
+            ),
+            ".{0,80}".prop_map(|reason| ToRunner::Refused { reason }),
+            (
+                any::<u64>(),
+                "[a-z_:]{0,60}",
+                bytes(),
+                option::of(any::<u64>())
+            )
+                .prop_map(|(call, task, args, deadline_ms)| ToRunner::Run {
+                    call,
+                    task,
+                    args,
+                    deadline_ms
+                }),
+            any::<u64>().prop_map(|call| ToRunner::Cancel { call }),
+            Just(ToRunner::Heartbeat),
+            any::<u64>().prop_map(|grace_ms| ToRunner::Shutdown { grace_ms }),
+        ]
+    }
+
+    fn outcome() -> impl Strategy<Value = Outcome> {
+        let kind = prop_oneof![
+            Just(WireErrorKind::TimedOut),
+            Just(WireErrorKind::UnknownTask),
+            Just(WireErrorKind::Codec),
+            Just(WireErrorKind::ShuttingDown),
+        ];
+        prop_oneof![
+            bytes().prop_map(Outcome::Ok),
+            ".{0,80}".prop_map(Outcome::Panicked),
+            (kind, ".{0,80}").prop_map(|(kind, message)| Outcome::Failed { kind, message }),
+        ]
+    }
+
+    fn to_parent() -> impl Strategy<Value = ToParent> {
+        prop_oneof![
+            (
+                any::<u32>(),
+                "[a-z0-9-]{0,40}",
+                any::<[u8; 16]>(),
+                ".{0,60}",
+                any::<u64>(),
+                vec(("[a-z_:]{0,40}", any::<u64>()), 0..20)
+            )
+                .prop_map(
+                    |(protocol, runner_id, token, fingerprint, manifest_hash, manifest)| {
+                        ToParent::Hello(Hello {
+                            protocol,
+                            runner_id,
+                            token,
+                            fingerprint,
+                            manifest_hash,
+                            manifest,
+                        })
+                    }
+                ),
+            (any::<u64>(), outcome()).prop_map(|(call, outcome)| ToParent::Done { call, outcome }),
+            any::<u64>().prop_map(|call| ToParent::Cancelled { call }),
+            Just(ToParent::Heartbeat),
+            any::<u64>().prop_map(|idle_ms| ToParent::Idle { idle_ms }),
+            ".{0,80}".prop_map(|reason| ToParent::BootFailed { reason }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn parent_messages_round_trip(msg in to_runner()) {
+            prop_assert_eq!(decode::<ToRunner>(&encode(&msg).unwrap()).unwrap(), msg);
+        }
+
+        #[test]
+        fn runner_messages_round_trip(msg in to_parent()) {
+            prop_assert_eq!(decode::<ToParent>(&encode(&msg).unwrap()).unwrap(), msg);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_the_decoders(data in vec(any::<u8>(), 0..2048)) {
+            crate::fuzz::frames(&data);
+        }
+    }
 }
