@@ -25,6 +25,8 @@ pub(crate) struct Config {
     pub(crate) heartbeat_interval: Duration,
     pub(crate) heartbeat_miss_limit: u32,
     pub(crate) prewarm_at: Option<f64>,
+    #[cfg(feature = "tls")]
+    pub(crate) tls: bool,
 }
 
 /// Configures and starts a [`Pool`]; from [`Pool::builder`].
@@ -42,6 +44,7 @@ pub(crate) struct Config {
 /// | [`single_use`](Self::single_use) | false | each runner serves one call, then exits |
 /// | [`shutdown_timeout`](Self::shutdown_timeout) | 30 s | how long [`Pool::shutdown`] waits for calls in flight |
 /// | [`prewarm_at`](Self::prewarm_at) | off | boot the next runner early at this utilisation |
+/// | `tls` (feature `tls`) | off | encrypt runner connections, parent certificate pinned by fingerprint |
 /// | [`heartbeat_interval`](Self::heartbeat_interval) | 1 s | how often both sides say they are alive |
 /// | [`heartbeat_miss_limit`](Self::heartbeat_miss_limit) | 5 | silent intervals before the other side is lost |
 #[must_use = "a PoolBuilder does nothing until .start().await"]
@@ -74,6 +77,8 @@ impl PoolBuilder {
                 heartbeat_interval: Duration::from_secs(1),
                 heartbeat_miss_limit: 5,
                 prewarm_at: None,
+                #[cfg(feature = "tls")]
+                tls: false,
             },
             hooks: Hooks::default(),
         }
@@ -151,6 +156,16 @@ impl PoolBuilder {
     /// start. Off by default.
     pub fn prewarm_at(mut self, utilisation: f64) -> Self {
         self.config.prewarm_at = Some(utilisation);
+        self
+    }
+
+    /// Encrypts the connections to this pool's runners with TLS (feature `tls`). No
+    /// configuration: the parent makes a self-signed certificate and each runner trusts exactly
+    /// that one, by the fingerprint handed to it at boot. For runners on networks that are not
+    /// private; a runner speaking plaintext to a TLS pool is refused. Default off.
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, enabled: bool) -> Self {
+        self.config.tls = enabled;
         self
     }
 

@@ -11,13 +11,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::error::{Error, ErrorKind};
 use crate::pool::{Shared, Slot};
-use crate::wire::{self, Reader, ToParent, ToRunner, Welcome};
+use crate::wire::{self, BoxRead, BoxWrite, Reader, ToParent, ToRunner, Welcome};
 
 pub(crate) type Reply = oneshot::Sender<Result<Bytes, Error>>;
 
@@ -62,7 +61,7 @@ pub(crate) fn start(
     shared: Arc<Shared>,
     key: u64,
     id: String,
-    stream: TcpStream,
+    (reader, writer): (BoxRead, BoxWrite),
     welcome: Welcome,
 ) -> Arc<RunnerConn> {
     let (cmds, cmd_rx) = mpsc::unbounded_channel();
@@ -71,7 +70,15 @@ pub(crate) fn start(
         cmds,
         next_call: AtomicU64::new(1),
     });
-    tokio::spawn(run(shared, key, conn.id.clone(), stream, welcome, cmd_rx));
+    tokio::spawn(run(
+        shared,
+        key,
+        conn.id.clone(),
+        reader,
+        writer,
+        welcome,
+        cmd_rx,
+    ));
     conn
 }
 
@@ -85,13 +92,13 @@ async fn run(
     shared: Arc<Shared>,
     key: u64,
     id: String,
-    stream: TcpStream,
+    rd: BoxRead,
+    wr: BoxWrite,
     welcome: Welcome,
     mut cmds: mpsc::UnboundedReceiver<Cmd>,
 ) {
     let heartbeat = Duration::from_millis(welcome.heartbeat_ms);
     let silence_limit = heartbeat * welcome.miss_limit;
-    let (rd, wr) = stream.into_split();
     let (out, out_rx) = mpsc::unbounded_channel::<Bytes>();
     tokio::spawn(wire::write_loop(wr, out_rx));
     let send = |msg: &ToRunner| {
@@ -131,7 +138,7 @@ async fn run(
                     Some(Ok(ToParent::BootFailed { reason })) => {
                         break Error::new(ErrorKind::BootFailed, format!("runner {id}: main returned an error: {reason}"));
                     }
-                    Some(Ok(ToParent::Hello(_))) => {
+                    Some(Ok(ToParent::Hello(_) | ToParent::StartTls { .. })) => {
                         break Error::new(ErrorKind::RunnerLost, format!("runner {id} broke the protocol (a second hello)"));
                     }
                     Some(Err(e)) => break Error::new(ErrorKind::RunnerLost, format!("runner {id}: {e}")),

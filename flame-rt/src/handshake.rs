@@ -6,8 +6,12 @@ use std::sync::OnceLock;
 
 use subtle::ConstantTimeEq;
 
-use crate::task::{Registry, manifest_diff};
-use crate::wire::{Hello, PROTOCOL_VERSION};
+use futures::SinkExt;
+use tokio::io::AsyncWrite;
+use tokio_util::codec::FramedWrite;
+
+use crate::task::{Registry, manifest_diff, registry};
+use crate::wire::{self, Hello, PROTOCOL_VERSION, ToRunner};
 
 /// A fresh 128-bit token from the OS random source.
 pub(crate) fn new_token() -> std::io::Result<[u8; 16]> {
@@ -43,6 +47,33 @@ pub(crate) fn check(hello: &Hello, token: &[u8; 16], registry: &Registry) -> Res
         ));
     }
     Ok(())
+}
+
+/// Everything the parent checks on a hello whose runner id it expected: protocol, token,
+/// task manifest. A different build with the same tasks is allowed (and logged).
+pub(crate) fn verify(hello: &Hello, token: &[u8; 16]) -> Result<(), String> {
+    let registry = registry().map_err(|e| e.to_string())?;
+    check(hello, token, registry)?;
+    if hello.fingerprint != fingerprint() {
+        tracing::debug!(
+            runner = %hello.runner_id,
+            runner_build = %hello.fingerprint,
+            parent_build = %fingerprint(),
+            "flame: runner is a different build with the same tasks"
+        );
+    }
+    Ok(())
+}
+
+/// Tells a runner why it is refused (best effort: it may be gone already).
+pub(crate) async fn refuse<W: AsyncWrite + Unpin>(stream: &mut W, reason: &str) {
+    tracing::warn!(%reason, "flame: refused a runner");
+    if let Ok(frame) = wire::encode(&ToRunner::Refused {
+        reason: reason.to_string(),
+    }) {
+        let mut sink = FramedWrite::new(stream, wire::codec());
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), sink.send(frame)).await;
+    }
 }
 
 /// Identifies the executable: its GNU build-id when it has one, else its size and mtime.

@@ -66,6 +66,13 @@
 //!   parent and runner compare their task manifests, so a different build is refused with a
 //!   reason instead of mis-decoding arguments.
 //!
+//! # Feature flags
+//!
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `tls` | off | [`PoolBuilder::tls`]: TLS to runners with the parent's self-signed certificate pinned by fingerprint (rustls, ring) |
+//! | `fuzzing` | off | internal: exposes the wire decoders to the fuzz targets in `fuzz/` |
+//!
 //! # Tasks in a library crate
 //!
 //! Tasks register themselves at link time. If they live in a library crate that the binary
@@ -96,6 +103,8 @@ mod runtime;
 mod shutdown;
 mod task;
 mod terminator;
+#[cfg(feature = "tls")]
+mod tls;
 mod wire;
 
 pub use backend::{Backend, BootSpec, LocalBackend, ProcessBackend, RunnerHandle};

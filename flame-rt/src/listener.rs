@@ -11,15 +11,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::SinkExt;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
-use tokio_util::codec::FramedWrite;
 
 use crate::error::{Error, ErrorKind};
 use crate::handshake;
-use crate::task::registry;
-use crate::wire::{self, Reader, ToParent, ToRunner};
+use crate::wire::{self, ToParent};
 
 /// How long a fresh connection may take to send its `Hello`: a runner sends it at once, so a
 /// peer that dribbles bytes (slowloris) is cut off early.
@@ -34,11 +31,17 @@ pub(crate) struct Listener {
 
 struct Expected {
     token: [u8; 16],
+    tls: bool,
     accepted: oneshot::Sender<Result<Accepted, Error>>,
 }
 
-/// The connection of a runner that passed the handshake. The pool sends the `Welcome`.
-pub(crate) type Accepted = std::net::TcpStream;
+/// The connection of a runner the listener routed to its pool.
+pub(crate) enum Accepted {
+    /// It passed the handshake in plaintext; the pool sends the `Welcome`.
+    Plain(std::net::TcpStream),
+    /// It asked for TLS: the pool does the TLS handshake and checks the hello inside it.
+    Tls(std::net::TcpStream),
+}
 
 /// The listener bound to `bind`, started on first use.
 pub(crate) fn listener_for(bind: SocketAddr) -> Result<Arc<Listener>, Error> {
@@ -81,12 +84,18 @@ impl Listener {
 
     /// Registers a runner about to boot; the receiver gets its connection once it has passed
     /// the handshake, or the reason it was refused.
-    pub(crate) fn expect(self: &Arc<Self>, runner_id: &str, token: [u8; 16]) -> Expectation {
+    pub(crate) fn expect(
+        self: &Arc<Self>,
+        runner_id: &str,
+        token: [u8; 16],
+        tls: bool,
+    ) -> Expectation {
         let (tx, rx) = oneshot::channel();
         self.expected.lock().unwrap().insert(
             runner_id.to_string(),
             Expected {
                 token,
+                tls,
                 accepted: tx,
             },
         );
@@ -121,10 +130,16 @@ impl Listener {
 
     async fn handshake(self: Arc<Self>, mut stream: TcpStream, peer: SocketAddr) {
         let _ = stream.set_nodelay(true);
-        // Nothing but a small hello is read before the peer has proven who it is.
-        let mut reader = Reader::with_max_frame(&mut stream, wire::MAX_HELLO_FRAME);
-        let hello = match tokio::time::timeout(HELLO_TIMEOUT, reader.next::<ToParent>()).await {
-            Ok(Some(Ok(ToParent::Hello(hello)))) => hello,
+        // Nothing but one small frame is read before the peer has proven who it is.
+        let read_first = async {
+            match wire::read_one_frame(&mut stream, wire::MAX_HELLO_FRAME).await {
+                Ok(Some(frame)) => Some(wire::decode::<ToParent>(&frame)),
+                Ok(None) => None,
+                Err(e) => Some(Err(Error::io("reading a frame", e))),
+            }
+        };
+        let first = match tokio::time::timeout(HELLO_TIMEOUT, read_first).await {
+            Ok(Some(Ok(first @ (ToParent::Hello(_) | ToParent::StartTls { .. })))) => first,
             outcome => {
                 let why = match outcome {
                     Err(_) => "sent no hello in time".to_string(),
@@ -134,56 +149,87 @@ impl Listener {
                     }
                     Ok(Some(Err(e))) => format!("sent an unreadable frame ({e})"),
                 };
-                let refused = self.unauthenticated.fetch_add(1, Ordering::Relaxed) + 1;
-                tracing::warn!(%peer, refused, "flame: dropped a connection that {why}");
+                self.dropped(peer, &why);
                 return;
             }
         };
-        drop(reader);
+        let hello = match first {
+            ToParent::Hello(hello) => hello,
+            ToParent::StartTls { runner_id } => return self.route_tls(stream, peer, &runner_id),
+            _ => unreachable!("matched above"),
+        };
         // The version first: a runner of another release may not even mean the same by its id.
         if hello.protocol != wire::PROTOCOL_VERSION {
             let reason = handshake::version_mismatch(hello.protocol);
-            refuse(&mut stream, &reason).await;
-            if let Some(expected) = self.expected.lock().unwrap().remove(&hello.runner_id) {
+            handshake::refuse(&mut stream, &reason).await;
+            if let Some(expected) = self.take(&hello.runner_id) {
                 let _ = expected
                     .accepted
                     .send(Err(Error::new(ErrorKind::Rejected, reason)));
             }
             return;
         }
-        let expected = self.expected.lock().unwrap().remove(&hello.runner_id);
-        let Some(expected) = expected else {
+        let Some(expected) = self.take(&hello.runner_id) else {
             let reason = format!(
                 "unknown runner id {:?}: this parent did not boot it, or gave up on it (a runner left \
                  over from an earlier parent?)",
                 hello.runner_id
             );
-            refuse(&mut stream, &reason).await;
+            handshake::refuse(&mut stream, &reason).await;
             return;
         };
-        let verdict = match registry() {
-            Ok(reg) => handshake::check(&hello, &expected.token, reg),
-            Err(e) => Err(e.to_string()),
+        let verdict = if expected.tls {
+            Err("this pool requires TLS and the runner spoke plaintext: a runner built without the \
+                 `tls` feature, or someone in between stripping it"
+                .to_string())
+        } else {
+            handshake::verify(&hello, &expected.token)
         };
         if let Err(reason) = verdict {
-            refuse(&mut stream, &reason).await;
+            handshake::refuse(&mut stream, &reason).await;
             let _ = expected
                 .accepted
                 .send(Err(Error::new(ErrorKind::Rejected, reason)));
             return;
         }
-        if hello.fingerprint != handshake::fingerprint() {
-            tracing::debug!(
-                runner = %hello.runner_id,
-                runner_build = %hello.fingerprint,
-                parent_build = %handshake::fingerprint(),
-                "flame: runner is a different build with the same tasks"
+        let accepted = stream
+            .into_std()
+            .map(Accepted::Plain)
+            .map_err(|e| Error::io("handing over a runner connection", e));
+        let _ = expected.accepted.send(accepted);
+    }
+
+    /// A runner of a TLS pool named itself: its pool does the TLS handshake and checks its
+    /// hello inside it.
+    fn route_tls(&self, stream: TcpStream, peer: SocketAddr, runner_id: &str) {
+        let Some(expected) = self.take(runner_id) else {
+            return self.dropped(
+                peer,
+                &format!("asked for TLS as unknown runner {runner_id:?}"),
             );
+        };
+        if !expected.tls {
+            let reason = format!("runner {runner_id} asked for TLS, which its pool does not use");
+            self.dropped(peer, &reason);
+            let _ = expected
+                .accepted
+                .send(Err(Error::new(ErrorKind::Rejected, reason)));
+            return;
         }
         let accepted = stream
             .into_std()
+            .map(Accepted::Tls)
             .map_err(|e| Error::io("handing over a runner connection", e));
         let _ = expected.accepted.send(accepted);
+    }
+
+    fn take(&self, runner_id: &str) -> Option<Expected> {
+        self.expected.lock().unwrap().remove(runner_id)
+    }
+
+    fn dropped(&self, peer: SocketAddr, why: &str) {
+        let dropped = self.unauthenticated.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::warn!(%peer, dropped, "flame: dropped a connection that {why}");
     }
 }
 
@@ -195,16 +241,7 @@ fn message_name(msg: &ToParent) -> &'static str {
         ToParent::Heartbeat => "a heartbeat",
         ToParent::Idle { .. } => "an idle notice",
         ToParent::BootFailed { .. } => "a boot failure",
-    }
-}
-
-async fn refuse(stream: &mut TcpStream, reason: &str) {
-    tracing::warn!(%reason, "flame: refused a runner");
-    if let Ok(frame) = wire::encode(&ToRunner::Refused {
-        reason: reason.to_string(),
-    }) {
-        let mut sink = FramedWrite::new(stream, wire::codec());
-        let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(frame)).await;
+        ToParent::StartTls { .. } => "a TLS request",
     }
 }
 

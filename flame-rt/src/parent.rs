@@ -21,19 +21,25 @@ pub(crate) struct Handoff {
     pub(crate) token: [u8; 16],
     /// How long the runner may take to reach its parent before it gives up and exits.
     pub(crate) boot_timeout: Duration,
+    /// The SHA-256 fingerprint (hex) of the parent's certificate, when the pool uses TLS.
+    pub(crate) tls: Option<String>,
 }
 
 impl Handoff {
     pub(crate) fn encode(&self) -> String {
-        let token: String = self.token.iter().map(|b| format!("{b:02x}")).collect();
-        format!(
+        let mut out = format!(
             "v1;pool={};runner={};addr={};token={};boot_ms={}",
             self.pool,
             self.runner_id,
             self.addr,
-            token,
+            hex(&self.token),
             self.boot_timeout.as_millis()
-        )
+        );
+        if let Some(fingerprint) = &self.tls {
+            out.push_str(";tls=");
+            out.push_str(fingerprint);
+        }
+        out
     }
 
     pub(crate) fn decode(s: &str) -> Result<Handoff, Error> {
@@ -49,8 +55,8 @@ impl Handoff {
         if parts.next() != Some("v1") {
             return Err(bad("unknown version"));
         }
-        let (mut pool, mut runner, mut addr, mut token, mut boot_ms) =
-            (None, None, None, None, None);
+        let (mut pool, mut runner, mut addr, mut token, mut boot_ms, mut tls) =
+            (None, None, None, None, None, None);
         for part in parts {
             let (k, v) = part
                 .split_once('=')
@@ -59,7 +65,8 @@ impl Handoff {
                 "pool" => pool = Some(v.to_string()),
                 "runner" => runner = Some(v.to_string()),
                 "addr" => addr = Some(v.to_string()),
-                "token" => token = Some(parse_token(v).ok_or_else(|| bad("token"))?),
+                "token" => token = Some(unhex::<16>(v).ok_or_else(|| bad("token"))?),
+                "tls" => tls = Some(v.to_string()),
                 "boot_ms" => boot_ms = Some(v.parse::<u64>().map_err(|_| bad("boot_ms"))?),
                 _ => {} // fields from a newer parent are ignored
             }
@@ -70,15 +77,22 @@ impl Handoff {
             addr: addr.ok_or_else(|| bad("no addr"))?,
             token: token.ok_or_else(|| bad("no token"))?,
             boot_timeout: Duration::from_millis(boot_ms.ok_or_else(|| bad("no boot_ms"))?),
+            tls,
         })
     }
 }
 
-fn parse_token(hex: &str) -> Option<[u8; 16]> {
-    if hex.len() != 32 {
+/// Lower-case hex, as tokens and fingerprints travel in the hand-off.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parses exactly `N` bytes of hex.
+pub(crate) fn unhex<const N: usize>(hex: &str) -> Option<[u8; N]> {
+    if hex.len() != 2 * N {
         return None;
     }
-    let mut out = [0u8; 16];
+    let mut out = [0u8; N];
     for (i, byte) in out.iter_mut().enumerate() {
         *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
     }
@@ -167,8 +181,14 @@ mod tests {
             addr: "[fdaa::3]:4000".into(),
             token: [0xab; 16],
             boot_timeout: Duration::from_secs(30),
+            tls: None,
         };
-        assert!(Handoff::decode(&h.encode()).ok() == Some(h));
+        assert!(Handoff::decode(&h.encode()).ok() == Some(h.clone()));
+        let with_tls = Handoff {
+            tls: Some("ab".repeat(32)),
+            ..h
+        };
+        assert!(Handoff::decode(&with_tls.encode()).ok() == Some(with_tls));
     }
 
     #[test]

@@ -23,11 +23,16 @@ use crate::deadline::Deadline;
 use crate::error::{Error, ErrorKind};
 use crate::handshake::new_token;
 use crate::hooks::{GrowEnd, GrowReason, GrowStart, Hooks, Shrink, ShrinkReason};
-use crate::listener::Listener;
+use crate::listener::{Accepted, Listener};
 use crate::parent::Handoff;
 use crate::queue::Queue;
 use crate::task::{TaskDef, registry};
-use crate::wire::{MAX_FRAME, Welcome};
+use crate::wire::{BoxRead, BoxWrite, MAX_FRAME, Welcome};
+#[cfg(feature = "tls")]
+use crate::{
+    handshake,
+    wire::{MAX_HELLO_FRAME, Reader, ToParent},
+};
 
 /// A pool of runners that calls are sent to. Cheap to clone; every clone is the same pool.
 ///
@@ -275,6 +280,50 @@ impl Drop for Slot {
 }
 
 static NEXT_RUNNER: AtomicU64 = AtomicU64::new(1);
+
+/// Takes over a runner's connection from the listener. A TLS runner's handshake happens here,
+/// on the pool's runtime: the TLS handshake, then its hello, checked as the listener checks a
+/// plaintext one.
+async fn adopt(accepted: Accepted, token: &[u8; 16]) -> Result<(BoxRead, BoxWrite), Error> {
+    let (stream, tls) = match accepted {
+        Accepted::Plain(stream) => (stream, false),
+        Accepted::Tls(stream) => (stream, true),
+    };
+    let stream =
+        TcpStream::from_std(stream).map_err(|e| Error::io("adopting a runner connection", e))?;
+    if !tls {
+        let (reader, writer) = stream.into_split();
+        return Ok((Box::new(reader), Box::new(writer)));
+    }
+    #[cfg(feature = "tls")]
+    {
+        let rejected = |why: String| Error::new(ErrorKind::Rejected, why);
+        let stream = crate::tls::parent_tls()?
+            .acceptor
+            .accept(stream)
+            .await
+            .map_err(|e| rejected(format!("the TLS handshake with the runner failed: {e}")))?;
+        let (reader, mut writer) = tokio::io::split(stream);
+        let mut reader = Reader::with_max_frame(reader, MAX_HELLO_FRAME);
+        let hello = match reader.next::<ToParent>().await {
+            Some(Ok(ToParent::Hello(hello))) => hello,
+            _ => return Err(rejected("the runner sent no hello inside TLS".into())),
+        };
+        if let Err(reason) = handshake::verify(&hello, token) {
+            handshake::refuse(&mut writer, &reason).await;
+            return Err(rejected(reason));
+        }
+        Ok((Box::new(reader.into_inner()), Box::new(writer)))
+    }
+    #[cfg(not(feature = "tls"))]
+    {
+        let _ = token;
+        Err(Error::new(
+            ErrorKind::Config,
+            "a runner asked for TLS, and this build of flame-rt has no `tls` feature",
+        ))
+    }
+}
 
 /// Boots tried for waiting callers before they are told the pool cannot boot.
 const BOOT_ATTEMPTS: u32 = 3;
@@ -586,13 +635,15 @@ impl Shared {
 
     async fn boot_runner(self: &Arc<Self>, key: u64, runner_id: &str) -> Result<Runner, Error> {
         let token = new_token().map_err(|e| Error::io("drawing a runner token", e))?;
-        let mut expectation = self.listener.expect(runner_id, token);
+        let tls = self.tls_fingerprint()?;
+        let mut expectation = self.listener.expect(runner_id, token, tls.is_some());
         let spec = BootSpec::new(Handoff {
             pool: self.name.clone(),
             runner_id: runner_id.to_string(),
             addr: self.advertise.clone(),
             token,
             boot_timeout: self.config.boot_timeout,
+            tls,
         });
         let backend = self.backend.name().to_string();
         let boot = async {
@@ -607,15 +658,19 @@ impl Shared {
                     format!("runner {runner_id} ({}) exited before it connected back: {status}", handle.describe()),
                 )),
             };
-            match accepted {
-                Ok(accepted) => Ok((accepted, handle)),
+            let adopted = match accepted {
+                Ok(accepted) => adopt(accepted, &token).await,
+                Err(e) => Err(e),
+            };
+            match adopted {
+                Ok(halves) => Ok((halves, handle)),
                 Err(e) => {
                     handle.destroy().await;
                     Err(e)
                 }
             }
         };
-        let (accepted, handle) = match tokio::time::timeout(self.config.boot_timeout, boot).await {
+        let (halves, handle) = match tokio::time::timeout(self.config.boot_timeout, boot).await {
             Ok(booted) => booted?,
             Err(_) => {
                 return Err(Error::new(
@@ -627,8 +682,6 @@ impl Shared {
                 ));
             }
         };
-        let stream = TcpStream::from_std(accepted)
-            .map_err(|e| Error::io("adopting a runner connection", e))?;
         let idle = match (
             self.config.idle_shutdown_after,
             self.config.min_idle_shutdown_after,
@@ -641,7 +694,7 @@ impl Shared {
             miss_limit: self.config.heartbeat_miss_limit,
             idle_ms: idle.map(|d| d.as_millis() as u64),
         };
-        let conn = connection::start(self.clone(), key, runner_id.to_string(), stream, welcome);
+        let conn = connection::start(self.clone(), key, runner_id.to_string(), halves, welcome);
         Ok(Runner {
             key,
             conn,
@@ -649,6 +702,15 @@ impl Shared {
             drain: None,
             handle: Some(handle),
         })
+    }
+
+    /// The fingerprint runners of this pool must see on the parent's certificate, if it uses TLS.
+    fn tls_fingerprint(&self) -> Result<Option<String>, Error> {
+        #[cfg(feature = "tls")]
+        if self.config.tls {
+            return Ok(Some(crate::tls::parent_tls()?.fingerprint.clone()));
+        }
+        Ok(None)
     }
 
     /// The runner has had nothing to do for `idle`.

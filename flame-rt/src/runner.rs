@@ -57,11 +57,10 @@ impl Service {
         mut control: mpsc::UnboundedReceiver<Control>,
     ) -> Exit {
         let boot_deadline = Instant::now() + handoff.boot_timeout;
-        let stream = match terminator::dial(&handoff.addr, handoff.boot_timeout).await {
-            Ok(s) => s,
+        let (rd, wr) = match terminator::connect(&handoff).await {
+            Ok(halves) => halves,
             Err(exit) => return exit,
         };
-        let (rd, wr) = stream.into_split();
         let (out, out_rx) = mpsc::unbounded_channel();
         let writer = tokio::spawn(wire::write_loop(wr, out_rx));
         let mut reader = Reader::new(rd);

@@ -11,9 +11,65 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::parent::Handoff;
+#[cfg(feature = "tls")]
+use crate::wire::{self, ToParent};
+use crate::wire::{BoxRead, BoxWrite};
+
+/// Reaches the parent within the boot window: dials it, and for a TLS pool names itself in
+/// plaintext, then completes a TLS handshake trusting only the parent's pinned certificate.
+pub(crate) async fn connect(handoff: &Handoff) -> Result<(BoxRead, BoxWrite), Exit> {
+    let deadline = Instant::now() + handoff.boot_timeout;
+    let stream = dial(&handoff.addr, handoff.boot_timeout).await?;
+    let Some(fingerprint) = &handoff.tls else {
+        let (reader, writer) = stream.into_split();
+        return Ok((Box::new(reader), Box::new(writer)));
+    };
+    #[cfg(feature = "tls")]
+    {
+        use futures::SinkExt;
+        let unreachable = |why: String| {
+            Exit::Unreachable(format!(
+                "TLS with the parent at {} failed: {why}",
+                handoff.addr
+            ))
+        };
+        let mut stream = stream;
+        let start = wire::encode(&ToParent::StartTls {
+            runner_id: handoff.runner_id.clone(),
+        })
+        .map_err(|e| unreachable(e.to_string()))?;
+        tokio_util::codec::FramedWrite::new(&mut stream, wire::codec())
+            .send(start)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let (connector, name) =
+            crate::tls::connector(fingerprint).map_err(|e| unreachable(e.to_string()))?;
+        let stream = match tokio::time::timeout_at(deadline, connector.connect(name, stream)).await
+        {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return Err(unreachable(e.to_string())),
+            Err(_) => {
+                return Err(unreachable(
+                    "no TLS handshake within the boot window".into(),
+                ));
+            }
+        };
+        let (reader, writer) = tokio::io::split(stream);
+        Ok((Box::new(reader), Box::new(writer)))
+    }
+    #[cfg(not(feature = "tls"))]
+    {
+        let _ = (fingerprint, deadline);
+        Err(Exit::Unreachable(
+            "the parent's pool uses TLS, and this build of flame-rt has no `tls` feature".into(),
+        ))
+    }
+}
+
 /// Dials the parent, retrying refused or failed connects with backoff until the boot window
 /// closes. A runner that cannot reach its parent in time is of no use to anyone.
-pub(crate) async fn dial(addr: &str, window: Duration) -> Result<TcpStream, Exit> {
+async fn dial(addr: &str, window: Duration) -> Result<TcpStream, Exit> {
     let deadline = Instant::now() + window;
     let mut backoff = Duration::from_millis(5);
     loop {

@@ -91,6 +91,11 @@ pub(crate) enum ToParent {
     BootFailed {
         reason: String,
     },
+    /// The first frame of a runner of a TLS pool, in plaintext: who it is, so the listener can
+    /// route it. Its `Hello` follows inside TLS.
+    StartTls {
+        runner_id: String,
+    },
 }
 
 /// How a call ended on the runner.
@@ -151,6 +156,36 @@ pub(crate) fn decode<T: DeserializeOwned>(frame: &[u8]) -> Result<T, Error> {
     postcard::from_bytes(frame).map_err(|e| Error::new(ErrorKind::Protocol, e.to_string()))
 }
 
+/// Reads exactly one frame and not a byte more: what follows it may not be for us (a runner of a
+/// TLS pool sends its TLS handshake right behind its first frame). `None` at a clean end of
+/// stream before the frame.
+pub(crate) async fn read_one_frame<R: AsyncRead + Unpin>(
+    io: &mut R,
+    max_frame: usize,
+) -> std::io::Result<Option<Bytes>> {
+    use tokio::io::AsyncReadExt;
+    let mut header = [0u8; 4];
+    match io.read_exact(&mut header).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_be_bytes(header) as usize;
+    if len > max_frame {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a {len}-byte frame, above the {max_frame}-byte limit"),
+        ));
+    }
+    let mut frame = vec![0u8; len];
+    io.read_exact(&mut frame).await?;
+    Ok(Some(Bytes::from(frame)))
+}
+
+/// Either half of a connection, plaintext or TLS.
+pub(crate) type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+pub(crate) type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
 /// The reading half of a connection: decoded messages.
 pub(crate) struct Reader<R> {
     inner: FramedRead<R, LengthDelimitedCodec>,
@@ -165,6 +200,13 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         Reader {
             inner: FramedRead::new(io, codec_with_max(max_frame)),
         }
+    }
+
+    #[cfg(feature = "tls")]
+    /// The underlying reader. Bytes read ahead are lost: only call this when the peer is
+    /// waiting for an answer, as after a `Hello`.
+    pub(crate) fn into_inner(self) -> R {
+        self.inner.into_inner()
     }
 
     /// The next message; `None` at a clean end of stream.

@@ -424,3 +424,89 @@ pub async fn append_line(path: PathBuf, line: String) {
 pub async fn located_probe(ms: u64) -> (usize, u32) {
     (concurrency_probe(ms).await, std::process::id())
 }
+
+/// A backend that boots a runner program with a doctored hand-off, as an attacker, a stale
+/// runner or a man in the middle would present it. Written against the public `Backend` trait.
+pub struct Doctored {
+    program: PathBuf,
+    doctor: std::sync::Arc<dyn Fn(&str) -> String + Send + Sync>,
+    /// The pids of the runners it started.
+    pub pids: std::sync::Arc<Mutex<Vec<u32>>>,
+}
+
+impl Doctored {
+    /// Boots `program` with the hand-off rewritten by `doctor`.
+    pub fn new(
+        program: impl Into<PathBuf>,
+        doctor: impl Fn(&str) -> String + Send + Sync + 'static,
+    ) -> Self {
+        Doctored {
+            program: program.into(),
+            doctor: std::sync::Arc::new(doctor),
+            pids: Default::default(),
+        }
+    }
+}
+
+struct ChildHandle(tokio::process::Child);
+
+impl flame::RunnerHandle for ChildHandle {
+    fn describe(&self) -> String {
+        format!("pid {:?}", self.0.id())
+    }
+
+    fn exited(&mut self) -> futures::future::BoxFuture<'_, String> {
+        Box::pin(async move { format!("{:?}", self.0.wait().await) })
+    }
+
+    fn destroy(mut self: Box<Self>) -> futures::future::BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let _ = self.0.start_kill();
+            let _ = self.0.wait().await;
+        })
+    }
+}
+
+impl flame::Backend for Doctored {
+    fn name(&self) -> &str {
+        "doctored"
+    }
+
+    fn boot(
+        &self,
+        spec: flame::BootSpec,
+    ) -> futures::future::BoxFuture<'static, Result<Box<dyn flame::RunnerHandle>, flame::Error>>
+    {
+        let (key, value) = spec.handoff_env();
+        let child = tokio::process::Command::new(&self.program)
+            .env(key, (self.doctor)(value))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawning the test runner");
+        self.pids.lock().unwrap().push(child.id().unwrap());
+        let handle: Box<dyn flame::RunnerHandle> = Box::new(ChildHandle(child));
+        Box::pin(async move { Ok(handle) })
+    }
+}
+
+/// The hand-off with `field` set to `value` (added if absent, removed if `value` is `None`).
+pub fn with_field(handoff: &str, field: &str, value: Option<&str>) -> String {
+    let mut parts: Vec<String> = handoff
+        .split(';')
+        .filter(|part| part.split_once('=').is_none_or(|(k, _)| k != field))
+        .map(str::to_string)
+        .collect();
+    if let Some(value) = value {
+        parts.push(format!("{field}={value}"));
+    }
+    parts.join(";")
+}
+
+/// A field of the hand-off.
+pub fn field<'a>(handoff: &'a str, field: &str) -> Option<&'a str> {
+    handoff.split(';').find_map(|part| {
+        part.split_once('=')
+            .filter(|(k, _)| *k == field)
+            .map(|(_, v)| v)
+    })
+}
