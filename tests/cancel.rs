@@ -48,6 +48,7 @@ async fn cancel_kills_the_child(
 
     let kept = cancel(handle);
     let dropped_after = until_idle(pool).await;
+    println!("{name}: the runner acknowledged the cancel after {dropped_after:?}");
     assert!(
         dropped_after < Duration::from_millis(100),
         "the runner took {dropped_after:?} to drop the cancelled task"

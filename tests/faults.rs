@@ -71,6 +71,7 @@ async fn a_frozen_runner_is_declared_lost_and_destroyed() {
         let frozen_at = Instant::now();
         let err = held.await.unwrap_err();
         let noticed = frozen_at.elapsed();
+        println!("SIGSTOP of a runner (heartbeat 100 ms x 3): its calls failed after {noticed:?}");
         assert!(err.is_runner_lost(), "{err:?}");
         assert!(err.message().contains("sent nothing for"), "{err}");
         // The window is 3 x 100 ms; the check runs on the heartbeat tick.

@@ -35,6 +35,7 @@ async fn killing_a_runner_fails_its_calls_with_runner_lost() {
             assert!(err.is_runner_lost(), "{err:?}");
         }
         let noticed = killed_at.elapsed();
+        println!("SIGKILL of a runner: its in-flight calls failed after {noticed:?}");
         assert!(
             noticed < Duration::from_secs(1),
             "in-flight calls failed only after {noticed:?}"
@@ -80,11 +81,16 @@ async fn parent_killed_leaves_nothing(pdeathsig: &str) {
 
     parent.start_kill().unwrap();
     parent.wait().await.unwrap();
+    let killed_at = std::time::Instant::now();
     // The failsafe window: 5 missed heartbeats of 1 s; the connection's end is noticed sooner.
     let window = Duration::from_secs(5);
     for &pid in &pids {
         wait_gone(pid, window + Duration::from_secs(5)).await;
     }
+    println!(
+        "SIGKILL of the parent (parent-death signal {pdeathsig}): 3 runners and their children gone after {:?}",
+        killed_at.elapsed()
+    );
     let alive: Vec<u32> = pids.iter().copied().filter(|&p| !is_gone(p)).collect();
     for &pid in &alive {
         kill(pid);
