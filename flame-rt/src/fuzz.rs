@@ -1,10 +1,28 @@
-//! Entry points for fuzzing the bytes a peer controls: frame splitting, message decoding and the
-//! handshake checks. Used by the `fuzz/` targets (feature `fuzzing`) and by the property tests.
+//! Entry points into the wire internals for the fuzz targets in `fuzz/`, the micro-benches and
+//! the property tests (feature `internals`): frame splitting, message decoding, the handshake
+//! checks, and one call's trip through the encoder and decoder.
 
 use bytes::BytesMut;
 use tokio_util::codec::Decoder;
 
 use crate::wire::{self, ToParent, ToRunner};
+
+/// One call's arguments through the wire and back, as parent and runner handle them: encode the
+/// argument tuple, frame it in a `Run`, decode the `Run`, decode the tuple. Returns the tuple.
+pub fn call_round_trip<A: serde::Serialize + serde::de::DeserializeOwned>(args: &A) -> A {
+    let encoded = bytes::Bytes::from(postcard::to_stdvec(args).expect("encodable args"));
+    let frame = wire::encode(&ToRunner::Run {
+        call: 42,
+        task: "bench::task".to_string(),
+        args: encoded,
+        deadline_ms: None,
+    })
+    .expect("encodable frame");
+    match wire::decode::<ToRunner>(&frame).expect("decodable frame") {
+        ToRunner::Run { args, .. } => postcard::from_bytes(&args).expect("decodable args"),
+        _ => unreachable!("a Run was encoded"),
+    }
+}
 
 /// Splits `data` into frames as the parent's listener does before a hello, decodes each as
 /// either side would, and runs the handshake checks on any hello. Must never panic.

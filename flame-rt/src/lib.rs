@@ -71,7 +71,7 @@
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `tls` | off | [`PoolBuilder::tls`]: TLS to runners with the parent's self-signed certificate pinned by fingerprint (rustls, ring) |
-//! | `fuzzing` | off | internal: exposes the wire decoders to the fuzz targets in `fuzz/` |
+//! | `internals` | off | not for applications: exposes wire internals to the fuzz targets in `fuzz/` and the micro-benches |
 //!
 //! # Tasks in a library crate
 //!
@@ -88,7 +88,7 @@ mod cancel;
 mod connection;
 mod deadline;
 mod error;
-#[cfg(any(test, feature = "fuzzing"))]
+#[cfg(any(test, feature = "internals"))]
 #[doc(hidden)]
 pub mod fuzz;
 mod handshake;

@@ -1,0 +1,440 @@
+//! flame-rt measured against the floor of this machine, side by side in one run.
+//!
+//! Machines here are shared and noisy, so each flame-rt figure is reported as a ratio to the
+//! physical floor measured moments before it in the same process: a raw tokio exchange between
+//! the same two kinds of processes, doing the least the flame-rt operation must do.
+//!
+//! ```sh
+//! cargo bench -p flame-benches --bench floor            # full run, ~1 minute
+//! cargo bench -p flame-benches --bench floor -- --quick # a few iterations (CI: proves it runs)
+//! ```
+//!
+//! Prints a table and writes it to `target/flame-bench.md` and `target/flame-bench.json`.
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+
+/// Returns its argument: the smallest task there is.
+#[flame::task]
+async fn noop(x: u64) -> u64 {
+    x
+}
+
+/// Waits for an hour: a running call to cancel or a slot to hold.
+#[flame::task]
+async fn sleepy() {
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+}
+
+const ROLE: &str = "FLAME_BENCH_ROLE";
+const ADDR: &str = "FLAME_BENCH_ADDR";
+
+fn main() -> anyhow::Result<()> {
+    // The floor's peer processes are this same binary in another role.
+    match std::env::var(ROLE).as_deref() {
+        Ok("echo") => return peer(true),
+        Ok("hello") => return peer(false),
+        _ => {}
+    }
+    bench()
+}
+
+/// A floor peer: connects back, then echoes frames with batched writes ("echo") or sends one
+/// hello frame and exits ("hello").
+fn peer(echo: bool) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let stream = TcpStream::connect(std::env::var(ADDR)?).await?;
+        stream.set_nodelay(true)?;
+        let (rd, wr) = stream.into_split();
+        let mut reader = FramedRead::new(rd, LengthDelimitedCodec::new());
+        let mut writer = FramedWrite::new(wr, LengthDelimitedCodec::new());
+        if !echo {
+            writer.send(Bytes::from_static(b"hello")).await?;
+            return Ok(());
+        }
+        while let Some(frame) = reader.next().await {
+            writer.feed(frame?.freeze()).await?;
+            // Batch what is already here, as flame-rt's writer does.
+            while let Some(Some(frame)) = futures::FutureExt::now_or_never(reader.next()) {
+                writer.feed(frame?.freeze()).await?;
+            }
+            SinkExt::<Bytes>::flush(&mut writer).await?;
+        }
+        Ok(())
+    })
+}
+
+struct Peer {
+    reader: FramedRead<tokio::net::tcp::OwnedReadHalf, LengthDelimitedCodec>,
+    writer: FramedWrite<tokio::net::tcp::OwnedWriteHalf, LengthDelimitedCodec>,
+    child: tokio::process::Child,
+}
+
+/// Starts this binary as a peer in `role` and returns it connected, with how long that took.
+async fn start_peer(role: &str) -> anyhow::Result<(Peer, Duration)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let started = Instant::now();
+    let child = tokio::process::Command::new(std::env::current_exe()?)
+        .env(ROLE, role)
+        .env(ADDR, listener.local_addr()?.to_string())
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let (stream, _) = listener.accept().await?;
+    stream.set_nodelay(true)?;
+    let (rd, wr) = stream.into_split();
+    let mut reader = FramedRead::new(rd, LengthDelimitedCodec::new());
+    let writer = FramedWrite::new(wr, LengthDelimitedCodec::new());
+    if role == "hello" {
+        reader.next().await.transpose()?;
+    }
+    let took = started.elapsed();
+    Ok((
+        Peer {
+            reader,
+            writer,
+            child,
+        },
+        took,
+    ))
+}
+
+/// Median and 99th percentile.
+fn spread(mut samples: Vec<Duration>) -> (Duration, Duration) {
+    samples.sort();
+    let at = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize];
+    (at(0.5), at(0.99))
+}
+
+struct Row {
+    name: &'static str,
+    flame: String,
+    flame_p99: String,
+    floor: String,
+    /// flame ÷ floor.
+    ratio: f64,
+    goal: &'static str,
+    met: bool,
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.1} µs", d.as_secs_f64() * 1e6)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+fn rate(per_s: f64) -> String {
+    format!("{:.0} k/s", per_s / 1e3)
+}
+
+/// Bytes currently allocated by this process.
+static HEAP: AtomicUsize = AtomicUsize::new(0);
+
+struct Counting;
+
+// SAFETY: forwards to the system allocator, only counting sizes.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        HEAP.fetch_add(layout.size(), Ordering::Relaxed);
+        // SAFETY: the caller upholds `alloc`'s contract.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        HEAP.fetch_sub(layout.size(), Ordering::Relaxed);
+        // SAFETY: the caller upholds `dealloc`'s contract.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+#[flame::main]
+async fn bench() -> anyhow::Result<()> {
+    // Measure from a worker thread, where an app's request handlers run (and where the
+    // reference floor of this machine was taken), not from the thread blocked in `main`.
+    tokio::spawn(measure()).await?
+}
+
+async fn measure() -> anyhow::Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick") || std::env::var("FLAME_BENCH_QUICK").is_ok();
+    // Runners of this binary serve calls; everything below is the parent's.
+    let warm = flame::Pool::builder("bench")
+        .min(1)
+        .max(1)
+        .max_concurrency(100_000)
+        .start()
+        .await?;
+    if flame::parent().is_some() {
+        return Ok(());
+    }
+    let n = |full: usize, short: usize| if quick { short } else { full };
+    let mut rows = Vec::new();
+
+    // The floor: a 64-byte ping-pong between this process and a peer process.
+    let (mut peer, _) = start_peer("echo").await?;
+    let frame = Bytes::from(vec![7u8; 64]);
+    let mut pings = Vec::new();
+    for i in 0..n(20_000, 500) {
+        let t = Instant::now();
+        peer.writer.send(frame.clone()).await?;
+        peer.reader.next().await.transpose()?;
+        if i >= 100 {
+            pings.push(t.elapsed());
+        }
+    }
+    let (ping, _) = spread(pings);
+
+    // 1. Warm call round trip.
+    for _ in 0..200 {
+        flame::call(&warm, noop(1)).await?;
+    }
+    let mut calls = Vec::new();
+    for i in 0..n(20_000, 500) {
+        let t = Instant::now();
+        flame::call(&warm, noop(i as u64)).await?;
+        calls.push(t.elapsed());
+    }
+    let (call, call_p99) = spread(calls);
+    let ratio = call.as_secs_f64() / ping.as_secs_f64();
+    rows.push(Row {
+        name: "warm call round trip",
+        flame: us(call),
+        flame_p99: us(call_p99),
+        floor: format!("{} (ping-pong)", us(ping)),
+        ratio,
+        goal: "≤ 2.0×",
+        met: ratio <= 2.0,
+    });
+
+    // 2. Throughput: many calls in flight on one runner vs pipelined echo with batched writes.
+    let messages = n(500_000, 5_000);
+    let in_flight = 256;
+    let t = Instant::now();
+    let (mut rd, mut wr) = (peer.reader, peer.writer);
+    let sender = tokio::spawn(async move {
+        for _ in 0..messages {
+            wr.feed(Bytes::from_static(&[7u8; 64])).await?;
+        }
+        SinkExt::<Bytes>::flush(&mut wr).await?;
+        anyhow::Ok(wr)
+    });
+    let _ = in_flight; // TCP flow control bounds what is in flight for the floor.
+    for _ in 0..messages {
+        rd.next().await.transpose()?;
+    }
+    sender.await??;
+    let echo_rate = messages as f64 / t.elapsed().as_secs_f64();
+    drop(rd);
+    let _ = peer.child.kill().await;
+    let calls_total = n(200_000, 5_000);
+    let t = Instant::now();
+    let mut pending = futures::stream::FuturesUnordered::new();
+    let mut sent = 0;
+    while sent < calls_total || !pending.is_empty() {
+        while sent < calls_total && pending.len() < 4096 {
+            pending.push(flame::spawn_on(&warm, noop(sent as u64)));
+            sent += 1;
+        }
+        pending.next().await.expect("in flight")?;
+    }
+    let call_rate = calls_total as f64 / t.elapsed().as_secs_f64();
+    let ratio = call_rate / echo_rate;
+    rows.push(Row {
+        name: "throughput, one runner",
+        flame: rate(call_rate),
+        flame_p99: "-".into(),
+        floor: format!("{} (pipelined echo)", rate(echo_rate)),
+        ratio,
+        goal: "≥ 0.10×",
+        met: ratio >= 0.10,
+    });
+
+    // 3. Cold start: first call on a pool with min(0) vs exec → connect → hello.
+    let mut execs = Vec::new();
+    for _ in 0..n(20, 3) {
+        let (mut hello, took) = start_peer("hello").await?;
+        execs.push(took);
+        let _ = hello.child.wait().await;
+    }
+    let (exec, _) = spread(execs);
+    let mut colds = Vec::new();
+    for _ in 0..n(20, 3) {
+        let pool = flame::Pool::builder("cold").max(1).start().await?;
+        let t = Instant::now();
+        flame::call(&pool, noop(1)).await?;
+        colds.push(t.elapsed());
+        pool.shutdown().await;
+    }
+    let (cold, cold_p99) = spread(colds);
+    let ratio = cold.as_secs_f64() / exec.as_secs_f64();
+    rows.push(Row {
+        name: "cold start (first call)",
+        flame: ms(cold),
+        flame_p99: ms(cold_p99),
+        floor: format!("{} (exec → connect → hello)", ms(exec)),
+        ratio,
+        goal: "≤ 1.5×",
+        met: ratio <= 1.5,
+    });
+
+    // 4. Cancel latency: dropping a running call's handle until the runner has dropped the
+    // future and said so (the slot comes back only then).
+    let mut cancels = Vec::new();
+    for _ in 0..n(2_000, 100) {
+        let handle = flame::spawn_on(&warm, sleepy());
+        while warm.stats().in_flight == 0 {
+            tokio::task::yield_now().await;
+        }
+        let t = Instant::now();
+        drop(handle);
+        while warm.stats().in_flight > 0 {
+            tokio::task::yield_now().await;
+        }
+        cancels.push(t.elapsed());
+    }
+    let (cancel, cancel_p99) = spread(cancels);
+    let ratio = cancel.as_secs_f64() / ping.as_secs_f64();
+    rows.push(Row {
+        name: "cancel latency",
+        flame: us(cancel),
+        flame_p99: us(cancel_p99),
+        floor: format!("{} (ping-pong)", us(ping)),
+        ratio,
+        goal: "≤ 2.0×",
+        met: ratio <= 2.0,
+    });
+
+    // 6. Memory: heap held per queued call (counted by this binary's allocator: RSS would mostly
+    // show the allocator reusing what the throughput run freed).
+    let queued = n(10_000, 1_000);
+    let full = flame::Pool::builder("memory")
+        .max(1)
+        .max_concurrency(1)
+        .start()
+        .await?;
+    let blocker = flame::spawn_on(&full, sleepy());
+    while full.stats().in_flight == 0 {
+        tokio::task::yield_now().await;
+    }
+    let before = HEAP.load(Ordering::SeqCst);
+    let handles: Vec<_> = (0..queued)
+        .map(|i| flame::spawn_on(&full, noop(i as u64)))
+        .collect();
+    while full.stats().queued < queued {
+        tokio::task::yield_now().await;
+    }
+    let per_call = HEAP.load(Ordering::SeqCst).saturating_sub(before) as f64 / queued as f64;
+    drop(handles);
+    drop(blocker);
+    full.shutdown().await;
+    rows.push(Row {
+        name: "heap per queued call",
+        flame: format!("{per_call:.0} B"),
+        flame_p99: "-".into(),
+        floor: "-".into(),
+        ratio: per_call / 1024.0,
+        goal: "≤ 1 KiB",
+        met: per_call <= 1024.0,
+    });
+
+    // 7. Scale: a burst that needs `max` runners at once.
+    let runners = n(64, 8);
+    let booted = Arc::new(AtomicUsize::new(0));
+    let all_up = Arc::new(tokio::sync::Notify::new());
+    let (count, notify) = (booted.clone(), all_up.clone());
+    let burst = flame::Pool::builder("burst")
+        .max(runners)
+        .max_concurrency(1)
+        .boot_timeout(Duration::from_secs(120))
+        .on_grow_end(move |_| {
+            if count.fetch_add(1, Ordering::SeqCst) + 1 == runners {
+                notify.notify_one();
+            }
+        })
+        .start()
+        .await?;
+    let t = Instant::now();
+    let handles: Vec<_> = (0..runners)
+        .map(|_| flame::spawn_on(&burst, sleepy()))
+        .collect();
+    all_up.notified().await;
+    let scale = t.elapsed();
+    let failed = burst.stats().failed_boots;
+    drop(handles);
+    burst.shutdown().await;
+    let floor = exec * runners as u32;
+    let ratio = scale.as_secs_f64() / floor.as_secs_f64();
+    rows.push(Row {
+        name: if quick {
+            "burst of 8 runners"
+        } else {
+            "burst of 64 runners"
+        },
+        flame: ms(scale),
+        flame_p99: format!("{failed} failed boots"),
+        floor: format!("{} ({runners} × exec)", ms(floor)),
+        ratio,
+        goal: "report",
+        met: failed == 0,
+    });
+
+    report(&rows, quick)?;
+    warm.shutdown().await;
+    Ok(())
+}
+
+fn report(rows: &[Row], quick: bool) -> anyhow::Result<()> {
+    let mut md = String::from(
+        "| measurement | flame-rt median | flame-rt p99 | floor (same run) | ratio | goal | met |\n|---|---|---|---|---|---|---|\n",
+    );
+    let mut json = String::from("[\n");
+    for (i, r) in rows.iter().enumerate() {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {:.2}× | {} | {} |\n",
+            r.name,
+            r.flame,
+            r.flame_p99,
+            r.floor,
+            r.ratio,
+            r.goal,
+            if r.met { "yes" } else { "no" }
+        ));
+        json.push_str(&format!(
+            "  {{\"name\": \"{}\", \"flame\": \"{}\", \"flame_p99\": \"{}\", \"floor\": \"{}\", \"ratio\": {:.4}, \"goal\": \"{}\", \"met\": {}}}{}\n",
+            r.name,
+            r.flame,
+            r.flame_p99,
+            r.floor,
+            r.ratio,
+            r.goal,
+            r.met,
+            if i + 1 < rows.len() { "," } else { "" }
+        ));
+    }
+    json.push_str("]\n");
+    if quick {
+        md.push_str(
+            "\n(quick mode: few iterations; the figures prove the harness runs, nothing more)\n",
+        );
+    }
+    println!("\n{md}");
+    let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
+    std::fs::create_dir_all(&target)?;
+    std::fs::write(target.join("flame-bench.md"), &md)?;
+    std::fs::write(target.join("flame-bench.json"), &json)?;
+    Ok(())
+}
