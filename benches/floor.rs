@@ -170,7 +170,8 @@ async fn bench() -> anyhow::Result<()> {
 }
 
 async fn measure() -> anyhow::Result<()> {
-    let quick = std::env::args().any(|a| a == "--quick") || std::env::var("FLAME_BENCH_QUICK").is_ok();
+    let quick =
+        std::env::args().any(|a| a == "--quick") || std::env::var("FLAME_BENCH_QUICK").is_ok();
     // Runners of this binary serve calls; everything below is the parent's.
     let warm = flame::Pool::builder("bench")
         .min(1)

@@ -10,9 +10,12 @@ use futures::future::BoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::cancel::Ticket;
+use crate::deadline::Deadline;
 use crate::error::{Error, ErrorKind};
 use crate::join::JoinHandle;
 use crate::pool::Pool;
+use crate::queue::QueuedCall;
 use crate::task::TaskDef;
 
 /// One invocation of a `#[flame::task]`: the task's identity and its arguments.
@@ -123,8 +126,8 @@ impl<R> Call<R> {
         self.def.id
     }
 
-    pub(crate) fn into_parts(self) -> Result<Outgoing, Error> {
-        let args = self.args.encode().map_err(|e| {
+    fn encode(&self) -> Result<Bytes, Error> {
+        self.args.encode().map_err(|e| {
             Error::new(
                 ErrorKind::Codec,
                 format!(
@@ -134,12 +137,6 @@ impl<R> Call<R> {
                     self.def.id
                 ),
             )
-        });
-        Ok(Outgoing {
-            def: self.def,
-            args: args?,
-            timeout: self.timeout,
-            retries: self.retries,
         })
     }
 }
@@ -164,14 +161,6 @@ impl<R> fmt::Debug for Call<R> {
     }
 }
 
-/// A call encoded and ready to go to a runner.
-pub(crate) struct Outgoing {
-    pub(crate) def: &'static TaskDef,
-    pub(crate) args: Bytes,
-    pub(crate) timeout: Option<Duration>,
-    pub(crate) retries: u32,
-}
-
 /// Starts `call` on `pool` and returns at once, like `tokio::spawn`, with a handle to its result.
 ///
 /// The call waits for a slot on a runner (booting one if the pool may grow), runs there, and
@@ -185,11 +174,25 @@ pub fn spawn_on<R>(pool: &Pool, call: Call<R>) -> JoinHandle<R>
 where
     R: DeserializeOwned + Send + 'static,
 {
-    let outgoing = call.into_parts();
-    let shared = pool.shared().clone();
-    JoinHandle::new(tokio::spawn(
-        async move { shared.dispatch(outgoing?).await },
-    ))
+    let shared = pool.shared();
+    let deadline = Deadline::starting_now(call.timeout.or(shared.config.timeout));
+    let queue_until = deadline.queue_until(shared.config.boot_timeout);
+    let (ticket, outcome) = Ticket::new(call.def.id, deadline, queue_until);
+    let checked = call
+        .encode()
+        .and_then(|args| shared.check(call.def, &args).map(|()| args));
+    match checked {
+        Ok(args) => shared.submit(QueuedCall {
+            def: call.def,
+            args,
+            retries: call.retries,
+            ticket: ticket.clone(),
+        }),
+        Err(error) => {
+            ticket.resolve(Err(error));
+        }
+    }
+    JoinHandle::new(ticket, outcome)
 }
 
 /// Runs `call` on `pool` and waits for its result: `spawn_on(pool, call).await`.

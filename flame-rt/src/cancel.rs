@@ -1,37 +1,130 @@
-//! Cancellation: a call whose caller went away (handle dropped or aborted, deadline passed) is
-//! cancelled on its runner.
+//! Cancellation: the state one call shares between its [`JoinHandle`](crate::JoinHandle) and
+//! wherever the call is (waiting in the pool's queue, or running on a runner connection).
 //!
-//! `Drop` cannot await, so the cancel goes through the connection's unbounded command queue;
-//! the runner drops the task's future and acknowledges, and only then is the slot freed.
+//! There is no task per call: the handle cancels through this ticket. A queued call that is
+//! cancelled is skipped when a slot frees (it never takes one); a running one gets a `Cancel`
+//! frame, and its slot is released only when the runner acknowledges that the task's future was
+//! dropped. `Drop` cannot await, so nothing here does.
 
-use crate::connection::{Cmd, RunnerConn};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-/// Sends `Cancel` for `call` when dropped, unless the call's outcome arrived first.
-pub(crate) struct CancelOnDrop<'a> {
-    conn: &'a RunnerConn,
-    call: u64,
-    armed: bool,
+use bytes::Bytes;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::connection::RunnerConn;
+use crate::deadline::Deadline;
+use crate::error::{Error, ErrorKind};
+
+pub(crate) type Outcome = Result<Bytes, Error>;
+
+/// One call's shared state.
+pub(crate) struct Ticket {
+    pub(crate) task: &'static str,
+    pub(crate) deadline: Deadline,
+    /// The longest the call may wait for a slot.
+    pub(crate) queue_until: Instant,
+    inner: Mutex<Inner>,
 }
 
-impl<'a> CancelOnDrop<'a> {
-    pub(crate) fn new(conn: &'a RunnerConn, call: u64) -> Self {
-        CancelOnDrop {
-            conn,
-            call,
-            armed: true,
+struct Inner {
+    place: Place,
+    /// Taken by whoever resolves the call: exactly once.
+    reply: Option<oneshot::Sender<Outcome>>,
+}
+
+enum Place {
+    Queued,
+    Running { conn: Arc<RunnerConn>, call: u64 },
+    Cancelled,
+}
+
+impl Ticket {
+    pub(crate) fn new(
+        task: &'static str,
+        deadline: Deadline,
+        queue_until: Instant,
+    ) -> (Arc<Ticket>, oneshot::Receiver<Outcome>) {
+        let (reply, outcome) = oneshot::channel();
+        let ticket = Ticket {
+            task,
+            deadline,
+            queue_until,
+            inner: Mutex::new(Inner {
+                place: Place::Queued,
+                reply: Some(reply),
+            }),
+        };
+        (Arc::new(ticket), outcome)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Delivers the call's outcome, if nobody did yet. Returns whether this did.
+    pub(crate) fn resolve(&self, outcome: Outcome) -> bool {
+        let reply = self.lock().reply.take();
+        match reply {
+            Some(reply) => {
+                let _ = reply.send(outcome);
+                true
+            }
+            None => false,
         }
     }
 
-    /// The outcome arrived: nothing to cancel.
-    pub(crate) fn disarm(mut self) {
-        self.armed = false;
+    /// Whether the call should still run: neither cancelled nor resolved. (A detached call's
+    /// receiver is gone, yet it runs.)
+    pub(crate) fn is_live(&self) -> bool {
+        let inner = self.lock();
+        !matches!(inner.place, Place::Cancelled) && inner.reply.is_some()
     }
-}
 
-impl Drop for CancelOnDrop<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            self.conn.send(Cmd::Cancel { call: self.call });
+    pub(crate) fn is_resolved(&self) -> bool {
+        self.lock().reply.is_none()
+    }
+
+    pub(crate) fn is_queued(&self) -> bool {
+        matches!(self.lock().place, Place::Queued)
+    }
+
+    /// Starts the call on a runner with `start`, unless it was cancelled meanwhile. Holding the
+    /// ticket while `start` registers and sends the call means a concurrent cancel either
+    /// comes first (and the call never starts) or finds it running (and cancels it there).
+    pub(crate) fn start<E>(
+        &self,
+        start: impl FnOnce() -> Result<(Arc<RunnerConn>, u64), E>,
+    ) -> Option<Result<(), E>> {
+        let mut inner = self.lock();
+        if matches!(inner.place, Place::Cancelled) || inner.reply.is_none() {
+            return None;
         }
+        Some(start().map(|(conn, call)| inner.place = Place::Running { conn, call }))
+    }
+
+    /// A running call whose runner was lost goes back to waiting (it will be retried).
+    pub(crate) fn requeue(&self) {
+        let mut inner = self.lock();
+        if matches!(inner.place, Place::Running { .. }) {
+            inner.place = Place::Queued;
+        }
+    }
+
+    /// Cancels the call: resolves it with `error`, and cancels it on its runner if it runs.
+    pub(crate) fn cancel(&self, error: Error) {
+        let mut inner = self.lock();
+        if let Some(reply) = inner.reply.take() {
+            let _ = reply.send(Err(error));
+        }
+        if let Place::Running { conn, call } = std::mem::replace(&mut inner.place, Place::Cancelled)
+        {
+            conn.cancel(call);
+        }
+    }
+
+    /// The handle was dropped or aborted.
+    pub(crate) fn abort(&self) {
+        self.cancel(Error::new(ErrorKind::Cancelled, "the call was aborted"));
     }
 }

@@ -1,62 +1,139 @@
 //! The parent's side of one runner connection: every call to that runner goes through here.
 //!
-//! Callers talk to the connection task through an unbounded queue, so a cancel can be sent from
-//! `Drop` without awaiting. The task owns the pending calls: each holds its caller's reply and
-//! its pool slot, which is released only when the runner reports the call over (done, or its
-//! future dropped after a cancel), so a runner never runs more than `max_concurrency` calls.
+//! A caller starts its call directly: it registers the call and queues its frame for the
+//! writer task, which flushes once per drained queue. One reader task per connection takes the
+//! runner's answers, resolves the callers, and keeps the heartbeat. A call's pool slot is
+//! released only when the runner reports the call over (done, or its future dropped after a
+//! cancel), so a runner never runs more than `max_concurrency` calls.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Serialize;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::error::{Error, ErrorKind};
 use crate::pool::{Shared, Slot};
+use crate::queue::QueuedCall;
 use crate::wire::{self, BoxRead, BoxWrite, Reader, ToParent, ToRunner, Welcome};
 
-pub(crate) type Reply = oneshot::Sender<Result<Bytes, Error>>;
-
-pub(crate) enum Cmd {
-    Run {
-        call: u64,
-        task: &'static str,
-        args: Bytes,
-        deadline: Option<Instant>,
-        reply: Reply,
-        slot: Slot,
-    },
-    Cancel {
-        call: u64,
-    },
-    Shutdown {
-        grace: Duration,
-    },
-}
-
-/// A handle to a runner connection, shared by the pool and in-flight calls.
+/// A handle to a runner connection, shared by the pool and the calls running on it.
 pub(crate) struct RunnerConn {
     pub(crate) id: String,
-    cmds: mpsc::UnboundedSender<Cmd>,
+    out: mpsc::UnboundedSender<Bytes>,
+    pending: Mutex<Pending>,
     next_call: AtomicU64,
 }
 
+#[derive(Default)]
+struct Pending {
+    /// Set when the connection ended: nothing may be registered any more.
+    closed: bool,
+    calls: HashMap<u64, Running>,
+}
+
+struct Running {
+    call: QueuedCall,
+    slot: Slot,
+}
+
+/// A call that could not start on this connection because it has ended.
+pub(crate) struct Unstarted {
+    pub(crate) call: QueuedCall,
+    pub(crate) slot: Slot,
+}
+
+/// `ToRunner::Run` with borrowed fields, so a call's frame is built in one allocation. Its
+/// encoding is byte for byte that of `ToRunner::Run` (checked by a test below).
+#[derive(Serialize)]
+struct RunFrame<'a> {
+    variant: u32,
+    call: u64,
+    task: &'a str,
+    args: &'a [u8],
+    deadline_ms: Option<u64>,
+}
+
+const RUN_VARIANT: u32 = 2;
+
+fn run_frame(call: u64, queued: &QueuedCall) -> Bytes {
+    let deadline_ms = queued
+        .ticket
+        .deadline
+        .at()
+        .map(|at| at.saturating_duration_since(Instant::now()).as_millis() as u64);
+    let frame = RunFrame {
+        variant: RUN_VARIANT,
+        call,
+        task: queued.def.id,
+        args: &queued.args,
+        deadline_ms,
+    };
+    let buf = BytesMut::with_capacity(queued.args.len() + queued.def.id.len() + 24).writer();
+    // Integers, a string and bytes into memory: nothing here can fail.
+    postcard::to_io(&frame, buf)
+        .expect("encoding a run frame into memory")
+        .into_inner()
+        .freeze()
+}
+
 impl RunnerConn {
-    pub(crate) fn next_call(&self) -> u64 {
-        self.next_call.fetch_add(1, Ordering::Relaxed)
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues a command. If the connection is gone the command is dropped, which drops its
-    /// reply (the caller sees the runner lost) and its slot.
-    pub(crate) fn send(&self, cmd: Cmd) {
-        let _ = self.cmds.send(cmd);
+    fn push(&self, msg: &ToRunner) {
+        if let Ok(frame) = wire::encode(msg) {
+            let _ = self.out.send(frame);
+        }
+    }
+
+    /// Registers the call and queues its frame; returns its call id. Gives the call back if the
+    /// connection has ended.
+    pub(crate) fn start(
+        self: &Arc<Self>,
+        call: QueuedCall,
+        slot: Slot,
+    ) -> Result<(Arc<RunnerConn>, u64), Unstarted> {
+        let id = self.next_call.fetch_add(1, Ordering::Relaxed);
+        let frame = run_frame(id, &call);
+        let mut pending = self.lock();
+        if pending.closed {
+            return Err(Unstarted { call, slot });
+        }
+        pending.calls.insert(id, Running { call, slot });
+        // Under the lock, so a cancel for this call can only be queued after its run.
+        let _ = self.out.send(frame);
+        Ok((self.clone(), id))
+    }
+
+    /// Asks the runner to drop the call's future. Its slot comes back with the acknowledgement.
+    pub(crate) fn cancel(&self, call: u64) {
+        let pending = self.lock();
+        if pending.calls.contains_key(&call) {
+            self.push(&ToRunner::Cancel { call });
+        }
+    }
+
+    /// Tells the runner to stop taking calls and to finish its own within `grace`.
+    pub(crate) fn shutdown(&self, grace: Duration) {
+        self.push(&ToRunner::Shutdown {
+            grace_ms: grace.as_millis() as u64,
+        });
+    }
+
+    /// Takes the call's registration: its slot and what to resolve.
+    fn finish(&self, call: u64) -> Option<Running> {
+        self.lock().calls.remove(&call)
     }
 }
 
-/// Takes over an accepted runner connection: sends the welcome and starts the connection task.
+/// Takes over a runner connection that passed the handshake: sends the welcome and starts the
+/// reader and writer tasks.
 pub(crate) fn start(
     shared: Arc<Shared>,
     key: u64,
@@ -64,51 +141,31 @@ pub(crate) fn start(
     (reader, writer): (BoxRead, BoxWrite),
     welcome: Welcome,
 ) -> Arc<RunnerConn> {
-    let (cmds, cmd_rx) = mpsc::unbounded_channel();
+    let (out, out_rx) = mpsc::unbounded_channel();
     let conn = Arc::new(RunnerConn {
         id,
-        cmds,
+        out,
+        pending: Mutex::new(Pending::default()),
         next_call: AtomicU64::new(1),
     });
-    tokio::spawn(run(
-        shared,
-        key,
-        conn.id.clone(),
-        reader,
-        writer,
-        welcome,
-        cmd_rx,
-    ));
+    let writer = tokio::spawn(wire::write_loop(writer, out_rx));
+    conn.push(&ToRunner::Welcome(welcome.clone()));
+    tokio::spawn(read(shared, key, conn.clone(), reader, writer, welcome));
     conn
 }
 
-struct Pending {
-    /// `None` once the caller cancelled: the result, if it still comes, is dropped.
-    reply: Option<Reply>,
-    _slot: Slot,
-}
-
-async fn run(
+async fn read(
     shared: Arc<Shared>,
     key: u64,
-    id: String,
-    rd: BoxRead,
-    wr: BoxWrite,
+    conn: Arc<RunnerConn>,
+    reader: BoxRead,
+    writer: tokio::task::JoinHandle<()>,
     welcome: Welcome,
-    mut cmds: mpsc::UnboundedReceiver<Cmd>,
 ) {
+    let id = &conn.id;
     let heartbeat = Duration::from_millis(welcome.heartbeat_ms);
     let silence_limit = heartbeat * welcome.miss_limit;
-    let (out, out_rx) = mpsc::unbounded_channel::<Bytes>();
-    tokio::spawn(wire::write_loop(wr, out_rx));
-    let send = |msg: &ToRunner| {
-        if let Ok(frame) = wire::encode(msg) {
-            let _ = out.send(frame);
-        }
-    };
-    send(&ToRunner::Welcome(welcome));
-    let mut reader = Reader::new(rd);
-    let mut pending: HashMap<u64, Pending> = HashMap::new();
+    let mut reader = Reader::new(reader);
     let mut last_heard = Instant::now();
     let mut ticker = tokio::time::interval(heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -121,17 +178,14 @@ async fn run(
                 match msg {
                     Some(Ok(ToParent::Done { call, outcome })) => {
                         shared.note_served();
-                        if let Some(p) = pending.remove(&call) {
+                        if let Some(Running { call, slot }) = conn.finish(call) {
                             // Free the slot before waking the caller, so its next call finds it.
-                            let Pending { reply, _slot } = p;
-                            drop(_slot);
-                            if let Some(reply) = reply {
-                                let _ = reply.send(outcome.into_result());
-                            }
+                            drop(slot);
+                            call.ticket.resolve(outcome.into_result());
                         }
                     }
                     Some(Ok(ToParent::Cancelled { call })) => {
-                        pending.remove(&call);
+                        conn.finish(call);
                     }
                     Some(Ok(ToParent::Heartbeat)) => {}
                     Some(Ok(ToParent::Idle { idle_ms })) => shared.runner_idle(key, Duration::from_millis(idle_ms)),
@@ -145,46 +199,66 @@ async fn run(
                     None => break Error::new(ErrorKind::RunnerLost, format!("runner {id} closed its connection (it exited or crashed)")),
                 }
             }
-            cmd = cmds.recv() => match cmd {
-                Some(Cmd::Run { call, task, args, deadline, reply, slot }) => {
-                    let deadline_ms = deadline.map(|d| d.saturating_duration_since(Instant::now()).as_millis() as u64);
-                    send(&ToRunner::Run { call, task: task.to_string(), args, deadline_ms });
-                    pending.insert(call, Pending { reply: Some(reply), _slot: slot });
-                }
-                Some(Cmd::Cancel { call }) => {
-                    if let Some(p) = pending.get_mut(&call) {
-                        p.reply = None;
-                        send(&ToRunner::Cancel { call });
-                    }
-                }
-                Some(Cmd::Shutdown { grace }) => {
-                    send(&ToRunner::Shutdown { grace_ms: grace.as_millis() as u64 });
-                }
-                // The pool is gone: nobody can reach this runner any more.
-                None => break Error::new(ErrorKind::PoolClosed, "the pool was dropped"),
-            },
             _ = ticker.tick() => {
                 let quiet = last_heard.elapsed();
                 if quiet >= silence_limit {
                     break Error::new(
                         ErrorKind::RunnerLost,
-                        format!("runner {id} sent nothing for {quiet:?} (missed {} heartbeats)", welcome_misses(heartbeat, quiet)),
+                        format!(
+                            "runner {id} sent nothing for {quiet:?} (missed {} heartbeats)",
+                            quiet.as_millis() / heartbeat.as_millis().max(1)
+                        ),
                     );
                 }
-                send(&ToRunner::Heartbeat);
+                conn.push(&ToRunner::Heartbeat);
             }
         }
     };
     tracing::debug!(runner = %id, reason = %reason, "flame: runner connection ended");
+    writer.abort();
     // Forget the runner first, so the slots released below are not handed out on it.
     shared.runner_gone(key, &reason);
-    for (_, p) in pending.drain() {
-        if let Some(reply) = p.reply {
-            let _ = reply.send(Err(reason.clone()));
+    let running = {
+        let mut pending = conn.lock();
+        pending.closed = true;
+        std::mem::take(&mut pending.calls)
+    };
+    for (_, Running { mut call, slot }) in running {
+        drop(slot);
+        let retryable = matches!(reason.kind(), ErrorKind::RunnerLost | ErrorKind::BootFailed);
+        if retryable && call.retries > 0 && call.ticket.is_live() {
+            call.retries -= 1;
+            call.ticket.requeue();
+            tracing::debug!(runner = %id, task = call.def.id, "flame: retrying a call whose runner was lost");
+            shared.submit(call);
+        } else {
+            call.ticket.resolve(Err(reason.clone()));
         }
     }
 }
 
-fn welcome_misses(heartbeat: Duration, quiet: Duration) -> u128 {
-    quiet.as_millis() / heartbeat.as_millis().max(1)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_borrowed_run_frame_encodes_as_the_message() {
+        let frame = RunFrame {
+            variant: RUN_VARIANT,
+            call: 300,
+            task: "app::thumbnails",
+            args: &[1, 2, 3, 250],
+            deadline_ms: Some(1500),
+        };
+        let message = ToRunner::Run {
+            call: 300,
+            task: "app::thumbnails".into(),
+            args: Bytes::from_static(&[1, 2, 3, 250]),
+            deadline_ms: Some(1500),
+        };
+        assert_eq!(
+            postcard::to_stdvec(&frame).unwrap(),
+            wire::encode(&message).unwrap().to_vec()
+        );
+    }
 }

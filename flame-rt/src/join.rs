@@ -5,11 +5,14 @@ use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use serde::de::DeserializeOwned;
+use tokio::sync::oneshot;
+use tokio::time::{Instant, Sleep};
 
+use crate::cancel::{Outcome, Ticket};
 use crate::error::{Error, ErrorKind};
 
 /// A handle to a call started with [`spawn_on`](crate::spawn_on).
@@ -21,16 +24,26 @@ use crate::error::{Error, ErrorKind};
 /// **Dropping an unfinished handle cancels the call**: a call still waiting for a slot never
 /// starts, and a running one has its future dropped on the runner, so child processes spawned
 /// with `kill_on_drop(true)` die with it. [`detach`](JoinHandle::detach) opts out.
+///
+/// While it is awaited, the handle also keeps the call's deadline on this side: a call that
+/// waits for a slot past its timeout (or past the pool's `boot_timeout` when it has none), or
+/// runs past its timeout, resolves with [`ErrorKind::TimedOut`] and is cancelled.
 #[must_use = "dropping a flame::JoinHandle cancels the call; use .detach() to let it run"]
 pub struct JoinHandle<R> {
-    driver: Option<tokio::task::JoinHandle<Result<Bytes, Error>>>,
+    ticket: Arc<Ticket>,
+    outcome: Option<oneshot::Receiver<Outcome>>,
+    timer: Option<Pin<Box<Sleep>>>,
+    detached: bool,
     _result: PhantomData<fn() -> R>,
 }
 
 impl<R> JoinHandle<R> {
-    pub(crate) fn new(driver: tokio::task::JoinHandle<Result<Bytes, Error>>) -> JoinHandle<R> {
+    pub(crate) fn new(ticket: Arc<Ticket>, outcome: oneshot::Receiver<Outcome>) -> JoinHandle<R> {
         JoinHandle {
-            driver: Some(driver),
+            ticket,
+            outcome: Some(outcome),
+            timer: None,
+            detached: false,
             _result: PhantomData,
         }
     }
@@ -39,20 +52,43 @@ impl<R> JoinHandle<R> {
     /// afterwards gives an error with [`ErrorKind::Cancelled`] (or the result, if the call had
     /// already finished).
     pub fn abort(&self) {
-        if let Some(driver) = &self.driver {
-            driver.abort();
-        }
+        self.ticket.abort();
     }
 
     /// Whether the call has ended (with a result, an error, or cancellation).
     pub fn is_finished(&self) -> bool {
-        self.driver.as_ref().is_none_or(|d| d.is_finished())
+        self.ticket.is_resolved()
     }
 
     /// Lets the call run to completion without anyone waiting for it; its result is discarded.
     pub fn detach(mut self) {
-        // Dropping a tokio JoinHandle detaches its task.
-        self.driver.take();
+        self.detached = true;
+    }
+
+    /// When this side should next look at the call's deadline: the end of its wait for a slot
+    /// while it waits, its deadline while it runs.
+    fn next_bound(&self) -> Option<Instant> {
+        let at = self.ticket.deadline.at();
+        if self.ticket.is_queued() {
+            Some(at.map_or(self.ticket.queue_until, |at| {
+                at.min(self.ticket.queue_until)
+            }))
+        } else {
+            at
+        }
+    }
+
+    /// The bound has passed: time the call out, if it is still on the wrong side of it.
+    fn check_bound(&self) {
+        let now = Instant::now();
+        let (task, deadline) = (self.ticket.task, self.ticket.deadline);
+        if self.ticket.is_queued() {
+            if now >= self.ticket.queue_until || deadline.at().is_some_and(|at| now >= at) {
+                self.ticket.cancel(deadline.expired(task, true));
+            }
+        } else if deadline.at().is_some_and(|at| now >= at) {
+            self.ticket.cancel(deadline.expired(task, false));
+        }
     }
 }
 
@@ -60,39 +96,61 @@ impl<R: DeserializeOwned> Future for JoinHandle<R> {
     type Output = Result<R, Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let driver = self
-            .driver
-            .as_mut()
-            .expect("flame::JoinHandle polled after it completed");
-        let joined = ready!(Pin::new(driver).poll(cx));
-        self.driver = None;
-        Poll::Ready(match joined {
-            Ok(Ok(bytes)) => postcard::from_bytes(&bytes).map_err(|e| {
-                Error::new(
-                    ErrorKind::Codec,
-                    format!(
-                        "the task's result could not be decoded: {e}; parent and runner must agree \
-                         on the return type, and it must not use serde features postcard lacks \
-                         (untagged or internally tagged enums, flatten)"
-                    ),
-                )
-            }),
-            Ok(Err(e)) => Err(e),
-            Err(e) if e.is_cancelled() => {
-                Err(Error::new(ErrorKind::Cancelled, "the call was aborted"))
+        let this = &mut *self;
+        loop {
+            let outcome = this
+                .outcome
+                .as_mut()
+                .expect("flame::JoinHandle polled after it completed");
+            if let Poll::Ready(outcome) = Pin::new(outcome).poll(cx) {
+                this.outcome = None;
+                this.timer = None;
+                return Poll::Ready(decode(outcome));
             }
-            Err(e) => Err(Error::new(
-                ErrorKind::Panicked,
-                format!("flame's call driver panicked (a bug in flame-rt): {e}"),
-            )),
-        })
+            let Some(bound) = this.next_bound() else {
+                this.timer = None;
+                return Poll::Pending;
+            };
+            match &mut this.timer {
+                Some(timer) if timer.deadline() == bound => {}
+                timer => *timer = Some(Box::pin(tokio::time::sleep_until(bound))),
+            }
+            match this.timer.as_mut().expect("just set").as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                // Time out if still due, then look at the outcome (and the bound) again.
+                Poll::Ready(()) => this.check_bound(),
+            }
+        }
+    }
+}
+
+fn decode<R: DeserializeOwned>(
+    outcome: Result<Outcome, oneshot::error::RecvError>,
+) -> Result<R, Error> {
+    match outcome {
+        Ok(Ok(bytes)) => postcard::from_bytes(&bytes).map_err(|e| {
+            Error::new(
+                ErrorKind::Codec,
+                format!(
+                    "the task's result could not be decoded: {e}; parent and runner must agree \
+                     on the return type, and it must not use serde features postcard lacks \
+                     (untagged or internally tagged enums, flatten)"
+                ),
+            )
+        }),
+        Ok(Err(e)) => Err(e),
+        // Every path resolves the ticket before dropping it; this is the pool going away.
+        Err(_) => Err(Error::new(
+            ErrorKind::PoolClosed,
+            "the pool went away before the call ended",
+        )),
     }
 }
 
 impl<R> Drop for JoinHandle<R> {
     fn drop(&mut self) {
-        if let Some(driver) = self.driver.take() {
-            driver.abort();
+        if !self.detached && self.outcome.is_some() {
+            self.ticket.abort();
         }
     }
 }
@@ -100,6 +158,7 @@ impl<R> Drop for JoinHandle<R> {
 impl<R> fmt::Debug for JoinHandle<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("JoinHandle")
+            .field("task", &self.ticket.task)
             .field("finished", &self.is_finished())
             .finish()
     }

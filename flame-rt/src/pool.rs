@@ -11,21 +11,18 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::backend::{Backend, BootSpec, RunnerHandle};
 use crate::builder::{Config, PoolBuilder};
-use crate::call::Outgoing;
-use crate::cancel::CancelOnDrop;
-use crate::connection::{self, Cmd, RunnerConn};
-use crate::deadline::Deadline;
+use crate::connection::{self, RunnerConn, Unstarted};
 use crate::error::{Error, ErrorKind};
 use crate::handshake::new_token;
 use crate::hooks::{GrowEnd, GrowReason, GrowStart, Hooks, Shrink, ShrinkReason};
 use crate::listener::{Accepted, Listener};
 use crate::parent::Handoff;
-use crate::queue::Queue;
+use crate::queue::{Queue, QueuedCall};
 use crate::task::{TaskDef, registry};
 use crate::wire::{BoxRead, BoxWrite, MAX_FRAME, Welcome};
 #[cfg(feature = "tls")]
@@ -255,9 +252,7 @@ impl Runner {
     fn stop(&mut self, reason: ShrinkReason) {
         self.drain = Some(reason);
         if self.in_flight == 0 {
-            self.conn.send(Cmd::Shutdown {
-                grace: Duration::ZERO,
-            });
+            self.conn.shutdown(Duration::ZERO);
         }
     }
 }
@@ -280,6 +275,32 @@ impl Drop for Slot {
 }
 
 static NEXT_RUNNER: AtomicU64 = AtomicU64::new(1);
+
+/// What became of a call given a slot.
+enum Start {
+    Started,
+    /// Cancelled meanwhile: the slot was not used.
+    Cancelled(Slot),
+    /// Its runner's connection has just ended: the call goes back to waiting.
+    Closed(QueuedCall, Slot),
+}
+
+/// Starts `call` on the runner of `slot`, unless it was cancelled meanwhile. Takes the
+/// ticket's and the connection's locks (in that order), never the pool's.
+fn start_call(call: QueuedCall, slot: Slot) -> Start {
+    let ticket = call.ticket.clone();
+    let conn = slot.conn.clone();
+    let mut parts = Some((call, slot));
+    let started = ticket.start(|| {
+        let (call, slot) = parts.take().expect("started once");
+        conn.start(call, slot)
+    });
+    match started {
+        Some(Ok(())) => Start::Started,
+        Some(Err(Unstarted { call, slot })) => Start::Closed(call, slot),
+        None => Start::Cancelled(parts.take().expect("not started").1),
+    }
+}
 
 /// Takes over a runner's connection from the listener. A TLS runner's handshake happens here,
 /// on the pool's runtime: the TLS handshake, then its hello, checked as the listener checks a
@@ -378,16 +399,9 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs one call: waits for a slot, sends the call, waits for its outcome, and tries again
-    /// if the call asked for retries and its runner was lost. Cancels the call on the runner if
-    /// dropped on the way.
-    pub(crate) async fn dispatch(self: Arc<Self>, call: Outgoing) -> Result<Bytes, Error> {
-        let Outgoing {
-            def,
-            args,
-            timeout,
-            retries,
-        } = call;
+    /// What must hold before a call is sent: its arguments fit in a frame, and its task is in
+    /// this binary's registry.
+    pub(crate) fn check(&self, def: &'static TaskDef, args: &Bytes) -> Result<(), Error> {
         if args.len() > MAX_FRAME - 4096 {
             return Err(Error::new(
                 ErrorKind::Codec,
@@ -409,57 +423,54 @@ impl Shared {
                 ),
             ));
         }
-        // One deadline for every attempt.
-        let deadline = Deadline::starting_now(timeout.or(self.config.timeout));
-        let mut attempt = 0;
-        loop {
-            let result = self.run_once(def, args.clone(), deadline).await;
-            match result {
-                Err(e)
-                    if attempt < retries
-                        && matches!(e.kind(), ErrorKind::RunnerLost | ErrorKind::BootFailed) =>
-                {
-                    attempt += 1;
-                    tracing::debug!(pool = %self.name, task = def.id, attempt, error = %e, "flame: retrying a call");
-                }
-                result => return result,
+        Ok(())
+    }
+
+    /// Sends a call on its way: straight to the least-loaded runner with a free slot when
+    /// nobody waits ahead of it, else into the queue (asking the pool to grow).
+    pub(crate) fn submit(self: &Arc<Self>, call: QueuedCall) {
+        let (call, slot) = {
+            let mut state = self.lock();
+            if let Some(error) = &state.closed {
+                call.ticket.resolve(Err(error.clone()));
+                return;
+            }
+            // Demand lifts a pause of `min` taken for idleness.
+            state.min_suspended = false;
+            let slot = match state.queue.has_waiters() {
+                true => None,
+                false => self.take_slot(&mut state),
+            };
+            // A busy pool may want its next runner before it is full.
+            let Some(slot) = slot else {
+                tracing::debug!(pool = %self.name, task = call.def.id, at_max = state.at_max(), "flame: call waits for a slot");
+                state.queue.push(call);
+                self.grow(&mut state, None);
+                return;
+            };
+            self.grow(&mut state, None);
+            (call, slot)
+        };
+        // Outside the pool lock: starting the call takes its ticket's and connection's locks.
+        match start_call(call, slot) {
+            Start::Started => {}
+            Start::Cancelled(slot) => drop(slot),
+            Start::Closed(call, slot) => {
+                drop(slot);
+                self.submit(call);
             }
         }
     }
 
-    async fn run_once(
-        self: &Arc<Self>,
-        def: &'static TaskDef,
-        args: Bytes,
-        deadline: Deadline,
-    ) -> Result<Bytes, Error> {
-        let slot = self.checkout(def.id, deadline).await?;
-        let conn = slot.conn.clone();
-        let call = conn.next_call();
-        let (reply, outcome) = oneshot::channel();
-        conn.send(Cmd::Run {
-            call,
-            task: def.id,
-            args,
-            deadline: deadline.at(),
-            reply,
-            slot,
-        });
-        let cancel = CancelOnDrop::new(&conn, call);
-        let outcome = match deadline.at() {
-            Some(at) => match tokio::time::timeout_at(at, outcome).await {
-                Ok(outcome) => outcome,
-                Err(_) => return Err(deadline.expired(def.id, false)),
-            },
-            None => outcome.await,
-        };
-        cancel.disarm();
-        outcome.unwrap_or_else(|_| {
-            Err(Error::new(
-                ErrorKind::RunnerLost,
-                format!("runner {} went away while running {}", conn.id, def.id),
-            ))
-        })
+    /// Gives back a slot taken under the lock but not used (dropping it would take the lock).
+    fn undo(&self, state: &mut State, mut slot: Slot) {
+        slot.armed = false;
+        if let Some(r) = state.runners.iter_mut().find(|r| r.key == slot.key) {
+            r.in_flight -= 1;
+            if self.config.single_use {
+                r.drain = None;
+            }
+        }
     }
 
     /// A free slot on the least-loaded runner, if any.
@@ -481,23 +492,22 @@ impl Shared {
         })
     }
 
-    /// Gives free slots to waiting callers, oldest first.
+    /// Starts waiting calls on free slots, oldest first.
     fn hand_out(self: &Arc<Self>, state: &mut State) {
-        while let Some(waiter) = state.queue.pop() {
+        while state.queue.has_waiters() {
             let Some(slot) = self.take_slot(state) else {
-                // Nobody could be served: put the caller back at the head of the line.
-                state.queue.push_front(waiter);
                 return;
             };
-            if let Err(Ok(mut slot)) = waiter.send(Ok(slot)) {
-                // The caller gave up just now; the slot was never used. Undo it here (we hold
-                // the lock that `Slot::drop` would take).
-                slot.armed = false;
-                if let Some(r) = state.runners.iter_mut().find(|r| r.key == slot.key) {
-                    r.in_flight -= 1;
-                    if self.config.single_use {
-                        r.drain = None;
-                    }
+            let Some(call) = state.queue.pop() else {
+                return self.undo(state, slot);
+            };
+            match start_call(call, slot) {
+                Start::Started => {}
+                Start::Cancelled(slot) => self.undo(state, slot),
+                Start::Closed(call, slot) => {
+                    self.undo(state, slot);
+                    state.queue.push_front(call);
+                    return;
                 }
             }
         }
@@ -545,9 +555,7 @@ impl Shared {
             if let Some(runner) = state.runners.iter_mut().find(|r| r.key == key) {
                 runner.in_flight -= 1;
                 match runner.drain {
-                    Some(_) if runner.in_flight == 0 => runner.conn.send(Cmd::Shutdown {
-                        grace: Duration::ZERO,
-                    }),
+                    Some(_) if runner.in_flight == 0 => runner.conn.shutdown(Duration::ZERO),
                     Some(_) => {}
                     None => self.hand_out(&mut state),
                 }
@@ -597,9 +605,7 @@ impl Shared {
             error,
         });
         if let Some(runner) = orphan {
-            runner.conn.send(Cmd::Shutdown {
-                grace: Duration::ZERO,
-            });
+            runner.conn.shutdown(Duration::ZERO);
             if let Some(handle) = runner.handle {
                 handle.destroy().await;
             }
@@ -785,9 +791,7 @@ impl Shared {
         runners
             .into_iter()
             .filter_map(|r| {
-                r.conn.send(Cmd::Shutdown {
-                    grace: Duration::ZERO,
-                });
+                r.conn.shutdown(Duration::ZERO);
                 Some((r.conn.id.clone(), r.handle?))
             })
             .collect()
@@ -808,7 +812,7 @@ impl Shared {
             }
             for runner in &mut state.runners {
                 runner.drain.get_or_insert(ShrinkReason::Shutdown);
-                runner.conn.send(Cmd::Shutdown { grace });
+                runner.conn.shutdown(grace);
             }
         }
         let deadline = Instant::now() + grace;
