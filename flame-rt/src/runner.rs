@@ -1,14 +1,18 @@
 //! The runner side: dial the parent, prove who we are, then run the calls it sends until it
-//! lets us go. One Tokio task per call, so a panic or a slow task never blocks the others.
+//! lets us go. One Tokio task per call, so a panic or a slow task never blocks the others; each
+//! call's task sends its own result.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::FutureExt;
 use tokio::sync::mpsc;
-use tokio::task::{AbortHandle, JoinSet};
+use tokio::task::AbortHandle;
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 
 use crate::parent::{Handoff, Parent, TASK_PARENT};
 use crate::task::{Registry, registry};
@@ -45,9 +49,69 @@ struct Service {
     parent: Parent,
     registry: &'static Registry,
     out: mpsc::UnboundedSender<Bytes>,
-    tasks: JoinSet<Outcome>,
-    by_call: HashMap<u64, AbortHandle>,
-    by_task: HashMap<tokio::task::Id, u64>,
+    calls: Arc<Calls>,
+}
+
+/// The calls running on this runner. Each runs in its own task, which sends its own result and
+/// takes itself off this list: the service loop is not woken per call.
+struct Calls {
+    running: Mutex<HashMap<u64, AbortHandle>>,
+    tracker: TaskTracker,
+    /// When the last call ended, to tell how long the runner has been idle.
+    last_end: Mutex<Instant>,
+}
+
+impl Calls {
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, AbortHandle>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How long the runner has had nothing to run, if it has nothing now.
+    fn idle_for(&self) -> Option<Duration> {
+        let running = self.lock();
+        running.is_empty().then(|| {
+            self.last_end
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .elapsed()
+        })
+    }
+}
+
+/// Ends a call's life on the runner: takes it off the list and, if its future was dropped before
+/// it finished (cancelled, or the runner is stopping), tells the parent so.
+struct CallGuard {
+    call: u64,
+    calls: Arc<Calls>,
+    out: mpsc::UnboundedSender<Bytes>,
+    finished: std::cell::Cell<bool>,
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        let mut running = self.calls.lock();
+        running.remove(&self.call);
+        if running.is_empty() {
+            *self
+                .calls
+                .last_end
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        }
+        drop(running);
+        if !self.finished.get() {
+            send(&self.out, &ToParent::Cancelled { call: self.call });
+        }
+    }
+}
+
+fn send(out: &mpsc::UnboundedSender<Bytes>, msg: &ToParent) {
+    match wire::encode(msg) {
+        Ok(frame) => {
+            let _ = out.send(frame);
+        }
+        Err(e) => tracing::error!(error = %e, "flame runner: cannot encode a message"),
+    }
 }
 
 impl Service {
@@ -64,13 +128,15 @@ impl Service {
         let (out, out_rx) = mpsc::unbounded_channel();
         let writer = tokio::spawn(wire::write_loop(wr, out_rx));
         let mut reader = Reader::new(rd);
-        let mut service = Service {
+        let service = Service {
             parent: Parent::new(handoff.clone()),
             registry,
             out,
-            tasks: JoinSet::new(),
-            by_call: HashMap::new(),
-            by_task: HashMap::new(),
+            calls: Arc::new(Calls {
+                running: Mutex::new(HashMap::new()),
+                tracker: TaskTracker::new(),
+                last_end: Mutex::new(Instant::now()),
+            }),
         };
         service.send(&ToParent::Hello(Hello {
             protocol: PROTOCOL_VERSION,
@@ -102,22 +168,23 @@ impl Service {
         let heartbeat = Duration::from_millis(welcome.heartbeat_ms.max(1));
         let mut watchdog = Watchdog::new(heartbeat * welcome.miss_limit.max(1));
         let idle_after = welcome.idle_ms.map(Duration::from_millis);
-        // When the runner last became idle, and when it next tells the parent so.
-        let mut idle_since = Instant::now();
-        let mut idle_report = idle_after.map(|after| idle_since + after);
         let mut ticker = tokio::time::interval(heartbeat);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Set once the parent asks us to stop: no new calls, and this is when we stop waiting.
-        let mut draining: Option<Instant> = None;
+        // Timers live across iterations: re-arming them per message would cost a timer-wheel
+        // insert and removal for every call.
         let far_future = Instant::now() + Duration::from_secs(86400 * 365);
+        let idle_timer =
+            tokio::time::sleep_until(idle_after.map_or(far_future, |after| Instant::now() + after));
+        let grace_timer = tokio::time::sleep_until(far_future);
+        tokio::pin!(idle_timer, grace_timer);
+        // Once the parent asks us to stop: no new calls, and we end when the last one does.
+        let mut draining = false;
+        let all_done = service.calls.tracker.wait();
+        tokio::pin!(all_done);
         let mut control_open = true;
         let mut parent_open = true;
 
         let exit = loop {
-            let idle_at = match idle_report {
-                Some(at) if service.tasks.is_empty() && draining.is_none() => at,
-                _ => far_future,
-            };
             tokio::select! {
                 // A failed `main` goes first: such a runner should take no more calls.
                 biased;
@@ -128,75 +195,87 @@ impl Service {
                     }
                     // Told to stop while finishing calls within a grace the parent gave (its
                     // death signal, say): the grace stands.
-                    Some(Control::Terminate) if draining.is_some() => {}
+                    Some(Control::Terminate) if draining => {}
                     Some(Control::Terminate) => break Exit::Terminated,
                     // The host dropped its control handle: keep serving.
                     None => control_open = false,
                 },
-                msg = reader.next::<ToRunner>(), if parent_open => {
+                frame = reader.next_frame(), if parent_open => {
                     watchdog.heard();
-                    match msg {
-                        Some(Ok(ToRunner::Run { call, task, args, deadline_ms })) => {
-                            if draining.is_some() {
-                                service.done(call, Outcome::Failed {
-                                    kind: WireErrorKind::ShuttingDown,
-                                    message: "the runner is shutting down".into(),
-                                });
-                            } else {
-                                service.start(call, &task, &args, deadline_ms);
+                    let msg = match frame {
+                        Some(Ok(frame)) => match run_ref(&frame) {
+                            // The hot path: a call, decoded without copying its arguments.
+                            Some(Ok(run)) => {
+                                if draining {
+                                    service.done(run.call, Outcome::Failed {
+                                        kind: WireErrorKind::ShuttingDown,
+                                        message: "the runner is shutting down".into(),
+                                    });
+                                } else {
+                                    service.start(run.call, run.task, run.args, run.deadline_ms);
+                                }
+                                continue;
                             }
-                        }
+                            Some(Err(e)) => Some(Err(e)),
+                            None => Some(wire::decode::<ToRunner>(&frame)),
+                        },
+                        Some(Err(e)) => Some(Err(e)),
+                        None => None,
+                    };
+                    match msg {
                         Some(Ok(ToRunner::Cancel { call })) => {
-                            if let Some(task) = service.by_call.get(&call) {
+                            if let Some(task) = service.calls.lock().get(&call) {
                                 task.abort();
                             }
                         }
                         Some(Ok(ToRunner::Heartbeat)) => {}
                         Some(Ok(ToRunner::Shutdown { grace_ms })) => {
-                            if service.tasks.is_empty() {
-                                break Exit::Stopped;
-                            }
+                            service.calls.tracker.close();
                             let until = Instant::now() + Duration::from_millis(grace_ms);
-                            draining = Some(draining.map_or(until, |d| d.min(until)));
+                            if !draining || until < grace_timer.deadline() {
+                                grace_timer.as_mut().reset(until);
+                            }
+                            draining = true;
                         }
                         Some(Ok(other)) => break Exit::ParentLost(format!("unexpected message {other:?}")),
                         // A runner told to stop keeps the grace it was given even if the parent
                         // goes away meanwhile (Elixir FLAME #86): its tasks may be half-way
                         // through work worth finishing.
-                        Some(Err(_)) | None if draining.is_some() => parent_open = false,
+                        Some(Err(_)) | None if draining => parent_open = false,
                         Some(Err(e)) => break Exit::ParentLost(e.to_string()),
                         None => break Exit::ParentLost("the parent closed the connection".into()),
                     }
                 }
-                Some(joined) = service.tasks.join_next_with_id(), if !service.tasks.is_empty() => {
-                    service.finished(joined);
-                    if service.tasks.is_empty() {
-                        if draining.is_some() {
-                            break Exit::Stopped;
-                        }
-                        idle_since = Instant::now();
-                        idle_report = idle_after.map(|after| idle_since + after);
-                    }
-                }
+                _ = &mut all_done, if draining => break Exit::Stopped,
                 _ = ticker.tick() => {
-                    if draining.is_none()
+                    if !draining
                         && let Some(exit) = watchdog.silent()
                     {
                         break exit;
                     }
                     service.send(&ToParent::Heartbeat);
                 }
-                _ = tokio::time::sleep_until(idle_at) => {
-                    let idle_ms = idle_since.elapsed().as_millis() as u64;
-                    service.send(&ToParent::Idle { idle_ms });
-                    // The parent may keep us (min runners): tell it again after another period.
-                    idle_report = idle_after.map(|after| idle_at + after);
+                _ = &mut idle_timer, if !draining => {
+                    let after = idle_after.expect("the idle timer runs only with an idle period");
+                    match service.calls.idle_for() {
+                        Some(idle) if idle >= after => {
+                            service.send(&ToParent::Idle { idle_ms: idle.as_millis() as u64 });
+                            // The parent may keep us (min runners): tell it again later.
+                            idle_timer.as_mut().reset(Instant::now() + after);
+                        }
+                        Some(idle) => idle_timer.as_mut().reset(Instant::now() + (after - idle)),
+                        None => idle_timer.as_mut().reset(Instant::now() + after),
+                    }
                 }
-                _ = tokio::time::sleep_until(draining.unwrap_or(far_future)) => break Exit::Stopped,
+                _ = &mut grace_timer, if draining => break Exit::Stopped,
             }
         };
         // Drop every task before going away, so their kill_on_drop children die with them.
-        service.tasks.shutdown().await;
+        for task in service.calls.lock().values() {
+            task.abort();
+        }
+        service.calls.tracker.close();
+        service.calls.tracker.wait().await;
         let Service { out, .. } = service;
         drop(out);
         let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
@@ -204,19 +283,14 @@ impl Service {
     }
 
     fn send(&self, msg: &ToParent) {
-        match wire::encode(msg) {
-            Ok(frame) => {
-                let _ = self.out.send(frame);
-            }
-            Err(e) => tracing::error!(error = %e, "flame runner: cannot encode a message"),
-        }
+        send(&self.out, msg);
     }
 
     fn done(&self, call: u64, outcome: Outcome) {
         self.send(&ToParent::Done { call, outcome });
     }
 
-    fn start(&mut self, call: u64, task: &str, args: &[u8], deadline_ms: Option<u64>) {
+    fn start(&self, call: u64, task: &str, args: &[u8], deadline_ms: Option<u64>) {
         let Some(def) = self.registry.get(task) else {
             return self.done(
                 call,
@@ -240,23 +314,28 @@ impl Service {
         };
         let deadline = deadline_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
         let task_id = def.id;
+        let guard = CallGuard {
+            call,
+            calls: self.calls.clone(),
+            out: self.out.clone(),
+            finished: std::cell::Cell::new(false),
+        };
         let work = async move {
             let result = match deadline {
-                Some(deadline) => match tokio::time::timeout_at(deadline, body).await {
-                    Ok(result) => result,
-                    Err(_) => {
-                        return Outcome::Failed {
-                            kind: WireErrorKind::TimedOut,
-                            message: format!(
-                                "{task_id} did not finish before its deadline; the runner dropped it"
-                            ),
-                        };
-                    }
-                },
-                None => body.await,
+                Some(deadline) => {
+                    tokio::time::timeout_at(deadline, AssertUnwindSafe(body).catch_unwind()).await
+                }
+                None => Ok(AssertUnwindSafe(body).catch_unwind().await),
             };
-            match result {
-                Ok(bytes) if bytes.len() > MAX_FRAME - 1024 => Outcome::Failed {
+            let outcome = match result {
+                Err(_) => Outcome::Failed {
+                    kind: WireErrorKind::TimedOut,
+                    message: format!(
+                        "{task_id} did not finish before its deadline; the runner dropped it"
+                    ),
+                },
+                Ok(Err(panic)) => Outcome::Panicked(panic_message(panic)),
+                Ok(Ok(Ok(bytes))) if bytes.len() > MAX_FRAME - 1024 => Outcome::Failed {
                     kind: WireErrorKind::Codec,
                     message: format!(
                         "the result of {task_id} is {} bytes, more than the {MAX_FRAME}-byte frame limit; \
@@ -264,38 +343,61 @@ impl Service {
                         bytes.len()
                     ),
                 },
-                Ok(bytes) => Outcome::Ok(bytes),
-                Err(message) => Outcome::Failed {
+                Ok(Ok(Ok(bytes))) => Outcome::Ok(bytes),
+                Ok(Ok(Err(message))) => Outcome::Failed {
                     kind: WireErrorKind::Codec,
                     message: format!("{task_id}: {message}"),
                 },
-            }
+            };
+            send(&guard.out, &ToParent::Done { call, outcome });
+            guard.finished.set(true);
         };
+        // Registered under the lock, so the task cannot take itself off the list before it is on.
+        let mut running = self.calls.lock();
         let handle = self
-            .tasks
+            .calls
+            .tracker
             .spawn(TASK_PARENT.scope(self.parent.clone(), work));
-        self.by_task.insert(handle.id(), call);
-        self.by_call.insert(call, handle);
+        running.insert(call, handle.abort_handle());
     }
+}
 
-    fn finished(&mut self, joined: Result<(tokio::task::Id, Outcome), tokio::task::JoinError>) {
-        let (id, outcome) = match joined {
-            Ok((id, outcome)) => (id, Some(outcome)),
-            Err(e) if e.is_cancelled() => (e.id(), None),
-            Err(e) => {
-                let id = e.id();
-                (id, Some(Outcome::Panicked(panic_message(e.into_panic()))))
-            }
-        };
-        let Some(call) = self.by_task.remove(&id) else {
-            return;
-        };
-        self.by_call.remove(&call);
-        match outcome {
-            Some(outcome) => self.done(call, outcome),
-            None => self.send(&ToParent::Cancelled { call }),
-        }
+/// A `Run` frame decoded in place: `None` if the frame is another message.
+struct RunRef<'a> {
+    call: u64,
+    task: &'a str,
+    args: &'a [u8],
+    deadline_ms: Option<u64>,
+}
+
+fn run_ref(frame: &[u8]) -> Option<Result<RunRef<'_>, crate::error::Error>> {
+    #[derive(serde::Deserialize)]
+    struct Borrowed<'a> {
+        variant: u32,
+        call: u64,
+        task: &'a str,
+        args: &'a [u8],
+        deadline_ms: Option<u64>,
     }
+    // Postcard writes the variant index first, as a varint: `Run` is 2, one byte.
+    if frame.first() != Some(&2) {
+        return None;
+    }
+    Some(
+        postcard::from_bytes::<Borrowed<'_>>(frame)
+            .map(|b| {
+                debug_assert_eq!(b.variant, 2);
+                RunRef {
+                    call: b.call,
+                    task: b.task,
+                    args: b.args,
+                    deadline_ms: b.deadline_ms,
+                }
+            })
+            .map_err(|e| {
+                crate::error::Error::new(crate::error::ErrorKind::Protocol, e.to_string())
+            }),
+    )
 }
 
 fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {

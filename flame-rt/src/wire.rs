@@ -209,6 +209,16 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         self.inner.into_inner()
     }
 
+    /// The next frame, undecoded; `None` at a clean end of stream.
+    pub(crate) async fn next_frame(&mut self) -> Option<Result<bytes::BytesMut, Error>> {
+        Some(
+            self.inner
+                .next()
+                .await?
+                .map_err(|e| Error::io("reading a frame", e)),
+        )
+    }
+
     /// The next message; `None` at a clean end of stream.
     pub(crate) async fn next<T: DeserializeOwned>(&mut self) -> Option<Result<T, Error>> {
         match self.inner.next().await? {
