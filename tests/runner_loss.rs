@@ -194,3 +194,28 @@ async fn a_runner_that_exits_before_dialing_back_fails_the_call_at_once() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_runners_arm_the_parent_death_signal_unless_told_not_to() {
+    tokio::time::timeout(BOUND, async {
+        for (armed, expected) in [(true, libc::SIGTERM), (false, 0)] {
+            let pool = Pool::builder("deathsignal")
+                .backend(
+                    ProcessBackend::new()
+                        .program(RUNNER)
+                        .parent_death_signal(armed),
+                )
+                .max(1)
+                .start()
+                .await
+                .unwrap();
+            assert_eq!(
+                flame::call(&pool, parent_death_signal()).await.unwrap(),
+                expected
+            );
+            pool.shutdown().await;
+        }
+    })
+    .await
+    .expect("test timed out");
+}

@@ -6,7 +6,6 @@ use std::time::Duration;
 use crate::backend::{Backend, LocalBackend, ProcessBackend};
 use crate::error::{Error, ErrorKind};
 use crate::hooks::{GrowEnd, GrowStart, Hooks, Shrink};
-use crate::listener::listener_for;
 use crate::parent::parent;
 use crate::pool::{Pool, Shared};
 use crate::task::registry;
@@ -271,8 +270,7 @@ impl PoolBuilder {
         } else {
             backend.unwrap_or_else(|| Arc::new(ProcessBackend::new()))
         };
-        let listener = listener_for(backend.listen_addr())?;
-        let shared = Shared::new(name, config, min, max, backend, listener, hooks);
+        let shared = Shared::new(name, config, min, max, backend, hooks);
         let pool = Pool::new(shared);
         pool.shared().wait_for_min().await?;
         Ok(pool)

@@ -5,8 +5,8 @@
 //! `max`, however many callers race (Elixir FLAME issue #64).
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,7 +20,7 @@ use crate::connection::{self, RunnerConn, Unstarted};
 use crate::error::{Error, ErrorKind};
 use crate::handshake::new_token;
 use crate::hooks::{GrowEnd, GrowReason, GrowStart, Hooks, Shrink, ShrinkReason};
-use crate::listener::{Accepted, Listener};
+use crate::listener::{Accepted, Listener, listener_for};
 use crate::parent::Handoff;
 use crate::queue::{Queue, QueuedCall};
 use crate::task::{TaskDef, registry};
@@ -198,12 +198,15 @@ pub(crate) struct Shared {
     pub(crate) name: String,
     pub(crate) config: Config,
     backend: Arc<dyn Backend>,
-    listener: Arc<Listener>,
-    advertise: String,
+    /// The listener runners dial, and the address they are told, bound on the first boot: a
+    /// pool that never boots (one started inside a runner, say) costs no socket and no thread.
+    listener: OnceLock<(Arc<Listener>, String)>,
     hooks: Hooks,
     state: Mutex<State>,
-    /// Woken when runners come or go and when calls finish.
+    /// Woken when runners come or go and when calls finish, if anyone watches.
     changed: Notify,
+    /// How many are waiting on `changed`: a finished call wakes nobody when nobody waits.
+    watchers: AtomicUsize,
     served: AtomicU64,
 }
 
@@ -362,16 +365,13 @@ impl Shared {
         min: usize,
         max: usize,
         backend: Arc<dyn Backend>,
-        listener: Arc<Listener>,
         hooks: Hooks,
     ) -> Arc<Shared> {
-        let advertise = backend.advertise_addr(listener.addr());
         Arc::new(Shared {
             name,
             config,
             backend,
-            listener,
-            advertise,
+            listener: OnceLock::new(),
             hooks,
             state: Mutex::new(State {
                 closed: None,
@@ -389,6 +389,7 @@ impl Shared {
                 failed_boots: 0,
             }),
             changed: Notify::new(),
+            watchers: AtomicUsize::new(0),
             served: AtomicU64::new(0),
         })
     }
@@ -441,14 +442,16 @@ impl Shared {
                 true => None,
                 false => self.take_slot(&mut state),
             };
-            // A busy pool may want its next runner before it is full.
             let Some(slot) = slot else {
                 tracing::debug!(pool = %self.name, task = call.def.id, at_max = state.at_max(), "flame: call waits for a slot");
                 state.queue.push(call);
                 self.grow(&mut state, None);
                 return;
             };
-            self.grow(&mut state, None);
+            // A busy pool may want its next runner before it is full.
+            if self.config.prewarm_at.is_some() {
+                self.grow(&mut state, None);
+            }
             (call, slot)
         };
         // Outside the pool lock: starting the call takes its ticket's and connection's locks.
@@ -521,13 +524,16 @@ impl Shared {
             return;
         }
         while !state.at_max() {
-            let capacity = state.active() * self.config.max_concurrency;
-            let busy: usize = state
-                .runners
-                .iter()
-                .filter(|r| r.drain.is_none())
-                .map(|r| r.in_flight)
-                .sum();
+            let prewarm = |state: &State, threshold: f64| {
+                let capacity = state.active() * self.config.max_concurrency;
+                let busy: usize = state
+                    .runners
+                    .iter()
+                    .filter(|r| r.drain.is_none())
+                    .map(|r| r.in_flight)
+                    .sum();
+                state.booting == 0 && capacity > 0 && busy as f64 >= threshold * capacity as f64
+            };
             let reason = if !state.min_suspended && state.active() + state.booting < state.min {
                 GrowReason::Min
             } else if state
@@ -536,9 +542,7 @@ impl Shared {
             {
                 GrowReason::Demand
             } else if let Some(threshold) = self.config.prewarm_at
-                && state.booting == 0
-                && capacity > 0
-                && busy as f64 >= threshold * capacity as f64
+                && prewarm(state, threshold)
             {
                 GrowReason::Prewarm
             } else {
@@ -561,7 +565,9 @@ impl Shared {
                 }
             }
         }
-        self.changed.notify_waiters();
+        if self.watchers.load(Ordering::SeqCst) > 0 {
+            self.changed.notify_waiters();
+        }
     }
 
     pub(crate) fn note_served(&self) {
@@ -642,11 +648,12 @@ impl Shared {
     async fn boot_runner(self: &Arc<Self>, key: u64, runner_id: &str) -> Result<Runner, Error> {
         let token = new_token().map_err(|e| Error::io("drawing a runner token", e))?;
         let tls = self.tls_fingerprint()?;
-        let mut expectation = self.listener.expect(runner_id, token, tls.is_some());
+        let (listener, advertise) = self.listener()?;
+        let mut expectation = listener.expect(runner_id, token, tls.is_some());
         let spec = BootSpec::new(Handoff {
             pool: self.name.clone(),
             runner_id: runner_id.to_string(),
-            addr: self.advertise.clone(),
+            addr: advertise.clone(),
             token,
             boot_timeout: self.config.boot_timeout,
             tls,
@@ -708,6 +715,15 @@ impl Shared {
             drain: None,
             handle: Some(handle),
         })
+    }
+
+    fn listener(&self) -> Result<&(Arc<Listener>, String), Error> {
+        if let Some(bound) = self.listener.get() {
+            return Ok(bound);
+        }
+        let listener = listener_for(self.backend.listen_addr())?;
+        let advertise = self.backend.advertise_addr(listener.addr());
+        Ok(self.listener.get_or_init(|| (listener, advertise)))
     }
 
     /// The fingerprint runners of this pool must see on the parent's certificate, if it uses TLS.
@@ -847,6 +863,14 @@ impl Shared {
 
     /// Waits until `done` holds for the state, or `deadline`; returns whether it holds.
     async fn wait_until(&self, deadline: Instant, done: impl Fn(&State) -> bool) -> bool {
+        struct Watching<'a>(&'a AtomicUsize);
+        impl Drop for Watching<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.watchers.fetch_add(1, Ordering::SeqCst);
+        let _watching = Watching(&self.watchers);
         loop {
             let changed = self.changed.notified();
             if done(&self.lock()) {

@@ -50,6 +50,10 @@ where
     F: Future,
     F::Output: MainOutput,
 {
+    if matches!(process_handoff(), Some(Ok(_))) {
+        // Before the runtime's threads exist: the kernel keeps this per thread.
+        arm_parent_death_signal();
+    }
     let runtime = runtime
         .enable_all()
         .build()
@@ -85,6 +89,26 @@ where
     // Drop whatever else the app spawned, but don't wait long for blocking threads.
     runtime.shutdown_timeout(Duration::from_millis(500));
     std::process::exit(code);
+}
+
+/// A process runner stops (SIGTERM) when the thread of its parent that started it dies. Set here,
+/// in the runner, rather than between fork and exec in the parent (see `ProcessBackend`).
+fn arm_parent_death_signal() {
+    #[cfg(target_os = "linux")]
+    if let Some(parent) = std::env::var(crate::backend::PARENT_PID_ENV)
+        .ok()
+        .and_then(|p| p.parse::<libc::pid_t>().ok())
+    {
+        // SAFETY: prctl and getppid take no pointers.
+        unsafe {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            // The parent may have died before the prctl: then nobody would signal us.
+            if libc::getppid() != parent {
+                eprintln!("flame runner: the parent ({parent}) is already gone");
+                std::process::exit(1);
+            }
+        }
+    }
 }
 
 /// The app's main in the parent: on SIGTERM or SIGINT every pool drains, then the process

@@ -5,6 +5,7 @@ use flame_tests as _;
 
 #[flame::main]
 async fn main() {
+    flame_tests::record_parent_death_signal();
     if flame::parent().is_none() {
         eprintln!(
             "flame-test-runner is booted by the flame-tests as a runner; it does nothing on its own"

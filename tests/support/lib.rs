@@ -510,3 +510,23 @@ pub fn field<'a>(handoff: &'a str, field: &str) -> Option<&'a str> {
             .map(|(_, v)| v)
     })
 }
+
+static MAIN_THREAD_PDEATHSIG: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// Records the parent-death signal of the calling thread: the runner program calls it from its
+/// `main` body, which runs on the process's main thread, where flame-rt arms the signal (the
+/// kernel keeps it per thread; it fires for the process when any thread has it).
+pub fn record_parent_death_signal() {
+    let mut signal: libc::c_int = 0;
+    // SAFETY: PR_GET_PDEATHSIG writes one int through the pointer we pass.
+    unsafe {
+        libc::prctl(libc::PR_GET_PDEATHSIG, &mut signal as *mut libc::c_int);
+    }
+    MAIN_THREAD_PDEATHSIG.store(signal, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// The parent-death signal armed on the runner's main thread (0 for none, -1 if not recorded).
+#[flame::task]
+pub async fn parent_death_signal() -> i32 {
+    MAIN_THREAD_PDEATHSIG.load(std::sync::atomic::Ordering::SeqCst)
+}

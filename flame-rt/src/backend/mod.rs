@@ -11,6 +11,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use futures::future::BoxFuture;
 
 pub use local::LocalBackend;
+pub(crate) use process::PARENT_PID_ENV;
 pub use process::ProcessBackend;
 
 use crate::error::Error;

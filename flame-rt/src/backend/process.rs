@@ -16,6 +16,9 @@ use tokio::sync::oneshot;
 use super::{Backend, BootSpec, RunnerHandle};
 use crate::error::{Error, ErrorKind};
 
+/// Set by [`ProcessBackend`] to the parent's pid: the runner arms its parent-death signal.
+pub(crate) const PARENT_PID_ENV: &str = "FLAME_PARENT_PID";
+
 /// Boots each runner by executing the current executable again (same arguments by default)
 /// with the hand-off environment variable set; the runner dials back over loopback.
 ///
@@ -112,22 +115,11 @@ impl ProcessBackend {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        #[cfg(target_os = "linux")]
+        // The runner sets its own parent-death signal first thing (see `runtime.rs`): a
+        // `pre_exec` hook here would force a full fork of this process instead of
+        // `posix_spawn`, which costs milliseconds once the parent has grown.
         if self.parent_death_signal {
-            let parent = std::process::id() as libc::pid_t;
-            // SAFETY: between fork and exec this only makes async-signal-safe syscalls.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    // The parent may have died before the prctl: then nobody would signal us.
-                    if libc::getppid() != parent {
-                        libc::_exit(1);
-                    }
-                    Ok(())
-                });
-            }
+            cmd.env(PARENT_PID_ENV, std::process::id().to_string());
         }
         Ok(cmd)
     }
