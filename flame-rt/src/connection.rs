@@ -6,7 +6,6 @@
 //! released only when the runner reports the call over (done, or its future dropped after a
 //! cancel), so a runner never runs more than `max_concurrency` calls.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -19,7 +18,7 @@ use tokio::time::Instant;
 use crate::error::{Error, ErrorKind};
 use crate::pool::{Shared, Slot};
 use crate::queue::QueuedCall;
-use crate::wire::{self, BoxRead, BoxWrite, Reader, ToParent, ToRunner, Welcome};
+use crate::wire::{self, BoxRead, BoxWrite, CallMap, Reader, ToParent, ToRunner, Welcome};
 
 /// A handle to a runner connection, shared by the pool and the calls running on it.
 pub(crate) struct RunnerConn {
@@ -33,7 +32,7 @@ pub(crate) struct RunnerConn {
 struct Pending {
     /// Set when the connection ended: nothing may be registered any more.
     closed: bool,
-    calls: HashMap<u64, Running>,
+    calls: CallMap<Running>,
 }
 
 struct Running {

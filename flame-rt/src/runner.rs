@@ -2,7 +2,6 @@
 //! lets us go. One Tokio task per call, so a panic or a slow task never blocks the others; each
 //! call's task sends its own result.
 
-use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -18,7 +17,8 @@ use crate::parent::{Handoff, Parent, TASK_PARENT};
 use crate::task::{Registry, registry};
 use crate::terminator::{self, Exit, Watchdog};
 use crate::wire::{
-    self, Hello, MAX_FRAME, Outcome, PROTOCOL_VERSION, Reader, ToParent, ToRunner, WireErrorKind,
+    self, CallMap, Hello, MAX_FRAME, Outcome, PROTOCOL_VERSION, Reader, ToParent, ToRunner,
+    WireErrorKind,
 };
 
 /// Told to a running service by the process hosting it.
@@ -55,14 +55,14 @@ struct Service {
 /// The calls running on this runner. Each runs in its own task, which sends its own result and
 /// takes itself off this list: the service loop is not woken per call.
 struct Calls {
-    running: Mutex<HashMap<u64, AbortHandle>>,
+    running: Mutex<CallMap<AbortHandle>>,
     tracker: TaskTracker,
     /// When the last call ended, to tell how long the runner has been idle.
     last_end: Mutex<Instant>,
 }
 
 impl Calls {
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, AbortHandle>> {
+    fn lock(&self) -> MutexGuard<'_, CallMap<AbortHandle>> {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -133,7 +133,7 @@ impl Service {
             registry,
             out,
             calls: Arc::new(Calls {
-                running: Mutex::new(HashMap::new()),
+                running: Mutex::new(CallMap::default()),
                 tracker: TaskTracker::new(),
                 last_end: Mutex::new(Instant::now()),
             }),
@@ -322,8 +322,13 @@ impl Service {
         };
         let work = async move {
             let result = match deadline {
+                // Boxed: a timer is large, and most calls have no deadline to pay for it.
                 Some(deadline) => {
-                    tokio::time::timeout_at(deadline, AssertUnwindSafe(body).catch_unwind()).await
+                    Box::pin(tokio::time::timeout_at(
+                        deadline,
+                        AssertUnwindSafe(body).catch_unwind(),
+                    ))
+                    .await
                 }
                 None => Ok(AssertUnwindSafe(body).catch_unwind().await),
             };
