@@ -18,7 +18,9 @@ use tokio::time::Instant;
 use crate::error::{Error, ErrorKind};
 use crate::pool::{Shared, Slot};
 use crate::queue::QueuedCall;
-use crate::wire::{self, BoxRead, BoxWrite, CallMap, Reader, ToParent, ToRunner, Welcome};
+use crate::wire::{
+    self, BoxRead, BoxWrite, CallMap, Reader, ToParent, ToRunner, Watchdog, Welcome,
+};
 
 /// A handle to a runner connection, shared by the pool and the calls running on it.
 pub(crate) struct RunnerConn {
@@ -165,7 +167,7 @@ async fn read(
     let heartbeat = Duration::from_millis(welcome.heartbeat_ms);
     let silence_limit = heartbeat * welcome.miss_limit;
     let mut reader = Reader::new(reader);
-    let mut last_heard = Instant::now();
+    let mut watchdog = Watchdog::new(silence_limit);
     let mut ticker = tokio::time::interval(heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -173,7 +175,7 @@ async fn read(
         tokio::select! {
             biased;
             msg = reader.next::<ToParent>() => {
-                last_heard = Instant::now();
+                watchdog.heard();
                 match msg {
                     Some(Ok(ToParent::Done { call, outcome })) => {
                         shared.note_served();
@@ -199,8 +201,7 @@ async fn read(
                 }
             }
             _ = ticker.tick() => {
-                let quiet = last_heard.elapsed();
-                if quiet >= silence_limit {
+                if let Some(quiet) = watchdog.silent_for() {
                     break Error::new(
                         ErrorKind::RunnerLost,
                         format!(

@@ -15,10 +15,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::parent::{Handoff, Parent, TASK_PARENT};
 use crate::task::{Registry, registry};
-use crate::terminator::{self, Exit, Watchdog};
+use crate::terminator::{self, Exit};
 use crate::wire::{
     self, CallMap, Hello, MAX_FRAME, Outcome, PROTOCOL_VERSION, Reader, ToParent, ToRunner,
-    WireErrorKind,
+    Watchdog, WireErrorKind,
 };
 
 /// Told to a running service by the process hosting it.
@@ -248,10 +248,10 @@ impl Service {
                 }
                 _ = &mut all_done, if draining => break Exit::Stopped,
                 _ = ticker.tick() => {
-                    if !draining
-                        && let Some(exit) = watchdog.silent()
+                    if let Some(quiet) = watchdog.silent_for()
+                        && !draining
                     {
-                        break exit;
+                        break Exit::ParentLost(format!("no word from the parent for {quiet:?}"));
                     }
                     service.send(&ToParent::Heartbeat);
                 }
@@ -354,7 +354,16 @@ impl Service {
                     message: format!("{task_id}: {message}"),
                 },
             };
-            send(&guard.out, &ToParent::Done { call, outcome });
+            let size = match &outcome {
+                Outcome::Ok(bytes) => bytes.len() + 24,
+                _ => 256,
+            };
+            match wire::encode_sized(&ToParent::Done { call, outcome }, size) {
+                Ok(frame) => {
+                    let _ = guard.out.send(frame);
+                }
+                Err(e) => tracing::error!(error = %e, "flame runner: cannot encode a result"),
+            }
             guard.finished.set(true);
         };
         // Registered under the lock, so the task cannot take itself off the list before it is on.

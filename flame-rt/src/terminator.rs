@@ -91,32 +91,6 @@ async fn dial(addr: &str, window: Duration) -> Result<TcpStream, Exit> {
     }
 }
 
-/// Tracks when the parent was last heard from.
-pub(crate) struct Watchdog {
-    last_heard: Instant,
-    window: Duration,
-}
-
-impl Watchdog {
-    pub(crate) fn new(window: Duration) -> Watchdog {
-        Watchdog {
-            last_heard: Instant::now(),
-            window,
-        }
-    }
-
-    pub(crate) fn heard(&mut self) {
-        self.last_heard = Instant::now();
-    }
-
-    /// `Some(reason)` once the parent has been silent for the whole window.
-    pub(crate) fn silent(&self) -> Option<Exit> {
-        let quiet = self.last_heard.elapsed();
-        (quiet >= self.window)
-            .then(|| Exit::ParentLost(format!("no word from the parent for {quiet:?}")))
-    }
-}
-
 /// Why a runner stopped serving.
 #[derive(Debug)]
 pub(crate) enum Exit {

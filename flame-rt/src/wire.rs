@@ -12,6 +12,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
+use std::time::Duration;
+
+use tokio::time::Instant;
+
 use crate::error::{Error, ErrorKind};
 
 /// Bumped on any incompatible change of the messages below.
@@ -147,9 +151,48 @@ fn codec_with_max(max_frame: usize) -> LengthDelimitedCodec {
 }
 
 pub(crate) fn encode<T: Serialize>(msg: &T) -> Result<Bytes, Error> {
-    postcard::to_stdvec(msg)
+    encode_sized(msg, 64)
+}
+
+/// `encode` into a buffer sized for `size_hint` bytes: a result of known size is written without
+/// growing its buffer on the way.
+pub(crate) fn encode_sized<T: Serialize>(msg: &T, size_hint: usize) -> Result<Bytes, Error> {
+    postcard::to_extend(msg, Vec::with_capacity(size_hint))
         .map(Bytes::from)
         .map_err(|e| Error::new(ErrorKind::Codec, e.to_string()))
+}
+
+/// Whether the peer has spoken within its heartbeat window. Frames only set a flag; the clock
+/// is read once per heartbeat tick, not once per frame.
+pub(crate) struct Watchdog {
+    last_heard: Instant,
+    heard: bool,
+    window: Duration,
+}
+
+impl Watchdog {
+    pub(crate) fn new(window: Duration) -> Watchdog {
+        Watchdog {
+            last_heard: Instant::now(),
+            heard: false,
+            window,
+        }
+    }
+
+    pub(crate) fn heard(&mut self) {
+        self.heard = true;
+    }
+
+    /// Called on each heartbeat tick: how long the peer has been silent, once that is the whole
+    /// window (accurate to one tick).
+    pub(crate) fn silent_for(&mut self) -> Option<Duration> {
+        let now = Instant::now();
+        if std::mem::take(&mut self.heard) {
+            self.last_heard = now;
+        }
+        let quiet = now.saturating_duration_since(self.last_heard);
+        (quiet >= self.window).then_some(quiet)
+    }
 }
 
 pub(crate) fn decode<T: DeserializeOwned>(frame: &[u8]) -> Result<T, Error> {
