@@ -10,22 +10,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::error::{Error, ErrorKind};
 use crate::pool::{Shared, Slot};
 use crate::queue::QueuedCall;
 use crate::wire::{
-    self, BoxRead, BoxWrite, CallMap, Reader, ToParent, ToRunner, Watchdog, Welcome,
+    self, BoxRead, BoxWrite, CallMap, Outbox, Reader, ToParent, ToRunner, Watchdog, Welcome,
 };
 
 /// A handle to a runner connection, shared by the pool and the calls running on it.
 pub(crate) struct RunnerConn {
     pub(crate) id: String,
-    out: mpsc::UnboundedSender<Bytes>,
+    out: Arc<Outbox>,
     pending: Mutex<Pending>,
     next_call: AtomicU64,
 }
@@ -61,25 +59,19 @@ struct RunFrame<'a> {
 
 const RUN_VARIANT: u32 = 2;
 
-fn run_frame(call: u64, queued: &QueuedCall) -> Bytes {
+fn run_frame(call: u64, queued: &QueuedCall) -> RunFrame<'_> {
     let deadline_ms = queued
         .ticket
         .deadline
         .at()
         .map(|at| at.saturating_duration_since(Instant::now()).as_millis() as u64);
-    let frame = RunFrame {
+    RunFrame {
         variant: RUN_VARIANT,
         call,
         task: queued.def.id,
         args: &queued.args,
         deadline_ms,
-    };
-    let buf = BytesMut::with_capacity(queued.args.len() + queued.def.id.len() + 24).writer();
-    // Integers, a string and bytes into memory: nothing here can fail.
-    postcard::to_io(&frame, buf)
-        .expect("encoding a run frame into memory")
-        .into_inner()
-        .freeze()
+    }
 }
 
 impl RunnerConn {
@@ -88,9 +80,7 @@ impl RunnerConn {
     }
 
     fn push(&self, msg: &ToRunner) {
-        if let Ok(frame) = wire::encode(msg) {
-            let _ = self.out.send(frame);
-        }
+        self.out.send(msg);
     }
 
     /// Registers the call and queues its frame; returns its call id. Gives the call back if the
@@ -101,14 +91,13 @@ impl RunnerConn {
         slot: Slot,
     ) -> Result<(Arc<RunnerConn>, u64), Unstarted> {
         let id = self.next_call.fetch_add(1, Ordering::Relaxed);
-        let frame = run_frame(id, &call);
         let mut pending = self.lock();
         if pending.closed {
             return Err(Unstarted { call, slot });
         }
-        pending.calls.insert(id, Running { call, slot });
         // Under the lock, so a cancel for this call can only be queued after its run.
-        let _ = self.out.send(frame);
+        self.out.send(&run_frame(id, &call));
+        pending.calls.insert(id, Running { call, slot });
         Ok((self.clone(), id))
     }
 
@@ -142,14 +131,14 @@ pub(crate) fn start(
     (reader, writer): (BoxRead, BoxWrite),
     welcome: Welcome,
 ) -> Arc<RunnerConn> {
-    let (out, out_rx) = mpsc::unbounded_channel();
+    let out = Outbox::new();
     let conn = Arc::new(RunnerConn {
         id,
         out,
         pending: Mutex::new(Pending::default()),
         next_call: AtomicU64::new(1),
     });
-    let writer = tokio::spawn(wire::write_loop(writer, out_rx));
+    let writer = tokio::spawn(wire::write_loop(writer, conn.out.clone()));
     conn.push(&ToRunner::Welcome(welcome.clone()));
     tokio::spawn(read(shared, key, conn.clone(), reader, writer, welcome));
     conn
@@ -253,7 +242,7 @@ mod tests {
         let message = ToRunner::Run {
             call: 300,
             task: "app::thumbnails".into(),
-            args: Bytes::from_static(&[1, 2, 3, 250]),
+            args: bytes::Bytes::from_static(&[1, 2, 3, 250]),
             deadline_ms: Some(1500),
         };
         assert_eq!(

@@ -6,7 +6,6 @@ use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::FutureExt;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
@@ -17,7 +16,7 @@ use crate::parent::{Handoff, Parent, TASK_PARENT};
 use crate::task::{Registry, registry};
 use crate::terminator::{self, Exit};
 use crate::wire::{
-    self, CallMap, Hello, MAX_FRAME, Outcome, PROTOCOL_VERSION, Reader, ToParent, ToRunner,
+    self, CallMap, Hello, MAX_FRAME, Outbox, Outcome, PROTOCOL_VERSION, Reader, ToParent, ToRunner,
     Watchdog, WireErrorKind,
 };
 
@@ -48,7 +47,7 @@ pub(crate) async fn serve(
 struct Service {
     parent: Parent,
     registry: &'static Registry,
-    out: mpsc::UnboundedSender<Bytes>,
+    out: Arc<Outbox>,
     calls: Arc<Calls>,
 }
 
@@ -83,7 +82,7 @@ impl Calls {
 struct CallGuard {
     call: u64,
     calls: Arc<Calls>,
-    out: mpsc::UnboundedSender<Bytes>,
+    out: Arc<Outbox>,
     finished: std::cell::Cell<bool>,
 }
 
@@ -105,13 +104,8 @@ impl Drop for CallGuard {
     }
 }
 
-fn send(out: &mpsc::UnboundedSender<Bytes>, msg: &ToParent) {
-    match wire::encode(msg) {
-        Ok(frame) => {
-            let _ = out.send(frame);
-        }
-        Err(e) => tracing::error!(error = %e, "flame runner: cannot encode a message"),
-    }
+fn send(out: &Outbox, msg: &ToParent) {
+    out.send(msg);
 }
 
 impl Service {
@@ -125,8 +119,8 @@ impl Service {
             Ok(halves) => halves,
             Err(exit) => return exit,
         };
-        let (out, out_rx) = mpsc::unbounded_channel();
-        let writer = tokio::spawn(wire::write_loop(wr, out_rx));
+        let out = Outbox::new();
+        let writer = tokio::spawn(wire::write_loop(wr, out.clone()));
         let mut reader = Reader::new(rd);
         let service = Service {
             parent: Parent::new(handoff.clone()),
@@ -276,8 +270,7 @@ impl Service {
         }
         service.calls.tracker.close();
         service.calls.tracker.wait().await;
-        let Service { out, .. } = service;
-        drop(out);
+        service.out.close();
         let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
         exit
     }
@@ -354,16 +347,7 @@ impl Service {
                     message: format!("{task_id}: {message}"),
                 },
             };
-            let size = match &outcome {
-                Outcome::Ok(bytes) => bytes.len() + 24,
-                _ => 256,
-            };
-            match wire::encode_sized(&ToParent::Done { call, outcome }, size) {
-                Ok(frame) => {
-                    let _ = guard.out.send(frame);
-                }
-                Err(e) => tracing::error!(error = %e, "flame runner: cannot encode a result"),
-            }
+            guard.out.send(&ToParent::Done { call, outcome });
             guard.finished.set(true);
         };
         // Registered under the lock, so the task cannot take itself off the list before it is on.

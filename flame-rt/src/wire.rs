@@ -5,12 +5,14 @@
 //! externally tagged (postcard writes the variant index) and only ever grow at the end, so the
 //! protocol version in the handshake is what decides compatibility.
 
-use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::StreamExt;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
-use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+use tokio::sync::Notify;
+use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
 use std::time::Duration;
 
@@ -151,13 +153,7 @@ fn codec_with_max(max_frame: usize) -> LengthDelimitedCodec {
 }
 
 pub(crate) fn encode<T: Serialize>(msg: &T) -> Result<Bytes, Error> {
-    encode_sized(msg, 64)
-}
-
-/// `encode` into a buffer sized for `size_hint` bytes: a result of known size is written without
-/// growing its buffer on the way.
-pub(crate) fn encode_sized<T: Serialize>(msg: &T, size_hint: usize) -> Result<Bytes, Error> {
-    postcard::to_extend(msg, Vec::with_capacity(size_hint))
+    postcard::to_stdvec(msg)
         .map(Bytes::from)
         .map_err(|e| Error::new(ErrorKind::Codec, e.to_string()))
 }
@@ -296,28 +292,94 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     }
 }
 
-/// Sends already-encoded frames from a queue, flushing only when the queue runs dry: one
-/// syscall carries every frame that piled up while the previous write was in progress.
-/// Ends when every sender is gone (after writing what was queued) or on a write error.
-pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
-    io: W,
-    mut queue: mpsc::UnboundedReceiver<Bytes>,
-) {
-    let mut sink = FramedWrite::new(io, codec());
-    while let Some(frame) = queue.recv().await {
-        if sink.feed(frame).await.is_err() {
-            return;
+/// The frames one side has to send, encoded straight into one buffer that the writer task takes
+/// whole: every frame queued while the previous write was in flight goes out in one syscall,
+/// and queueing a frame allocates nothing and copies it once.
+pub(crate) struct Outbox {
+    inner: Mutex<OutboxInner>,
+    ready: Notify,
+}
+
+#[derive(Default)]
+struct OutboxInner {
+    buf: BytesMut,
+    closed: bool,
+}
+
+impl Outbox {
+    pub(crate) fn new() -> Arc<Outbox> {
+        Arc::new(Outbox {
+            inner: Mutex::new(OutboxInner::default()),
+            ready: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, OutboxInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `msg` as one length-delimited frame; `false` once the outbox is closed.
+    pub(crate) fn send<T: Serialize>(&self, msg: &T) -> bool {
+        let mut inner = self.lock();
+        if inner.closed || !push_frame(&mut inner.buf, msg) {
+            return false;
         }
-        while let Ok(frame) = queue.try_recv() {
-            if sink.feed(frame).await.is_err() {
-                return;
+        drop(inner);
+        self.ready.notify_one();
+        true
+    }
+
+    /// No more frames: the writer sends what is queued, then shuts the connection's write side.
+    pub(crate) fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_one();
+    }
+}
+
+/// Appends `msg` to `buf` as a frame: a 4-byte big-endian length, then the postcard bytes.
+fn push_frame<T: Serialize>(buf: &mut BytesMut, msg: &T) -> bool {
+    let start = buf.len();
+    buf.put_u32(0);
+    match postcard::to_io(msg, buf.writer()) {
+        Ok(_) => {
+            let len = buf.len() - start - 4;
+            if len > MAX_FRAME {
+                buf.truncate(start);
+                tracing::error!(len, "flame: a frame above the size limit was not sent");
+                return false;
             }
+            buf[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
+            true
         }
-        if SinkExt::<Bytes>::flush(&mut sink).await.is_err() {
-            return;
+        Err(e) => {
+            buf.truncate(start);
+            tracing::error!(error = %e, "flame: a message could not be encoded");
+            false
         }
     }
-    let _ = SinkExt::<Bytes>::close(&mut sink).await;
+}
+
+/// Writes what the outbox holds until it is closed and drained, or the connection fails.
+pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(mut io: W, outbox: Arc<Outbox>) {
+    use tokio::io::AsyncWriteExt;
+    loop {
+        let ready = outbox.ready.notified();
+        let (chunk, closed) = {
+            let mut inner = outbox.lock();
+            (inner.buf.split().freeze(), inner.closed)
+        };
+        if !chunk.is_empty() {
+            if io.write_all(&chunk).await.is_err() {
+                outbox.lock().closed = true;
+                return;
+            }
+        } else if closed {
+            let _ = io.shutdown().await;
+            return;
+        } else {
+            ready.await;
+        }
+    }
 }
 
 #[cfg(test)]
