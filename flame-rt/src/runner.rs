@@ -58,6 +58,8 @@ struct Calls {
     tracker: TaskTracker,
     /// When the last call ended, to tell how long the runner has been idle.
     last_end: Mutex<Instant>,
+    /// Where calls send their results (the service's outbox).
+    out: Arc<Outbox>,
 }
 
 impl Calls {
@@ -82,7 +84,6 @@ impl Calls {
 struct CallGuard {
     call: u64,
     calls: Arc<Calls>,
-    out: Arc<Outbox>,
     finished: std::cell::Cell<bool>,
 }
 
@@ -99,7 +100,7 @@ impl Drop for CallGuard {
         }
         drop(running);
         if !self.finished.get() {
-            send(&self.out, &ToParent::Cancelled { call: self.call });
+            send(&self.calls.out, &ToParent::Cancelled { call: self.call });
         }
     }
 }
@@ -125,11 +126,12 @@ impl Service {
         let service = Service {
             parent: Parent::new(handoff.clone()),
             registry,
-            out,
+            out: out.clone(),
             calls: Arc::new(Calls {
                 running: Mutex::new(CallMap::default()),
                 tracker: TaskTracker::new(),
                 last_end: Mutex::new(Instant::now()),
+                out,
             }),
         };
         service.send(&ToParent::Hello(Hello {
@@ -310,7 +312,6 @@ impl Service {
         let guard = CallGuard {
             call,
             calls: self.calls.clone(),
-            out: self.out.clone(),
             finished: std::cell::Cell::new(false),
         };
         let work = async move {
@@ -347,7 +348,7 @@ impl Service {
                     message: format!("{task_id}: {message}"),
                 },
             };
-            guard.out.send(&ToParent::Done { call, outcome });
+            guard.calls.out.send(&ToParent::Done { call, outcome });
             guard.finished.set(true);
         };
         // Registered under the lock, so the task cannot take itself off the list before it is on.

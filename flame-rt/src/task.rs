@@ -2,6 +2,7 @@
 //! the body of a call here by the task's id.
 
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::sync::OnceLock;
 
 use bytes::Bytes;
@@ -33,7 +34,9 @@ pub struct Registration(pub &'static TaskDef);
 inventory::collect!(Registration);
 
 pub(crate) struct Registry {
-    by_id: HashMap<&'static str, &'static TaskDef>,
+    /// Looked up once per call on the runner: task ids are the app's own names, not attacker
+    /// input, so FNV-1a serves where SipHash would cost more than the lookup.
+    by_id: HashMap<&'static str, &'static TaskDef, BuildHasherDefault<FnvHasher>>,
     /// Sorted `(id, sig)` pairs.
     pub(crate) manifest: Vec<(String, u64)>,
     pub(crate) manifest_hash: u64,
@@ -60,7 +63,7 @@ pub(crate) fn registry() -> Result<&'static Registry, Error> {
 }
 
 fn build(defs: impl Iterator<Item = &'static TaskDef>) -> Result<Registry, Error> {
-    let mut by_id = HashMap::new();
+    let mut by_id = HashMap::default();
     let mut duplicates = Vec::new();
     for def in defs {
         if by_id.insert(def.id, def).is_some() {
@@ -135,6 +138,25 @@ pub(crate) fn manifest_diff(parent: &[(String, u64)], runner: &[(String, u64)]) 
 }
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a as a `Hasher`, for the registry.
+pub(crate) struct FnvHasher(u64);
+
+impl Default for FnvHasher {
+    fn default() -> Self {
+        FnvHasher(FNV_OFFSET)
+    }
+}
+
+impl std::hash::Hasher for FnvHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        self.0 = fnv1a(self.0, bytes);
+    }
+}
 
 /// FNV-1a: stable across Rust versions and platforms, unlike `DefaultHasher`, which matters
 /// because parent and runner may be different builds. `const` so signature hashes cost nothing
