@@ -205,6 +205,7 @@ async fn read(
     };
     tracing::debug!(runner = %id, reason = %reason, "flame: runner connection ended");
     writer.abort();
+    conn.out.close();
     // Forget the runner first, so the slots released below are not handed out on it.
     shared.runner_gone(key, &reason);
     let running = {
