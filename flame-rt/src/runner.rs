@@ -7,12 +7,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures::FutureExt;
+use tokio::sync::Notify;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
-use tokio_util::task::TaskTracker;
 
-use crate::parent::{Handoff, Parent, TASK_PARENT};
+use crate::parent::{Handoff, Parent, TASK_PARENT, process_handoff};
 use crate::task::{Registry, registry};
 use crate::terminator::{self, Exit};
 use crate::wire::{
@@ -45,7 +45,9 @@ pub(crate) async fn serve(
 }
 
 struct Service {
-    parent: Parent,
+    /// Set for a runner inside the parent's process (`LocalBackend`), whose tasks learn who
+    /// their parent is from a task-local; a runner process knows it from its environment.
+    in_process: Option<Parent>,
     registry: &'static Registry,
     out: Arc<Outbox>,
     calls: Arc<Calls>,
@@ -55,7 +57,8 @@ struct Service {
 /// takes itself off this list: the service loop is not woken per call.
 struct Calls {
     running: Mutex<CallMap<AbortHandle>>,
-    tracker: TaskTracker,
+    /// Woken when the last running call ends.
+    emptied: Notify,
     /// When the last call ended, to tell how long the runner has been idle.
     last_end: Mutex<Instant>,
     /// Where calls send their results (the service's outbox).
@@ -65,6 +68,17 @@ struct Calls {
 impl Calls {
     fn lock(&self) -> MutexGuard<'_, CallMap<AbortHandle>> {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Resolves once no call runs.
+    async fn wait_empty(&self) {
+        loop {
+            let emptied = self.emptied.notified();
+            if self.lock().is_empty() {
+                return;
+            }
+            emptied.await;
+        }
     }
 
     /// How long the runner has had nothing to run, if it has nothing now.
@@ -97,6 +111,7 @@ impl Drop for CallGuard {
                 .last_end
                 .lock()
                 .unwrap_or_else(|e| e.into_inner()) = Instant::now();
+            self.calls.emptied.notify_waiters();
         }
         drop(running);
         if !self.finished.get() {
@@ -124,12 +139,13 @@ impl Service {
         let writer = tokio::spawn(wire::write_loop(wr, out.clone()));
         let mut reader = Reader::new(rd);
         let service = Service {
-            parent: Parent::new(handoff.clone()),
+            in_process: (!matches!(process_handoff(), Some(Ok(h)) if Arc::ptr_eq(h, &handoff)))
+                .then(|| Parent::new(handoff.clone())),
             registry,
             out: out.clone(),
             calls: Arc::new(Calls {
                 running: Mutex::new(CallMap::default()),
-                tracker: TaskTracker::new(),
+                emptied: Notify::new(),
                 last_end: Mutex::new(Instant::now()),
                 out,
             }),
@@ -175,7 +191,7 @@ impl Service {
         tokio::pin!(idle_timer, grace_timer);
         // Once the parent asks us to stop: no new calls, and we end when the last one does.
         let mut draining = false;
-        let all_done = service.calls.tracker.wait();
+        let all_done = service.calls.wait_empty();
         tokio::pin!(all_done);
         let mut control_open = true;
         let mut parent_open = true;
@@ -226,7 +242,6 @@ impl Service {
                         }
                         Some(Ok(ToRunner::Heartbeat)) => {}
                         Some(Ok(ToRunner::Shutdown { grace_ms })) => {
-                            service.calls.tracker.close();
                             let until = Instant::now() + Duration::from_millis(grace_ms);
                             if !draining || until < grace_timer.deadline() {
                                 grace_timer.as_mut().reset(until);
@@ -270,8 +285,7 @@ impl Service {
         for task in service.calls.lock().values() {
             task.abort();
         }
-        service.calls.tracker.close();
-        service.calls.tracker.wait().await;
+        service.calls.wait_empty().await;
         service.out.close();
         let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
         exit
@@ -353,10 +367,10 @@ impl Service {
         };
         // Registered under the lock, so the task cannot take itself off the list before it is on.
         let mut running = self.calls.lock();
-        let handle = self
-            .calls
-            .tracker
-            .spawn(TASK_PARENT.scope(self.parent.clone(), work));
+        let handle = match &self.in_process {
+            Some(parent) => tokio::spawn(TASK_PARENT.scope(parent.clone(), work)),
+            None => tokio::spawn(work),
+        };
         running.insert(call, handle.abort_handle());
     }
 }
