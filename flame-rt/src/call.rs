@@ -177,7 +177,7 @@ where
     let shared = pool.shared();
     let deadline = Deadline::starting_now(call.timeout.or(shared.config.timeout));
     let queue_until = deadline.queue_until(shared.config.boot_timeout);
-    let (ticket, outcome) = Ticket::new(call.def.id, deadline, queue_until);
+    let ticket = Ticket::new(call.def.id, deadline, queue_until);
     let checked = call
         .encode()
         .and_then(|args| shared.check(call.def, &args).map(|()| args));
@@ -192,7 +192,7 @@ where
             ticket.resolve(Err(error));
         }
     }
-    JoinHandle::new(ticket, outcome)
+    JoinHandle::new(ticket)
 }
 
 /// Runs `call` on `pool` and waits for its result: `spawn_on(pool, call).await`.

@@ -8,8 +8,9 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use std::task::{Context, Poll, Waker};
+
 use bytes::Bytes;
-use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::connection::RunnerConn;
@@ -18,7 +19,7 @@ use crate::error::{Error, ErrorKind};
 
 pub(crate) type Outcome = Result<Bytes, Error>;
 
-/// One call's shared state.
+/// One call's shared state, and the cell its outcome is delivered in (no channel per call).
 pub(crate) struct Ticket {
     pub(crate) task: &'static str,
     pub(crate) deadline: Deadline,
@@ -29,8 +30,7 @@ pub(crate) struct Ticket {
 
 struct Inner {
     place: Place,
-    /// Taken by whoever resolves the call: exactly once.
-    reply: Option<oneshot::Sender<Outcome>>,
+    outcome: Delivery,
 }
 
 enum Place {
@@ -39,23 +39,24 @@ enum Place {
     Cancelled,
 }
 
+/// Set exactly once, by whoever resolves the call; taken once, by the handle.
+enum Delivery {
+    Pending(Option<Waker>),
+    Ready(Outcome),
+    Taken,
+}
+
 impl Ticket {
-    pub(crate) fn new(
-        task: &'static str,
-        deadline: Deadline,
-        queue_until: Instant,
-    ) -> (Arc<Ticket>, oneshot::Receiver<Outcome>) {
-        let (reply, outcome) = oneshot::channel();
-        let ticket = Ticket {
+    pub(crate) fn new(task: &'static str, deadline: Deadline, queue_until: Instant) -> Arc<Ticket> {
+        Arc::new(Ticket {
             task,
             deadline,
             queue_until,
             inner: Mutex::new(Inner {
                 place: Place::Queued,
-                reply: Some(reply),
+                outcome: Delivery::Pending(None),
             }),
-        };
-        (Arc::new(ticket), outcome)
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -64,25 +65,44 @@ impl Ticket {
 
     /// Delivers the call's outcome, if nobody did yet. Returns whether this did.
     pub(crate) fn resolve(&self, outcome: Outcome) -> bool {
-        let reply = self.lock().reply.take();
-        match reply {
-            Some(reply) => {
-                let _ = reply.send(outcome);
-                true
+        let mut inner = self.lock();
+        let Delivery::Pending(waker) = &mut inner.outcome else {
+            return false;
+        };
+        let waker = waker.take();
+        inner.outcome = Delivery::Ready(outcome);
+        drop(inner);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        true
+    }
+
+    /// The outcome, once delivered; else remembers who to wake.
+    pub(crate) fn poll_outcome(&self, cx: &mut Context<'_>) -> Poll<Outcome> {
+        let mut inner = self.lock();
+        match std::mem::replace(&mut inner.outcome, Delivery::Taken) {
+            Delivery::Ready(outcome) => Poll::Ready(outcome),
+            Delivery::Pending(waker) => {
+                let waker = match waker {
+                    Some(w) if w.will_wake(cx.waker()) => w,
+                    _ => cx.waker().clone(),
+                };
+                inner.outcome = Delivery::Pending(Some(waker));
+                Poll::Pending
             }
-            None => false,
+            Delivery::Taken => panic!("flame::JoinHandle polled after it completed"),
         }
     }
 
-    /// Whether the call should still run: neither cancelled nor resolved. (A detached call's
-    /// receiver is gone, yet it runs.)
+    /// Whether the call should still run: neither cancelled nor resolved.
     pub(crate) fn is_live(&self) -> bool {
         let inner = self.lock();
-        !matches!(inner.place, Place::Cancelled) && inner.reply.is_some()
+        !matches!(inner.place, Place::Cancelled) && matches!(inner.outcome, Delivery::Pending(_))
     }
 
     pub(crate) fn is_resolved(&self) -> bool {
-        self.lock().reply.is_none()
+        !matches!(self.lock().outcome, Delivery::Pending(_))
     }
 
     pub(crate) fn is_queued(&self) -> bool {
@@ -97,7 +117,8 @@ impl Ticket {
         start: impl FnOnce() -> Result<(Arc<RunnerConn>, u64), E>,
     ) -> Option<Result<(), E>> {
         let mut inner = self.lock();
-        if matches!(inner.place, Place::Cancelled) || inner.reply.is_none() {
+        if matches!(inner.place, Place::Cancelled) || !matches!(inner.outcome, Delivery::Pending(_))
+        {
             return None;
         }
         Some(start().map(|(conn, call)| inner.place = Place::Running { conn, call }))
@@ -113,12 +134,9 @@ impl Ticket {
 
     /// Cancels the call: resolves it with `error`, and cancels it on its runner if it runs.
     pub(crate) fn cancel(&self, error: Error) {
-        let mut inner = self.lock();
-        if let Some(reply) = inner.reply.take() {
-            let _ = reply.send(Err(error));
-        }
-        if let Place::Running { conn, call } = std::mem::replace(&mut inner.place, Place::Cancelled)
-        {
+        let place = std::mem::replace(&mut self.lock().place, Place::Cancelled);
+        self.resolve(Err(error));
+        if let Place::Running { conn, call } = place {
             conn.cancel(call);
         }
     }

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use serde::de::DeserializeOwned;
-use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
 use crate::cancel::{Outcome, Ticket};
@@ -31,17 +30,18 @@ use crate::error::{Error, ErrorKind};
 #[must_use = "dropping a flame::JoinHandle cancels the call; use .detach() to let it run"]
 pub struct JoinHandle<R> {
     ticket: Arc<Ticket>,
-    outcome: Option<oneshot::Receiver<Outcome>>,
+    /// Until the outcome is taken.
+    waiting: bool,
     timer: Option<Pin<Box<Sleep>>>,
     detached: bool,
     _result: PhantomData<fn() -> R>,
 }
 
 impl<R> JoinHandle<R> {
-    pub(crate) fn new(ticket: Arc<Ticket>, outcome: oneshot::Receiver<Outcome>) -> JoinHandle<R> {
+    pub(crate) fn new(ticket: Arc<Ticket>) -> JoinHandle<R> {
         JoinHandle {
             ticket,
-            outcome: Some(outcome),
+            waiting: true,
             timer: None,
             detached: false,
             _result: PhantomData,
@@ -98,12 +98,9 @@ impl<R: DeserializeOwned> Future for JoinHandle<R> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
         loop {
-            let outcome = this
-                .outcome
-                .as_mut()
-                .expect("flame::JoinHandle polled after it completed");
-            if let Poll::Ready(outcome) = Pin::new(outcome).poll(cx) {
-                this.outcome = None;
+            assert!(this.waiting, "flame::JoinHandle polled after it completed");
+            if let Poll::Ready(outcome) = this.ticket.poll_outcome(cx) {
+                this.waiting = false;
                 this.timer = None;
                 return Poll::Ready(decode(outcome));
             }
@@ -124,11 +121,9 @@ impl<R: DeserializeOwned> Future for JoinHandle<R> {
     }
 }
 
-fn decode<R: DeserializeOwned>(
-    outcome: Result<Outcome, oneshot::error::RecvError>,
-) -> Result<R, Error> {
+fn decode<R: DeserializeOwned>(outcome: Outcome) -> Result<R, Error> {
     match outcome {
-        Ok(Ok(bytes)) => postcard::from_bytes(&bytes).map_err(|e| {
+        Ok(bytes) => postcard::from_bytes(&bytes).map_err(|e| {
             Error::new(
                 ErrorKind::Codec,
                 format!(
@@ -138,18 +133,13 @@ fn decode<R: DeserializeOwned>(
                 ),
             )
         }),
-        Ok(Err(e)) => Err(e),
-        // Every path resolves the ticket before dropping it; this is the pool going away.
-        Err(_) => Err(Error::new(
-            ErrorKind::PoolClosed,
-            "the pool went away before the call ended",
-        )),
+        Err(e) => Err(e),
     }
 }
 
 impl<R> Drop for JoinHandle<R> {
     fn drop(&mut self) {
-        if !self.detached && self.outcome.is_some() {
+        if !self.detached && self.waiting {
             self.ticket.abort();
         }
     }
