@@ -168,8 +168,11 @@ impl<R> fmt::Debug for Call<R> {
 /// if it is still waiting it never starts, and if it is running the runner drops the task's
 /// future. Use [`JoinHandle::detach`] to let it finish unobserved.
 ///
+/// No task is spawned per call: the call starts on a free slot right here, or waits in the
+/// pool's queue, and the handle is how it is cancelled.
+///
 /// # Panics
-/// Outside a Tokio runtime, like `tokio::spawn`.
+/// Outside a Tokio runtime when the pool must boot a runner for the call, like `tokio::spawn`.
 pub fn spawn_on<R>(pool: &Pool, call: Call<R>) -> JoinHandle<R>
 where
     R: DeserializeOwned + Send + 'static,
