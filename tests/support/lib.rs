@@ -511,7 +511,8 @@ pub fn field<'a>(handoff: &'a str, field: &str) -> Option<&'a str> {
     })
 }
 
-static MAIN_THREAD_PDEATHSIG: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+static MAIN_THREAD_PDEATHSIG: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+static PDEATHSIG_RECORDED: tokio::sync::Notify = tokio::sync::Notify::const_new();
 
 /// Records the parent-death signal of the calling thread: the runner program calls it from its
 /// `main` body, which runs on the process's main thread, where flame-rt arms the signal (the
@@ -522,11 +523,19 @@ pub fn record_parent_death_signal() {
     unsafe {
         libc::prctl(libc::PR_GET_PDEATHSIG, &mut signal as *mut libc::c_int);
     }
-    MAIN_THREAD_PDEATHSIG.store(signal, std::sync::atomic::Ordering::SeqCst);
+    let _ = MAIN_THREAD_PDEATHSIG.set(signal);
+    PDEATHSIG_RECORDED.notify_waiters();
 }
 
-/// The parent-death signal armed on the runner's main thread (0 for none, -1 if not recorded).
+/// The parent-death signal armed on the runner's main thread (0 for none). A runner serves
+/// calls while its `main` still runs, so this waits for `main` to have recorded it.
 #[flame::task]
 pub async fn parent_death_signal() -> i32 {
-    MAIN_THREAD_PDEATHSIG.load(std::sync::atomic::Ordering::SeqCst)
+    loop {
+        let recorded = PDEATHSIG_RECORDED.notified();
+        if let Some(signal) = MAIN_THREAD_PDEATHSIG.get() {
+            return *signal;
+        }
+        recorded.await;
+    }
 }
