@@ -33,11 +33,11 @@ macro_rules! both {
             async fn body($kind: Kind) $body
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn process() {
-                tokio::time::timeout(BOUND, body(Kind::Process)).await.expect("test timed out");
+                bounded(BOUND, body(Kind::Process)).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn local() {
-                tokio::time::timeout(BOUND, body(Kind::Local)).await.expect("test timed out");
+                bounded(BOUND, body(Kind::Local)).await;
             }
         }
     };

@@ -73,7 +73,7 @@ async fn cancel_kills_the_child(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_handle_cancels_the_running_task() {
-    tokio::time::timeout(BOUND, async {
+    bounded(BOUND, async {
         let pool = process_pool("dropcancel").await;
         cancel_kills_the_child(&pool, "drop", |handle| {
             drop(handle);
@@ -82,13 +82,12 @@ async fn dropping_the_handle_cancels_the_running_task() {
         .await;
         pool.shutdown().await;
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_cancels_the_running_task() {
-    tokio::time::timeout(BOUND, async {
+    bounded(BOUND, async {
         let pool = process_pool("abort").await;
         cancel_kills_the_child(&pool, "abort", |handle| {
             handle.abort();
@@ -97,13 +96,12 @@ async fn abort_cancels_the_running_task() {
         .await;
         pool.shutdown().await;
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_backend_cancels_too() {
-    tokio::time::timeout(BOUND, async {
+    bounded(BOUND, async {
         let pool = Pool::builder("localcancel")
             .backend(LocalBackend::new())
             .max(1)
@@ -117,13 +115,12 @@ async fn local_backend_cancels_too() {
         .await;
         pool.shutdown().await;
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queued_call_dropped_never_starts() {
-    tokio::time::timeout(BOUND, async {
+    bounded(BOUND, async {
         let pool = Pool::builder("queued")
             .backend(ProcessBackend::new().program(RUNNER))
             .max(1)
@@ -156,13 +153,12 @@ async fn a_queued_call_dropped_never_starts() {
         assert!(!marker.exists(), "the dropped queued call ran anyway");
         pool.shutdown().await;
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn awaiting_a_mutable_reference_is_cancel_safe() {
-    tokio::time::timeout(BOUND, async {
+    bounded(BOUND, async {
         let pool = process_pool("cancelsafe").await;
         let mut handle = flame::spawn_on(&pool, sleep_ms(300));
         // A select that gives up on the handle first must not cancel the call.
@@ -175,6 +171,5 @@ async fn awaiting_a_mutable_reference_is_cancel_safe() {
         assert!(there.runner.is_some());
         pool.shutdown().await;
     })
-    .await
-    .expect("test timed out");
+    .await;
 }

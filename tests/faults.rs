@@ -55,7 +55,7 @@ fn runner_pid(lines: &[String]) -> u32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_runner_is_declared_lost_and_destroyed() {
-    tokio::time::timeout(BOUND, async {
+    bounded(BOUND, async {
         let pool = Pool::builder("frozen")
             .backend(ProcessBackend::new().program(RUNNER))
             .max(1)
@@ -91,13 +91,12 @@ async fn a_frozen_runner_is_declared_lost_and_destroyed() {
         );
         pool.shutdown().await;
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_runner_enforces_a_deadline_while_the_parent_is_frozen() {
-    tokio::time::timeout(BOUND, async {
+    bounded(BOUND, async {
         let dir = scratch_dir("frozen-parent");
         let (mut parent, _lines, _) = start_parent("deadline", &dir, "READY").await;
         let (runner, child) = held_pids(&dir).await;
@@ -118,13 +117,12 @@ async fn the_runner_enforces_a_deadline_while_the_parent_is_frozen() {
             "the runner outlived its parent"
         );
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runner_keeps_its_grace_when_the_parent_goes_away() {
-    tokio::time::timeout(BOUND, async {
+    bounded(BOUND, async {
         let dir = scratch_dir("grace");
         let (mut parent, _lines, seen) = start_parent("grace", &dir, "DRAINING").await;
         let runner = runner_pid(&seen);
@@ -141,13 +139,12 @@ async fn a_runner_keeps_its_grace_when_the_parent_goes_away() {
             "then it exited"
         );
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_the_parent_before_it_exits() {
-    tokio::time::timeout(BOUND, async {
+    bounded(BOUND, async {
         let dir = scratch_dir("sigterm");
         let (mut parent, mut lines, seen) = start_parent("graceful", &dir, "READY").await;
         let runner = runner_pid(&seen);
@@ -172,13 +169,12 @@ async fn sigterm_drains_the_parent_before_it_exits() {
             "the runner was stopped and reaped"
         );
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_with_retries_survives_a_lost_runner() {
-    tokio::time::timeout(BOUND, async {
+    bounded(BOUND, async {
         let pool = Pool::builder("retries")
             .backend(ProcessBackend::new().program(RUNNER))
             .max(1)
@@ -205,6 +201,5 @@ async fn a_call_with_retries_survives_a_lost_runner() {
         assert_eq!(err.kind(), ErrorKind::RunnerLost, "{err}");
         pool.shutdown().await;
     })
-    .await
-    .expect("test timed out");
+    .await;
 }

@@ -29,7 +29,7 @@ async fn doctored_pool(name: &str, doctor: fn(&str) -> String) -> (Pool, Arc<Mut
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_token_is_rejected() {
-    tokio::time::timeout(BOUND, async {
+    bounded(BOUND, async {
         let (pool, pids) = doctored_pool("wrongtoken", |h| {
             with_field(h, "token", Some(&"0".repeat(32)))
         })
@@ -44,13 +44,12 @@ async fn a_wrong_token_is_rejected() {
         );
         pool.shutdown().await;
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_runner_id_is_refused_and_the_boot_fails_with_its_reason() {
-    tokio::time::timeout(BOUND, async {
+    bounded(BOUND, async {
         let (pool, pids) =
             doctored_pool("stranger", |h| with_field(h, "runner", Some("nobody-0"))).await;
         let err = flame::call(&pool, add(1, 2)).await.unwrap_err();
@@ -66,13 +65,12 @@ async fn an_unknown_runner_id_is_refused_and_the_boot_fails_with_its_reason() {
         );
         pool.shutdown().await;
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_builds_manifest_is_rejected_by_name() {
-    tokio::time::timeout(BOUND, async {
+    bounded(BOUND, async {
         let pool = Pool::builder("otherbuild")
             .backend(ProcessBackend::new().program(OTHER_BUILD))
             .max(1)
@@ -85,8 +83,7 @@ async fn another_builds_manifest_is_rejected_by_name() {
         assert!(err.message().contains("only_in_other_build"), "{err}");
         pool.shutdown().await;
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 /// Records where the parent listens, then boots normally.
@@ -200,7 +197,7 @@ fn refusal(answer: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_on_the_listener_harms_nothing() {
-    tokio::time::timeout(BOUND, async {
+    bounded(BOUND, async {
         let addr = Arc::new(Mutex::new(None));
         let dir = scratch_dir("bad-input");
         let pool = Pool::builder("badinput")
@@ -257,8 +254,7 @@ async fn bad_input_on_the_listener_harms_nothing() {
         assert_eq!(pool.stats().booted, 1, "the one runner served throughout");
         pool.shutdown().await;
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[test]

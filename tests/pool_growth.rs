@@ -17,12 +17,6 @@ fn runner() -> ProcessBackend {
     ProcessBackend::new().program(RUNNER)
 }
 
-async fn bounded(test: impl std::future::Future<Output = ()>) {
-    tokio::time::timeout(BOUND, test)
-        .await
-        .expect("test timed out");
-}
-
 /// Spawns `sleep_ms(ms)` calls one at a time, each placed before the next is spawned, and
 /// returns their handles.
 async fn place_one_by_one(pool: &Pool, n: usize, ms: u64) -> Vec<flame::JoinHandle<Whereabouts>> {
@@ -38,7 +32,7 @@ async fn place_one_by_one(pool: &Pool, n: usize, ms: u64) -> Vec<flame::JoinHand
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_go_to_the_least_loaded_runner() {
-    bounded(async {
+    bounded(BOUND, async {
         let pool = Pool::builder("leastloaded")
             .backend(runner())
             .min(2)
@@ -66,7 +60,7 @@ async fn calls_go_to_the_least_loaded_runner() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_grows_the_pool_to_max_concurrently_and_never_past_it() {
-    bounded(async {
+    bounded(BOUND, async {
         let log = EventLog::default();
         let backend = Counting::new(runner());
         let peak = backend.peak.clone();
@@ -136,7 +130,7 @@ async fn a_burst_grows_the_pool_to_max_concurrently_and_never_past_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_callers_are_served_in_fifo_order() {
-    bounded(async {
+    bounded(BOUND, async {
         let pool = Pool::builder("fifo")
             .backend(runner())
             .max(1)
@@ -204,7 +198,7 @@ impl Backend for Flaky {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_boots_are_retried_while_callers_wait() {
-    bounded(async {
+    bounded(BOUND, async {
         let log = EventLog::default();
         let flaky = Flaky {
             inner: runner(),
@@ -241,7 +235,7 @@ async fn failed_boots_are_retried_while_callers_wait() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_nothing_can_boot_callers_get_the_backends_reason() {
-    bounded(async {
+    bounded(BOUND, async {
         let flaky = Flaky {
             inner: runner(),
             failures: usize::MAX.into(),
@@ -268,7 +262,7 @@ async fn when_nothing_can_boot_callers_get_the_backends_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_min_runner_is_replaced() {
-    bounded(async {
+    bounded(BOUND, async {
         let log = EventLog::default();
         let pool = log
             .attach(
@@ -321,7 +315,7 @@ async fn a_killed_min_runner_is_replaced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn min_runners_stop_after_min_idle_shutdown_after_and_come_back_on_demand() {
-    bounded(async {
+    bounded(BOUND, async {
         let log = EventLog::default();
         let pool = log
             .attach(
@@ -361,7 +355,7 @@ async fn min_runners_stop_after_min_idle_shutdown_after_and_come_back_on_demand(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_lets_calls_in_flight_finish() {
-    bounded(async {
+    bounded(BOUND, async {
         let pool = Pool::builder("draining")
             .backend(runner())
             .max(1)
@@ -402,7 +396,7 @@ async fn shutdown_lets_calls_in_flight_finish() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prewarm_boots_the_next_runner_before_the_pool_is_full() {
-    bounded(async {
+    bounded(BOUND, async {
         let log = EventLog::default();
         let pool = log
             .attach(
@@ -439,7 +433,7 @@ async fn prewarm_boots_the_next_runner_before_the_pool_is_full() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pools_resize_at_run_time() {
-    bounded(async {
+    bounded(BOUND, async {
         let log = EventLog::default();
         let pool = log
             .attach(

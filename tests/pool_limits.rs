@@ -16,7 +16,7 @@ fn runner() -> ProcessBackend {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_and_max_concurrency_are_never_exceeded() {
-    tokio::time::timeout(BOUND, async {
+    bounded(BOUND, async {
         let pool = Pool::builder("limits")
             .backend(runner())
             .max(2)
@@ -46,13 +46,12 @@ async fn max_and_max_concurrency_are_never_exceeded() {
         );
         pool.shutdown().await;
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_waiting_past_its_timeout_says_so() {
-    tokio::time::timeout(BOUND, async {
+    bounded(BOUND, async {
         let pool = Pool::builder("full")
             .backend(runner())
             .max(1)
@@ -78,13 +77,12 @@ async fn a_call_waiting_past_its_timeout_says_so() {
         drop(busy);
         pool.shutdown().await;
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn min_runners_boot_at_start_and_idle_ones_above_min_go_away() {
-    tokio::time::timeout(BOUND, async {
+    bounded(BOUND, async {
         let pool = Pool::builder("idle")
             .backend(runner())
             .min(1)
@@ -118,13 +116,12 @@ async fn min_runners_boot_at_start_and_idle_ones_above_min_go_away() {
         assert_eq!(flame::call(&pool, whereabouts()).await.unwrap().pid, kept);
         pool.shutdown().await;
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_use_runners_serve_one_call_each() {
-    tokio::time::timeout(BOUND, async {
+    bounded(BOUND, async {
         let pool = Pool::builder("once")
             .backend(runner())
             .max(2)
@@ -146,8 +143,7 @@ async fn single_use_runners_serve_one_call_each() {
         }
         pool.shutdown().await;
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test]

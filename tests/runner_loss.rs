@@ -15,7 +15,7 @@ const BOUND: Duration = Duration::from_secs(60);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_runner_fails_its_calls_with_runner_lost() {
-    tokio::time::timeout(BOUND, async {
+    bounded(BOUND, async {
         let pool = Pool::builder("killed")
             .backend(ProcessBackend::new().program(RUNNER))
             .max(1)
@@ -47,8 +47,7 @@ async fn killing_a_runner_fails_its_calls_with_runner_lost() {
         assert_ne!(there.pid, runner_pid);
         pool.shutdown().await;
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 /// Starts `flame-test-parent`, kills it with SIGKILL once its three runners each hold a
@@ -104,21 +103,17 @@ async fn parent_killed_leaves_nothing(pdeathsig: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_parent_leaves_no_runner_by_protocol_failsafe_alone() {
-    tokio::time::timeout(BOUND, parent_killed_leaves_nothing("off"))
-        .await
-        .expect("test timed out");
+    bounded(BOUND, parent_killed_leaves_nothing("off")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_parent_leaves_no_runner_with_the_parent_death_signal() {
-    tokio::time::timeout(BOUND, parent_killed_leaves_nothing("on"))
-        .await
-        .expect("test timed out");
+    bounded(BOUND, parent_killed_leaves_nothing("on")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runner_whose_main_fails_is_a_boot_failure_with_its_message() {
-    tokio::time::timeout(BOUND, async {
+    bounded(BOUND, async {
         let pool = Pool::builder("failingmain")
             .backend(ProcessBackend::new().program(FAILING_MAIN))
             .max(1)
@@ -140,13 +135,12 @@ async fn a_runner_whose_main_fails_is_a_boot_failure_with_its_message() {
         assert_eq!(err.kind(), ErrorKind::BootFailed, "{err}");
         pool.shutdown().await;
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn min_runners_that_cannot_boot_fail_start() {
-    tokio::time::timeout(BOUND, async {
+    bounded(BOUND, async {
         let err = Pool::builder("nosuchprogram")
             .backend(ProcessBackend::new().program("/nonexistent/flame-app"))
             .min(1)
@@ -161,13 +155,12 @@ async fn min_runners_that_cannot_boot_fail_start() {
         );
         assert!(err.message().contains("No such file"), "{err}");
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runner_that_exits_before_dialing_back_fails_the_call_at_once() {
-    tokio::time::timeout(BOUND, async {
+    bounded(BOUND, async {
         // `true` ignores the hand-off and exits 0: the boot must fail now, not at boot_timeout.
         let pool = Pool::builder("exitsearly")
             .backend(ProcessBackend::new().program("true"))
@@ -191,13 +184,12 @@ async fn a_runner_that_exits_before_dialing_back_fails_the_call_at_once() {
         );
         pool.shutdown().await;
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn process_runners_arm_the_parent_death_signal_unless_told_not_to() {
-    tokio::time::timeout(BOUND, async {
+    bounded(BOUND, async {
         for (armed, expected) in [(true, libc::SIGTERM), (false, 0)] {
             let pool = Pool::builder("deathsignal")
                 .backend(
@@ -216,6 +208,5 @@ async fn process_runners_arm_the_parent_death_signal_unless_told_not_to() {
             pool.shutdown().await;
         }
     })
-    .await
-    .expect("test timed out");
+    .await;
 }

@@ -92,7 +92,7 @@ async fn secret_visible_on_the_wire(name: &str, tls: bool) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_over_tls_carry_no_plaintext() {
-    tokio::time::timeout(BOUND, async {
+    bounded(BOUND, async {
         assert!(
             secret_visible_on_the_wire("plainwire", false).await,
             "control: plaintext is visible"
@@ -102,13 +102,12 @@ async fn calls_over_tls_carry_no_plaintext() {
             "TLS hides the arguments and results"
         );
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_pool_serves_calls_on_process_runners() {
-    tokio::time::timeout(BOUND, async {
+    bounded(BOUND, async {
         let pool = Pool::builder("tlspool")
             .backend(ProcessBackend::new().program(RUNNER))
             .max(2)
@@ -126,13 +125,12 @@ async fn a_tls_pool_serves_calls_on_process_runners() {
         assert_ne!(there.pid, std::process::id());
         pool.shutdown().await;
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runner_pinned_to_another_certificate_does_not_connect() {
-    tokio::time::timeout(BOUND, async {
+    bounded(BOUND, async {
         let backend = Doctored::new(RUNNER, |h| with_field(h, "tls", Some(&"00".repeat(32))));
         let pids = backend.pids.clone();
         let pool = Pool::builder("wrongcert")
@@ -150,13 +148,12 @@ async fn a_runner_pinned_to_another_certificate_does_not_connect() {
         assert!(wait_gone(pid, Duration::from_secs(10)).await);
         pool.shutdown().await;
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plaintext_runner_is_refused_by_a_tls_pool() {
-    tokio::time::timeout(BOUND, async {
+    bounded(BOUND, async {
         let backend = Doctored::new(RUNNER, |h| with_field(h, "tls", None));
         let pool = Pool::builder("downgrade")
             .backend(backend)
@@ -170,6 +167,5 @@ async fn a_plaintext_runner_is_refused_by_a_tls_pool() {
         assert!(err.message().contains("requires TLS"), "{err}");
         pool.shutdown().await;
     })
-    .await
-    .expect("test timed out");
+    .await;
 }

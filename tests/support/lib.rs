@@ -539,3 +539,11 @@ pub async fn parent_death_signal() -> i32 {
         recorded.await;
     }
 }
+
+/// Runs a test's body within `bound`, so no test can hang: past it, the test fails saying so.
+pub async fn bounded<T>(bound: Duration, body: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(bound, body).await {
+        Ok(output) => output,
+        Err(_) => panic!("the test did not finish within its bound of {bound:?}"),
+    }
+}
