@@ -78,6 +78,34 @@
 //! Tasks register themselves at link time. If they live in a library crate that the binary
 //! never names, the linker drops them: add `use my_tasks as _;` to the binary. A pool started in
 //! a binary with no registered task fails with an error saying so.
+//!
+//! # Testing FLAME code
+//!
+//! - **Unit tests: [`LocalBackend`].** Runners are tasks in the test's own process, reached over
+//!   a real loopback connection with the same encoding, handshake, deadlines and cancellation
+//!   as remote ones, so a task whose arguments do not serialize fails in `cargo test` as it
+//!   would in production. It needs nothing but `#[tokio::test]`:
+//!
+//!   ```
+//!   #[flame::task]
+//!   async fn double(x: u64) -> u64 {
+//!       x * 2
+//!   }
+//!
+//!   # #[tokio::main(flavor = "current_thread")] async fn main() {
+//!   let pool = flame::Pool::builder("test").backend(flame::LocalBackend::new()).start().await.unwrap();
+//!   assert_eq!(flame::call(&pool, double(21)).await.unwrap(), 42);
+//!   # }
+//!   ```
+//!
+//! - **Real processes: [`ProcessBackend::program`].** A test binary cannot be its own runner
+//!   (re-executed, it would run the tests again), so give the tests a small runner program: a
+//!   `[[bin]]` of the same package whose `main` is `#[flame::main]` and which links the crate
+//!   holding the tasks (`use my_tasks as _;`), and point the pool at it with
+//!   `ProcessBackend::new().program(env!("CARGO_BIN_EXE_my-runner"))`. Parent and runner then
+//!   register the same tasks, and the handshake accepts the runner. This project's own
+//!   integration tests (`tests/` in the repository) work this way, with real runner processes
+//!   killed, frozen and cut off.
 
 #![warn(missing_docs, unreachable_pub)]
 
