@@ -23,11 +23,25 @@ pub fn task(attr: TokenStream, item: TokenStream) -> TokenStream {
     }
 }
 
+/// `#[tokio::test]` for code that uses `ProcessBackend`: the test binary is its own runner.
+/// See `flame::test`.
+#[proc_macro_attribute]
+pub fn test(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let original: TokenStream2 = item.clone().into();
+    match expand_main(attr.into(), item.into(), Entry::Test) {
+        Ok(tokens) => tokens.into(),
+        Err(e) => {
+            let err = e.to_compile_error();
+            quote!(#original #err).into()
+        }
+    }
+}
+
 /// `#[tokio::main]` plus runner mode. See `flame::main`.
 #[proc_macro_attribute]
 pub fn main(attr: TokenStream, item: TokenStream) -> TokenStream {
     let original: TokenStream2 = item.clone().into();
-    match expand_main(attr.into(), item.into()) {
+    match expand_main(attr.into(), item.into(), Entry::Main) {
         Ok(tokens) => tokens.into(),
         Err(e) => {
             let err = e.to_compile_error();
@@ -288,33 +302,45 @@ fn respan(tokens: TokenStream2, span: Span) -> TokenStream2 {
         .collect()
 }
 
-fn expand_main(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
+/// What `expand_main` makes: an app's `main`, or a test that can be its own runner.
+#[derive(Clone, Copy, PartialEq)]
+enum Entry {
+    Main,
+    Test,
+}
+
+fn expand_main(attr: TokenStream2, item: TokenStream2, entry: Entry) -> syn::Result<TokenStream2> {
     let options = parse_options(attr, true)?;
+    let what = match entry {
+        Entry::Main => "#[flame::main]",
+        Entry::Test => "#[flame::test]",
+    };
     let krate = krate(&options);
     let func: ItemFn = syn::parse2(item)?;
     let sig = &func.sig;
     if sig.asyncness.is_none() {
         return Err(syn::Error::new(
             sig.fn_token.span(),
-            "#[flame::main] needs an `async fn`",
+            format!("{what} needs an `async fn`"),
         ));
     }
     if !sig.inputs.is_empty() {
         return Err(syn::Error::new(
             sig.inputs.span(),
-            "#[flame::main] takes no arguments",
+            format!("{what} takes no arguments"),
         ));
     }
     if !sig.generics.params.is_empty() {
         return Err(syn::Error::new(
             sig.generics.span(),
-            "#[flame::main] cannot be generic",
+            format!("{what} cannot be generic"),
         ));
     }
-    let current_thread = options
-        .flavor
-        .as_ref()
-        .is_some_and(|f| f.value() == "current_thread");
+    // Like tokio: an app gets the multi-threaded runtime, a test the current-thread one.
+    let current_thread = match &options.flavor {
+        Some(flavor) => flavor.value() == "current_thread",
+        None => entry == Entry::Test,
+    };
     let mut builder = if current_thread {
         quote!(#krate::__private::tokio::runtime::Builder::new_current_thread())
     } else {
@@ -339,15 +365,29 @@ fn expand_main(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
     let block = &func.block;
     let output = &sig.output;
     let graceful = options.graceful_shutdown.as_ref().is_none_or(|b| b.value);
+    if entry == Entry::Test && options.graceful_shutdown.is_some() {
+        return Err(syn::Error::new(
+            Span::call_site(),
+            "graceful_shutdown applies to #[flame::main] only",
+        ));
+    }
+    let run = match entry {
+        Entry::Main => quote!(#krate::__private::run_main(#builder, #graceful, body)),
+        Entry::Test => quote! {
+            #krate::__private::run_test(::core::concat!(::core::module_path!(), "::", ::core::stringify!(#name)), #builder, body)
+        },
+    };
+    let test_attr = (entry == Entry::Test).then(|| quote!(#[::core::prelude::v1::test]));
     let span = Span::call_site();
     Ok(quote_spanned! {span=>
+        #test_attr
         #(#attrs)*
         #vis fn #name() #output {
             let body = async move #block;
             let body = ::core::pin::pin!(body);
             // Names the output type, so `?` in the body knows what to convert errors into.
             let body: ::core::pin::Pin<&mut dyn ::core::future::Future<Output = #ret>> = body;
-            #krate::__private::run_main(#builder, #graceful, body)
+            #run
         }
     })
 }

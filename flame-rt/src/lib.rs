@@ -47,7 +47,7 @@
 //! | [`PoolBuilder`]: every knob and its default; lifecycle hooks | `builder.rs`, `hooks.rs` |
 //! | the parent's side of a runner connection | `listener.rs` (dial-back, handshake), `connection.rs` |
 //! | the runner's side, and its failsafe | `runner.rs`, `terminator.rs` |
-//! | [`#[flame::main]`](main), [`parent()`] and the hand-off to runners | `runtime.rs`, `parent.rs` |
+//! | [`#[flame::main]`](main), [`#[flame::test]`](test), [`parent()`] and the hand-off to runners | `runtime.rs`, `parent.rs` |
 //! | graceful shutdown on SIGTERM/SIGINT, [`shutdown_all`] | `shutdown.rs` |
 //! | [`Backend`]: [`ProcessBackend`], [`LocalBackend`] | `backend/` |
 //! | the wire protocol | `wire.rs`, `handshake.rs` |
@@ -98,14 +98,18 @@
 //!   # }
 //!   ```
 //!
-//! - **Real processes: [`ProcessBackend::program`].** A test binary cannot be its own runner
-//!   (re-executed, it would run the tests again), so give the tests a small runner program: a
-//!   `[[bin]]` of the same package whose `main` is `#[flame::main]` and which links the crate
-//!   holding the tasks (`use my_tasks as _;`), and point the pool at it with
-//!   `ProcessBackend::new().program(env!("CARGO_BIN_EXE_my-runner"))`. Parent and runner then
-//!   register the same tasks, and the handshake accepts the runner. This project's own
-//!   integration tests (`tests/` in the repository) work this way, with real runner processes
-//!   killed, frozen and cut off.
+//! - **Real processes: [`#[flame::test]`](test).** Like `#[tokio::test]`, but the test binary
+//!   is its own runner: a pool started in the test with the default [`ProcessBackend`] boots
+//!   runners by re-executing the test binary filtered to that one test, which then serves calls
+//!   instead of running its body. Works with `cargo test` and `cargo nextest run`, tests in
+//!   parallel each with their own runners. `examples/testing` in the repository is a small crate
+//!   tested this way.
+//!
+//! - **A separate runner program: [`ProcessBackend::program`].** For tests that kill, freeze or
+//!   replace runners, a `[[bin]]` whose `main` is `#[flame::main]` and which links the crate
+//!   holding the tasks (`use my_tasks as _;`), pointed at with
+//!   `ProcessBackend::new().program(env!("CARGO_BIN_EXE_my-runner"))`. This project's own
+//!   integration tests (`tests/`) work this way.
 
 #![warn(missing_docs, unreachable_pub)]
 
@@ -170,9 +174,32 @@ pub use flame_rt_macros::task;
 /// `graceful_shutdown = true | false` and `crate = "..."`.
 pub use flame_rt_macros::main;
 
+/// Like `#[tokio::test]`, but the test binary can be its own runner, so pools with the default
+/// [`ProcessBackend`] work in a crate's tests, with `cargo test` and `cargo nextest run`, in
+/// parallel.
+///
+/// A pool started on the test's thread boots runners by re-executing the test binary filtered
+/// to this one test; there, the test does not run its body but serves as the runner. Each test
+/// gets its own runners. Accepts `flavor` and `worker_threads` as `#[tokio::test]` does (default
+/// `current_thread`) and `crate = "..."`.
+///
+/// ```no_run
+/// #[flame::task]
+/// async fn pid() -> u32 {
+///     std::process::id()
+/// }
+///
+/// #[flame::test]
+/// async fn runs_in_another_process() {
+///     let pool = flame::Pool::builder("test").start().await.unwrap();
+///     assert_ne!(flame::call(&pool, pid()).await.unwrap(), std::process::id());
+/// }
+/// ```
+pub use flame_rt_macros::test;
+
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::runtime::{MainOutput, run_main};
+    pub use crate::runtime::{MainOutput, run_main, run_test};
     pub use crate::task::{
         Registration, RunningTask, TaskDef, assert_arg, assert_ret, decode_args, encode_result,
         encodes, sig_hash,

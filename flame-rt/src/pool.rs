@@ -205,6 +205,8 @@ pub(crate) struct Shared {
     state: Mutex<State>,
     /// Woken when runners come or go and when calls finish, if anyone watches.
     changed: Notify,
+    /// Set when the pool was started in a `#[flame::test]` (see `BootSpec`).
+    test_runner_args: Option<Vec<String>>,
     /// How many are waiting on `changed`: a finished call wakes nobody when nobody waits.
     watchers: AtomicUsize,
     served: AtomicU64,
@@ -390,6 +392,7 @@ impl Shared {
             }),
             changed: Notify::new(),
             watchers: AtomicUsize::new(0),
+            test_runner_args: crate::runtime::test_runner_args(),
             served: AtomicU64::new(0),
         })
     }
@@ -650,7 +653,7 @@ impl Shared {
         let tls = self.tls_fingerprint()?;
         let (listener, advertise) = self.listener()?;
         let mut expectation = listener.expect(runner_id, token, tls.is_some());
-        let spec = BootSpec::new(Handoff {
+        let mut spec = BootSpec::new(Handoff {
             pool: self.name.clone(),
             runner_id: runner_id.to_string(),
             addr: advertise.clone(),
@@ -658,6 +661,7 @@ impl Shared {
             boot_timeout: self.config.boot_timeout,
             tls,
         });
+        spec.test_runner_args = self.test_runner_args.clone();
         let backend = self.backend.name().to_string();
         let boot = async {
             let mut handle = self.backend.boot(spec).await.map_err(|e| match e.kind() {

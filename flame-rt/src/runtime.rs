@@ -50,23 +50,92 @@ where
     F: Future,
     F::Output: MainOutput,
 {
-    if matches!(process_handoff(), Some(Ok(_))) {
-        // Before the runtime's threads exist: the kernel keeps this per thread.
-        arm_parent_death_signal();
+    match process_handoff() {
+        Some(Ok(handoff)) => serve_as_runner(runtime, handoff.clone(), body),
+        Some(Err(e)) => bad_handoff(e),
+        None => {
+            let runtime = runtime
+                .enable_all()
+                .build()
+                .expect("failed to build the Tokio runtime");
+            if graceful_shutdown {
+                runtime.block_on(parent_main(body))
+            } else {
+                runtime.block_on(body)
+            }
+        }
     }
+}
+
+thread_local! {
+    /// The libtest name of the `#[flame::test]` running on this thread.
+    static CURRENT_TEST: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The arguments that make this test binary run only the current `#[flame::test]`, if one runs
+/// on this thread: a `ProcessBackend` runner re-executes the binary with them.
+pub(crate) fn test_runner_args() -> Option<Vec<String>> {
+    CURRENT_TEST.with(|t| t.borrow().clone()).map(|name| {
+        // Accepted by libtest and by cargo-nextest's way of running one test.
+        vec![
+            name,
+            "--exact".into(),
+            "--nocapture".into(),
+            "--test-threads".into(),
+            "1".into(),
+        ]
+    })
+}
+
+/// Runs a `#[flame::test]`: the test's body, or, when this test binary was re-executed as a
+/// runner for it, the runner service. Not public API.
+#[doc(hidden)]
+pub fn run_test<F>(path: &'static str, mut runtime: tokio::runtime::Builder, body: F) -> F::Output
+where
+    F: Future,
+    F::Output: MainOutput,
+{
+    match process_handoff() {
+        // The parent's test is the test; its runner only serves.
+        Some(Ok(handoff)) => serve_as_runner(runtime, handoff.clone(), async {}),
+        Some(Err(e)) => bad_handoff(e),
+        None => {
+            // libtest names tests by module path without the crate.
+            let name = path.split_once("::").map_or(path, |(_, rest)| rest);
+            CURRENT_TEST.with(|t| *t.borrow_mut() = Some(name.to_string()));
+            let runtime = runtime
+                .enable_all()
+                .build()
+                .expect("failed to build the Tokio runtime");
+            let output = runtime.block_on(body);
+            CURRENT_TEST.with(|t| *t.borrow_mut() = None);
+            output
+        }
+    }
+}
+
+fn bad_handoff(e: &crate::error::Error) -> ! {
+    eprintln!("flame: {HANDOFF_ENV} is set but cannot be used: {e}");
+    std::process::exit(2);
+}
+
+/// Serves as a runner until the parent lets this process go, with the app's `body` running
+/// beside the service; then ends the process.
+fn serve_as_runner<F>(
+    mut runtime: tokio::runtime::Builder,
+    handoff: std::sync::Arc<crate::parent::Handoff>,
+    body: F,
+) -> !
+where
+    F: Future,
+    F::Output: MainOutput,
+{
+    // Before the runtime's threads exist: the kernel keeps this per thread.
+    arm_parent_death_signal();
     let runtime = runtime
         .enable_all()
         .build()
         .expect("failed to build the Tokio runtime");
-    let handoff = match process_handoff() {
-        None if graceful_shutdown => return runtime.block_on(parent_main(body)),
-        None => return runtime.block_on(body),
-        Some(Ok(handoff)) => handoff.clone(),
-        Some(Err(e)) => {
-            eprintln!("flame: {HANDOFF_ENV} is set but cannot be used: {e}");
-            std::process::exit(2);
-        }
-    };
     let code = runtime.block_on(async move {
         let (control, control_rx) = mpsc::unbounded_channel();
         let mut service = tokio::spawn(runner::serve(handoff, control_rx));

@@ -64,6 +64,9 @@ pub trait RunnerHandle: Send + 'static {
 pub struct BootSpec {
     pub(crate) handoff: Handoff,
     pub(crate) handoff_value: String,
+    /// Set when the pool was started in a `#[flame::test]`: the arguments that make the test
+    /// binary run as a runner for that test only.
+    pub(crate) test_runner_args: Option<Vec<String>>,
 }
 
 impl BootSpec {
@@ -71,6 +74,7 @@ impl BootSpec {
         BootSpec {
             handoff_value: handoff.encode(),
             handoff,
+            test_runner_args: None,
         }
     }
 

@@ -98,10 +98,13 @@ impl ProcessBackend {
                 let exe = std::env::current_exe()
                     .map_err(|e| Error::io("finding the current executable", e))?;
                 let mut cmd = Command::new(exe);
-                // The same app, so the same command line, unless told otherwise.
-                if self.args.is_none() {
-                    cmd.args(std::env::args_os().skip(1));
-                }
+                // The same app, so the same command line, unless told otherwise; a test binary
+                // is told to run just the test that started the pool.
+                match (&self.args, &spec.test_runner_args) {
+                    (None, Some(test)) => cmd.args(test),
+                    (None, None) => cmd.args(std::env::args_os().skip(1)),
+                    (Some(_), _) => &mut cmd,
+                };
                 cmd
             }
         };

@@ -1,0 +1,4 @@
+#[flame::test]
+fn checks() {}
+
+fn main() {}
