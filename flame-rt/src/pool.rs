@@ -627,7 +627,8 @@ impl Shared {
     fn boot_failed(self: &Arc<Self>, state: &mut State, error: Error) {
         state.failed_boots += 1;
         state.boot_failures += 1;
-        let hopeless = error.kind() == ErrorKind::Rejected || state.boot_failures >= BOOT_ATTEMPTS;
+        let hopeless = matches!(error.kind(), ErrorKind::Rejected | ErrorKind::Config)
+            || state.boot_failures >= BOOT_ATTEMPTS;
         if hopeless && state.runners.is_empty() && state.booting == 0 {
             // Failing the callers now beats letting them time out with no explanation.
             state.queue.fail_all(&error);
@@ -666,6 +667,11 @@ impl Shared {
         let boot = async {
             let mut handle = self.backend.boot(spec).await.map_err(|e| match e.kind() {
                 ErrorKind::BootFailed => e,
+                // A mistake in the setup stays one: no retry will fix it.
+                ErrorKind::Config => Error::new(
+                    ErrorKind::Config,
+                    format!("backend {backend}: {}", e.message()),
+                ),
                 _ => Error::new(ErrorKind::BootFailed, format!("backend {backend}: {e}")),
             })?;
             let accepted = tokio::select! {

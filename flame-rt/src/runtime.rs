@@ -67,6 +67,15 @@ where
     }
 }
 
+/// Set once a `#[flame::test]` runs in this process: it is a test binary.
+static IN_TEST_BINARY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this process is a test binary running `#[flame::test]`s: re-executing it with its
+/// own arguments would run the whole test suite, not a runner.
+pub(crate) fn in_test_binary() -> bool {
+    IN_TEST_BINARY.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 thread_local! {
     /// The libtest name of the `#[flame::test]` running on this thread.
     static CURRENT_TEST: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
@@ -102,6 +111,7 @@ where
         None => {
             // libtest names tests by module path without the crate.
             let name = path.split_once("::").map_or(path, |(_, rest)| rest);
+            IN_TEST_BINARY.store(true, std::sync::atomic::Ordering::Relaxed);
             CURRENT_TEST.with(|t| *t.borrow_mut() = Some(name.to_string()));
             let runtime = runtime
                 .enable_all()

@@ -55,3 +55,18 @@ async fn dropping_a_handle_cancels_on_the_runner() {
     assert_eq!(flame::call(&pool, slow_square(4, 0)).await.unwrap(), 16);
     pool.shutdown().await;
 }
+
+#[flame::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_started_off_the_test_thread_says_so() {
+    // Started in a spawned task, the pool cannot know which test its runners should run.
+    let pool = tokio::spawn(async { Pool::builder("offthread").max(1).start().await.unwrap() })
+        .await
+        .unwrap();
+    let err = flame::call(&pool, whoami()).await.unwrap_err();
+    assert_eq!(err.kind(), flame::ErrorKind::Config, "{err}");
+    assert!(
+        err.message().contains("#[flame::test]'s own thread"),
+        "{err}"
+    );
+    pool.shutdown().await;
+}

@@ -102,6 +102,15 @@ impl ProcessBackend {
                 // is told to run just the test that started the pool.
                 match (&self.args, &spec.test_runner_args) {
                     (None, Some(test)) => cmd.args(test),
+                    (None, None) if crate::runtime::in_test_binary() => {
+                        return Err(Error::new(
+                            ErrorKind::Config,
+                            "this pool was started in a test binary but not on a #[flame::test]'s own \
+                             thread (in a spawned task, say), so its runners would re-run the whole \
+                             test suite: start the pool in the test's body, or give ProcessBackend a \
+                             program",
+                        ));
+                    }
                     (None, None) => cmd.args(std::env::args_os().skip(1)),
                     (Some(_), _) => &mut cmd,
                 };
