@@ -895,18 +895,16 @@ impl Shared {
     /// Waits until `min` runners are connected, or fails with why one could not boot.
     pub(crate) async fn wait_for_min(self: &Arc<Self>) -> Result<(), Error> {
         self.grow(&mut self.lock(), None);
-        loop {
-            let changed = self.changed.notified();
-            {
-                let state = self.lock();
-                if state.active() >= state.min {
-                    return Ok(());
-                }
-                if let Some(error) = &state.last_boot_error {
-                    return Err(error.clone());
-                }
-            }
-            changed.await;
+        // Each boot ends with a boot timeout, so "for ever" here is bounded by it.
+        let forever = Instant::now() + Duration::from_secs(86400 * 365);
+        self.wait_until(forever, |s| {
+            s.active() >= s.min || s.last_boot_error.is_some()
+        })
+        .await;
+        let state = self.lock();
+        match &state.last_boot_error {
+            Some(error) if state.active() < state.min => Err(error.clone()),
+            _ => Ok(()),
         }
     }
 }

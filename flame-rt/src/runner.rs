@@ -115,13 +115,11 @@ impl Drop for CallGuard {
         }
         drop(running);
         if !self.finished.get() {
-            send(&self.calls.out, &ToParent::Cancelled { call: self.call });
+            self.calls
+                .out
+                .send(&ToParent::Cancelled { call: self.call });
         }
     }
-}
-
-fn send(out: &Outbox, msg: &ToParent) {
-    out.send(msg);
 }
 
 impl Service {
@@ -292,7 +290,7 @@ impl Service {
     }
 
     fn send(&self, msg: &ToParent) {
-        send(&self.out, msg);
+        self.out.send(msg);
     }
 
     fn done(&self, call: u64, outcome: Outcome) {
