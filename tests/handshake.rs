@@ -232,7 +232,7 @@ async fn bad_input_on_the_listener_harms_nothing() {
         }
         let reason = refusal(&throw(&addr, &hello(99, "badinput-1"), false).await);
         assert!(reason.contains("protocol version mismatch"), "{reason}");
-        let reason = refusal(&throw(&addr, &hello(1, "nobody-9"), false).await);
+        let reason = refusal(&throw(&addr, &hello(2, "nobody-9"), false).await);
         assert!(reason.contains("unknown runner id"), "{reason}");
         // A peer that never finishes its hello is cut off (slowloris).
         let started = std::time::Instant::now();

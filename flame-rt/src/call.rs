@@ -11,6 +11,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::cancel::Ticket;
+use crate::channel::Attachment;
 use crate::deadline::Deadline;
 use crate::error::{Error, ErrorKind};
 use crate::join::JoinHandle;
@@ -126,8 +127,17 @@ impl<R> Call<R> {
         self.def.id
     }
 
-    fn encode(&self) -> Result<Bytes, Error> {
-        self.args.encode().map_err(|e| {
+    /// Encodes the arguments, and collects the channel halves among them.
+    fn encode(&self) -> (Result<Bytes, Error>, Vec<Attachment>) {
+        let (encoded, chans, refused) = crate::channel::encoding(|| self.args.encode());
+        let encoded = encoded.map_err(|e| {
+            if let Some(why) = refused {
+                let culprit = self.args.culprit();
+                return Error::new(
+                    ErrorKind::Codec,
+                    format!("{culprit} of {}: {why}", self.def.id),
+                );
+            }
             Error::new(
                 ErrorKind::Codec,
                 format!(
@@ -137,7 +147,21 @@ impl<R> Call<R> {
                     self.def.id
                 ),
             )
-        })
+        });
+        if encoded.is_ok() && !chans.is_empty() && self.retries > 0 {
+            return (
+                Err(Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "a call of {} carries channels, so it can't be retried (a stream can't be \
+                         replayed); drop `.retries(..)` or pass the data by value",
+                        self.def.id
+                    ),
+                )),
+                chans,
+            );
+        }
+        (encoded, chans)
     }
 }
 
@@ -181,15 +205,15 @@ where
     let deadline = Deadline::starting_now(call.timeout.or(shared.config.timeout));
     let queue_until = deadline.queue_until(shared.config.boot_timeout);
     let ticket = Ticket::new(call.def.id, deadline, queue_until);
-    let checked = call
-        .encode()
-        .and_then(|args| shared.check(call.def, &args).map(|()| args));
+    let (encoded, chans) = call.encode();
+    let checked = encoded.and_then(|args| shared.check(call.def, &args).map(|()| args));
     match checked {
         Ok(args) => shared.submit(QueuedCall {
             def: call.def,
             args,
             retries: call.retries,
             ticket: ticket.clone(),
+            chans,
         }),
         Err(error) => {
             ticket.resolve(Err(error));

@@ -13,11 +13,13 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::time::Instant;
 
+use crate::channel::{End, Port, Routes, Side};
 use crate::error::{Error, ErrorKind};
 use crate::pool::{Shared, Slot};
 use crate::queue::QueuedCall;
 use crate::wire::{
-    self, BoxRead, BoxWrite, CallMap, Outbox, Reader, ToParent, ToRunner, Watchdog, Welcome,
+    self, BoxRead, BoxWrite, CallMap, Outbox, Reader, TO_PARENT_CHAN, ToParent, ToRunner, Watchdog,
+    Welcome,
 };
 
 /// A handle to a runner connection, shared by the pool and the calls running on it.
@@ -26,6 +28,8 @@ pub(crate) struct RunnerConn {
     out: Arc<Outbox>,
     pending: Mutex<Pending>,
     next_call: AtomicU64,
+    /// The channels of the calls running here.
+    routes: Routes,
 }
 
 #[derive(Default)]
@@ -38,6 +42,8 @@ struct Pending {
 struct Running {
     call: QueuedCall,
     slot: Slot,
+    /// How many channels the call carries.
+    chans: u32,
 }
 
 /// A call that could not start on this connection because it has ended.
@@ -53,6 +59,7 @@ struct RunFrame<'a> {
     variant: u32,
     call: u64,
     task: &'a str,
+    #[serde(serialize_with = "wire::as_bytes")]
     args: &'a [u8],
     deadline_ms: Option<u64>,
 }
@@ -87,7 +94,7 @@ impl RunnerConn {
     /// connection has ended.
     pub(crate) fn start(
         self: &Arc<Self>,
-        call: QueuedCall,
+        mut call: QueuedCall,
         slot: Slot,
     ) -> Result<(Arc<RunnerConn>, u64), Unstarted> {
         let id = self.next_call.fetch_add(1, Ordering::Relaxed);
@@ -95,9 +102,31 @@ impl RunnerConn {
         if pending.closed {
             return Err(Unstarted { call, slot });
         }
-        // Under the lock, so a cancel for this call can only be queued after its run.
-        self.out.send(&run_frame(id, &call));
-        pending.calls.insert(id, Running { call, slot });
+        let chans = call.chans.len() as u32;
+        if chans == 0 {
+            // Under the lock, so a cancel for this call can only be queued after its run.
+            self.out.send(&run_frame(id, &call));
+        } else {
+            // Routes first, so the runner's first channel frames find them; pumps after the
+            // run, so no channel frame overtakes it.
+            let pumps: Vec<_> = (0..)
+                .zip(std::mem::take(&mut call.chans))
+                .map(|(chan, attached)| {
+                    let port = Port {
+                        out: self.out.clone(),
+                        side: Side::Parent,
+                        call: id,
+                        chan,
+                    };
+                    attached.open(&self.routes, port)
+                })
+                .collect();
+            self.out.send(&run_frame(id, &call));
+            for (chan, pump) in (0..).zip(pumps) {
+                self.routes.arm(id, chan, pump);
+            }
+        }
+        pending.calls.insert(id, Running { call, slot, chans });
         Ok((self.clone(), id))
     }
 
@@ -137,6 +166,7 @@ pub(crate) fn start(
         out,
         pending: Mutex::new(Pending::default()),
         next_call: AtomicU64::new(1),
+        routes: Routes::default(),
     });
     let writer = tokio::spawn(wire::write_loop(writer, conn.out.clone()));
     conn.push(&ToRunner::Welcome(welcome.clone()));
@@ -163,20 +193,44 @@ async fn read(
     let reason: Error = loop {
         tokio::select! {
             biased;
-            msg = reader.next::<ToParent>() => {
+            frame = reader.next_frame() => {
                 watchdog.heard();
+                let msg = match frame {
+                    Some(Ok(frame)) => {
+                        let frame = frame.freeze();
+                        match wire::chan_frame(&frame, TO_PARENT_CHAN) {
+                            Some(Ok(chan)) => {
+                                conn.routes.deliver(chan, &frame);
+                                continue;
+                            }
+                            Some(Err(e)) => Some(Err(e)),
+                            None => Some(wire::decode::<ToParent>(&frame)),
+                        }
+                    }
+                    Some(Err(e)) => Some(Err(e)),
+                    None => None,
+                };
                 match msg {
-                    Some(Ok(ToParent::Done { call, outcome })) => {
+                    Some(Ok(ToParent::Done { call: id, outcome })) => {
                         shared.note_served();
-                        if let Some(Running { call, slot }) = conn.finish(call) {
+                        if let Some(Running { call, slot, chans }) = conn.finish(id) {
+                            if chans > 0 {
+                                conn.routes.end_call(id, chans, End::Finished, true);
+                            }
                             // Free the slot before waking the caller, so its next call finds it.
                             drop(slot);
                             call.ticket.resolve(outcome.into_result());
                         }
                     }
-                    Some(Ok(ToParent::Cancelled { call })) => {
-                        conn.finish(call);
+                    Some(Ok(ToParent::Cancelled { call: id })) => {
+                        if let Some(Running { chans, .. }) = conn.finish(id)
+                            && chans > 0
+                        {
+                            conn.routes.end_call(id, chans, End::Cancelled, true);
+                        }
                     }
+                    // Channel frames were handled above.
+                    Some(Ok(ToParent::Chan(_))) => {}
                     Some(Ok(ToParent::Heartbeat)) => {}
                     Some(Ok(ToParent::Idle { idle_ms })) => shared.runner_idle(key, Duration::from_millis(idle_ms)),
                     Some(Ok(ToParent::BootFailed { reason })) => {
@@ -213,7 +267,18 @@ async fn read(
         pending.closed = true;
         std::mem::take(&mut pending.calls)
     };
-    for (_, Running { mut call, slot }) in running {
+    for (
+        id,
+        Running {
+            mut call,
+            slot,
+            chans,
+        },
+    ) in running
+    {
+        if chans > 0 {
+            conn.routes.end_call(id, chans, End::Lost(&reason), true);
+        }
         drop(slot);
         let retryable = matches!(reason.kind(), ErrorKind::RunnerLost | ErrorKind::BootFailed);
         if retryable && call.retries > 0 && call.ticket.is_live() {

@@ -35,6 +35,9 @@ pub enum ErrorKind {
     Io,
     /// The peer broke the wire protocol.
     Protocol,
+    /// The other side of a [`channel`](crate::channel()) is gone: dropped, or the call that
+    /// carried the channel has ended.
+    ChannelClosed,
 }
 
 impl ErrorKind {
@@ -52,6 +55,7 @@ impl ErrorKind {
             ErrorKind::Config => "invalid configuration",
             ErrorKind::Io => "I/O error",
             ErrorKind::Protocol => "protocol error",
+            ErrorKind::ChannelClosed => "channel closed",
         }
     }
 }

@@ -33,6 +33,8 @@ pub fn frames(data: &[u8]) {
     let mut buf = BytesMut::from(data);
     while let Ok(Some(frame)) = codec.decode(&mut buf) {
         let _ = wire::decode::<ToRunner>(&frame);
+        let _ = wire::chan_frame(&frame, wire::TO_RUNNER_CHAN);
+        let _ = wire::chan_frame(&frame, wire::TO_PARENT_CHAN);
         if let Ok(ToParent::Hello(hello)) = wire::decode::<ToParent>(&frame)
             && let Ok(registry) = crate::task::registry()
         {

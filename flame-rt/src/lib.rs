@@ -50,6 +50,7 @@
 //! | [`#[flame::main]`](main), [`#[flame::test]`](test), [`parent()`] and the hand-off to runners | `runtime.rs`, `parent.rs` |
 //! | graceful shutdown on SIGTERM/SIGINT, [`shutdown_all`] | `shutdown.rs` |
 //! | [`Backend`]: [`ProcessBackend`], [`LocalBackend`] | `backend/` |
+//! | [`channel()`]: typed channels that cross to runners, streaming files | `channel/` (the halves; `bridge.rs`: pumps, credit, routes) |
 //! | the wire protocol | `wire.rs`, `handshake.rs` |
 //!
 //! # Semantics in brief
@@ -62,6 +63,9 @@
 //!   are enforced by the runner too.
 //! - **Runners never outlive their parent.** A runner exits when its parent connection ends or
 //!   goes silent, dropping its tasks first.
+//! - **Streams are arguments.** A [`channel()`] half passed to a task connects the caller and the
+//!   task over the runner's connection, with backpressure end to end; it ends with its call.
+//!   [`channel::stream_reader`] streams a file to a task in one line. See [`channel`](mod@channel).
 //! - **Strangers are refused.** Each runner proves itself with a one-time 128-bit token, and
 //!   parent and runner compare their task manifests, so a different build is refused with a
 //!   reason instead of mis-decoding arguments.
@@ -117,6 +121,7 @@ mod backend;
 mod builder;
 mod call;
 mod cancel;
+pub mod channel;
 mod connection;
 mod deadline;
 mod error;
@@ -142,6 +147,7 @@ mod wire;
 pub use backend::{Backend, BootSpec, LocalBackend, ProcessBackend, RunnerHandle};
 pub use builder::PoolBuilder;
 pub use call::{Call, call, cast, spawn_on};
+pub use channel::channel;
 pub use error::{Error, ErrorKind};
 pub use hooks::{GrowEnd, GrowReason, GrowStart, Shrink, ShrinkReason};
 pub use join::JoinHandle;

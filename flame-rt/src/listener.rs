@@ -242,6 +242,7 @@ fn message_name(msg: &ToParent) -> &'static str {
         ToParent::Idle { .. } => "an idle notice",
         ToParent::BootFailed { .. } => "a boot failure",
         ToParent::StartTls { .. } => "a TLS request",
+        ToParent::Chan(_) => "channel traffic",
     }
 }
 

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::cancel::Ticket;
+use crate::channel::Attachment;
 use crate::error::{Error, ErrorKind};
 use crate::task::TaskDef;
 
@@ -17,6 +18,8 @@ pub(crate) struct QueuedCall {
     pub(crate) args: Bytes,
     pub(crate) retries: u32,
     pub(crate) ticket: Arc<Ticket>,
+    /// The channel halves among the arguments, connected when the call starts.
+    pub(crate) chans: Vec<Attachment>,
 }
 
 /// Calls waiting for a slot, oldest first. A call whose caller gave up (handle dropped or

@@ -12,12 +12,13 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
+use crate::channel::{End, Routes};
 use crate::parent::{Handoff, Parent, TASK_PARENT, process_handoff};
 use crate::task::{Registry, registry};
 use crate::terminator::{self, Exit};
 use crate::wire::{
-    self, CallMap, Hello, MAX_FRAME, Outbox, Outcome, PROTOCOL_VERSION, Reader, ToParent, ToRunner,
-    Watchdog, WireErrorKind,
+    self, CallMap, Hello, MAX_FRAME, Outbox, Outcome, PROTOCOL_VERSION, Reader, TO_RUNNER_CHAN,
+    ToParent, ToRunner, Watchdog, WireErrorKind,
 };
 
 /// Told to a running service by the process hosting it.
@@ -63,6 +64,8 @@ struct Calls {
     last_end: Mutex<Instant>,
     /// Where calls send their results (the service's outbox).
     out: Arc<Outbox>,
+    /// The channels of the calls running here.
+    routes: Routes,
 }
 
 impl Calls {
@@ -97,12 +100,23 @@ impl Calls {
 /// it finished (cancelled, or the runner is stopping), tells the parent so.
 struct CallGuard {
     call: u64,
+    /// How many channels the call carries: they end with it.
+    chans: u32,
     calls: Arc<Calls>,
     finished: std::cell::Cell<bool>,
 }
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
+        if self.chans > 0 {
+            let end = match self.finished.get() {
+                true => End::Finished,
+                false => End::Cancelled,
+            };
+            self.calls
+                .routes
+                .end_call(self.call, self.chans, end, false);
+        }
         let mut running = self.calls.lock();
         running.remove(&self.call);
         if running.is_empty() {
@@ -146,6 +160,7 @@ impl Service {
                 emptied: Notify::new(),
                 last_end: Mutex::new(Instant::now()),
                 out,
+                routes: Routes::default(),
             }),
         };
         service.send(&ToParent::Hello(Hello {
@@ -212,8 +227,16 @@ impl Service {
                 },
                 frame = reader.next_frame(), if parent_open => {
                     watchdog.heard();
+                    let frame = frame.map(|frame| frame.map(bytes::BytesMut::freeze));
                     let msg = match frame {
                         Some(Ok(frame)) => match run_ref(&frame) {
+                            None if let Some(chan) = wire::chan_frame(&frame, TO_RUNNER_CHAN) => match chan {
+                                Ok(chan) => {
+                                    service.calls.routes.deliver(chan, &frame);
+                                    continue;
+                                }
+                                Err(e) => Some(Err(e)),
+                            },
                             // The hot path: a call, decoded without copying its arguments.
                             Some(Ok(run)) => {
                                 if draining {
@@ -307,9 +330,23 @@ impl Service {
                 },
             );
         };
-        let body = match (def.invoke)(args) {
-            Ok(body) => body,
+        let (body, chans) =
+            crate::channel::decoding(&self.calls.routes, &self.out, call, || (def.invoke)(args));
+        let body = match body {
+            Ok(body) if chans == 0 => body,
+            // What the task sent before returning goes out before its result.
+            Ok(body) => {
+                let calls = self.calls.clone();
+                Box::pin(async move {
+                    let result = body.await;
+                    calls.routes.flush(call, chans).await;
+                    result
+                })
+            }
             Err(message) => {
+                self.calls
+                    .routes
+                    .end_call(call, chans, End::Finished, false);
                 return self.done(
                     call,
                     Outcome::Failed {
@@ -323,6 +360,7 @@ impl Service {
         let task_id = def.id;
         let guard = CallGuard {
             call,
+            chans,
             calls: self.calls.clone(),
             finished: std::cell::Cell::new(false),
         };

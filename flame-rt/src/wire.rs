@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use crate::error::{Error, ErrorKind};
 
 /// Bumped on any incompatible change of the messages below.
-pub(crate) const PROTOCOL_VERSION: u32 = 1;
+pub(crate) const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame either side accepts. A bigger call argument is a user error reported as
 /// [`ErrorKind::Codec`] before it is sent; streaming large data is what channels are for.
@@ -73,6 +73,8 @@ pub(crate) enum ToRunner {
     Shutdown {
         grace_ms: u64,
     },
+    /// Traffic of a channel carried by a call (see `channel/bridge.rs`).
+    Chan(ChanFrame),
 }
 
 /// Runner → parent.
@@ -102,6 +104,75 @@ pub(crate) enum ToParent {
     StartTls {
         runner_id: String,
     },
+    /// Traffic of a channel carried by a call (see `channel/bridge.rs`).
+    Chan(ChanFrame),
+}
+
+/// One frame of a channel: channels are numbered per call, in the order the call's arguments
+/// serialized them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct ChanFrame {
+    pub(crate) call: u64,
+    pub(crate) chan: u32,
+    pub(crate) body: ChanBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) enum ChanBody {
+    /// A whole message, or the last chunk of one.
+    Data(Bytes),
+    /// A chunk of a message that continues in the next frames: big messages are cut so they
+    /// don't hold the connection while other calls' frames wait.
+    Part(Bytes),
+    /// The receiving side took this many messages: the sender may send as many more.
+    Credit(u32),
+    /// The sending side is done (every sender dropped), or the receiving side was dropped.
+    Close,
+    /// The sending side ended with this error (a read error of a streamed file, say).
+    Fail(String),
+}
+
+/// Variant indices of `ToRunner::Chan` and `ToParent::Chan`, the first byte of their frames.
+pub(crate) const TO_RUNNER_CHAN: u32 = 6;
+pub(crate) const TO_PARENT_CHAN: u32 = 7;
+
+/// A channel frame with borrowed data: encodes byte for byte as `ToRunner::Chan` /
+/// `ToParent::Chan` (checked by a test), and decodes in place, so a chunk reaches its channel
+/// as a slice of the frame it came in, without a copy.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct ChanFrameRef<'a> {
+    pub(crate) variant: u32,
+    pub(crate) call: u64,
+    pub(crate) chan: u32,
+    #[serde(borrow)]
+    pub(crate) body: ChanBodyRef<'a>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum ChanBodyRef<'a> {
+    Data(#[serde(serialize_with = "as_bytes")] &'a [u8]),
+    Part(#[serde(serialize_with = "as_bytes")] &'a [u8]),
+    Credit(u32),
+    Close,
+    Fail(&'a str),
+}
+
+/// Serializes a borrowed slice as bytes, as `Bytes` does: serde's own `[u8]` is a sequence, which
+/// postcard encodes to the same bytes but one `u8` call at a time.
+pub(crate) fn as_bytes<S: serde::Serializer>(data: &&[u8], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_bytes(data)
+}
+
+/// Decodes `frame` as a channel frame of `variant` in place; `None` if it is another message.
+pub(crate) fn chan_frame(frame: &[u8], variant: u32) -> Option<Result<ChanFrameRef<'_>, Error>> {
+    // Postcard writes the variant index first, as a varint: both are one byte.
+    if frame.first().map(|b| u32::from(*b)) != Some(variant) {
+        return None;
+    }
+    Some(
+        postcard::from_bytes::<ChanFrameRef<'_>>(frame)
+            .map_err(|e| Error::new(ErrorKind::Protocol, e.to_string())),
+    )
 }
 
 /// How a call ended on the runner.
@@ -298,6 +369,8 @@ impl<R: AsyncRead + Unpin> Reader<R> {
 pub(crate) struct Outbox {
     inner: Mutex<OutboxInner>,
     ready: Notify,
+    /// Woken after each write, for senders of big messages waiting for the queue to go down.
+    drained: Notify,
 }
 
 #[derive(Default)]
@@ -311,6 +384,7 @@ impl Outbox {
         Arc::new(Outbox {
             inner: Mutex::new(OutboxInner::default()),
             ready: Notify::new(),
+            drained: Notify::new(),
         })
     }
 
@@ -333,6 +407,22 @@ impl Outbox {
     pub(crate) fn close(&self) {
         self.lock().closed = true;
         self.ready.notify_one();
+        self.drained.notify_waiters();
+    }
+
+    /// Waits until at most `limit` bytes are queued (or the outbox is closed), so the chunks of
+    /// one big message take turns with other frames instead of queueing all at once.
+    pub(crate) async fn wait_below(&self, limit: usize) {
+        loop {
+            let drained = self.drained.notified();
+            {
+                let inner = self.lock();
+                if inner.buf.len() <= limit || inner.closed {
+                    return;
+                }
+            }
+            drained.await;
+        }
     }
 }
 
@@ -371,8 +461,10 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(mut io: W, outbox: Arc<Out
         if !chunk.is_empty() {
             if io.write_all(&chunk).await.is_err() {
                 outbox.lock().closed = true;
+                outbox.drained.notify_waiters();
                 return;
             }
+            outbox.drained.notify_waiters();
         } else if closed {
             let _ = io.shutdown().await;
             return;
@@ -420,7 +512,38 @@ mod tests {
             any::<u64>().prop_map(|call| ToRunner::Cancel { call }),
             Just(ToRunner::Heartbeat),
             any::<u64>().prop_map(|grace_ms| ToRunner::Shutdown { grace_ms }),
+            chan().prop_map(ToRunner::Chan),
         ]
+    }
+
+    fn chan() -> impl Strategy<Value = ChanFrame> {
+        let body = prop_oneof![
+            bytes().prop_map(ChanBody::Data),
+            bytes().prop_map(ChanBody::Part),
+            any::<u32>().prop_map(ChanBody::Credit),
+            Just(ChanBody::Close),
+            ".{0,40}".prop_map(ChanBody::Fail),
+        ];
+        (any::<u64>(), any::<u32>(), body).prop_map(|(call, chan, body)| ChanFrame {
+            call,
+            chan,
+            body,
+        })
+    }
+
+    fn borrowed(frame: &ChanFrame, variant: u32) -> ChanFrameRef<'_> {
+        ChanFrameRef {
+            variant,
+            call: frame.call,
+            chan: frame.chan,
+            body: match &frame.body {
+                ChanBody::Data(b) => ChanBodyRef::Data(b),
+                ChanBody::Part(b) => ChanBodyRef::Part(b),
+                ChanBody::Credit(n) => ChanBodyRef::Credit(*n),
+                ChanBody::Close => ChanBodyRef::Close,
+                ChanBody::Fail(m) => ChanBodyRef::Fail(m),
+            },
+        }
     }
 
     fn outcome() -> impl Strategy<Value = Outcome> {
@@ -464,6 +587,7 @@ mod tests {
             Just(ToParent::Heartbeat),
             any::<u64>().prop_map(|idle_ms| ToParent::Idle { idle_ms }),
             ".{0,80}".prop_map(|reason| ToParent::BootFailed { reason }),
+            chan().prop_map(ToParent::Chan),
         ]
     }
 
@@ -476,6 +600,17 @@ mod tests {
         #[test]
         fn runner_messages_round_trip(msg in to_parent()) {
             prop_assert_eq!(decode::<ToParent>(&encode(&msg).unwrap()).unwrap(), msg);
+        }
+
+        #[test]
+        fn borrowed_channel_frames_encode_as_the_messages(frame in chan()) {
+            let to_runner = encode(&ToRunner::Chan(frame.clone())).unwrap();
+            prop_assert_eq!(&postcard::to_stdvec(&borrowed(&frame, TO_RUNNER_CHAN)).unwrap()[..], &to_runner[..]);
+            let back = chan_frame(&to_runner, TO_RUNNER_CHAN).unwrap().unwrap();
+            prop_assert_eq!((back.call, back.chan), (frame.call, frame.chan));
+            let to_parent = encode(&ToParent::Chan(frame.clone())).unwrap();
+            prop_assert_eq!(&postcard::to_stdvec(&borrowed(&frame, TO_PARENT_CHAN)).unwrap()[..], &to_parent[..]);
+            prop_assert!(chan_frame(&to_parent, TO_RUNNER_CHAN).is_none());
         }
 
         #[test]

@@ -1,0 +1,592 @@
+//! How a channel half crosses the process boundary.
+//!
+//! A half is always a plain Tokio `mpsc` half. When one is serialized as an argument of a call,
+//! the side sending the call keeps the `mpsc` end it pointed at and puts a *pump* behind it; the
+//! side receiving the call makes a fresh `mpsc` pair, gives the task one half and puts a pump
+//! behind the other. The two pumps talk over the runner's connection in `Chan` frames:
+//!
+//! - an **outbound** pump takes messages from its `mpsc` receiver, encodes them and sends them
+//!   while it has credit (one credit per message, `capacity` to start with);
+//! - an **inbound** pump decodes arriving messages into its `mpsc` sender and grants the credit
+//!   back in batches as they are taken, so neither side buffers more than `capacity` messages on
+//!   the wire and `capacity` in its `mpsc`, and a slow channel never blocks the connection's
+//!   reader (which hands frames to pumps without waiting).
+//!
+//! Channels belong to the call that carried them: [`Routes::end_call`] takes them down when it
+//! ends, is cancelled or loses its runner, and tells the local halves why through their
+//! [`Link`].
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use bytes::{Bytes, BytesMut};
+use futures::future::BoxFuture;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::task::{AbortHandle, JoinHandle};
+
+use crate::error::{Error, ErrorKind};
+use crate::wire::{ChanBodyRef, ChanFrameRef, Outbox, TO_PARENT_CHAN, TO_RUNNER_CHAN};
+
+/// Messages bigger than this go out in chunks of this size.
+const CHUNK: usize = 256 * 1024;
+/// A chunked message waits for the connection's outbox to go below this before each chunk.
+const HIGH_WATER: usize = 1024 * 1024;
+
+/// What the two halves of one channel share in this process: why the channel ended, when it
+/// did not end because one side simply finished.
+#[derive(Default)]
+pub(crate) struct Link {
+    reason: OnceLock<Error>,
+}
+
+impl Link {
+    pub(crate) fn new() -> Arc<Link> {
+        Arc::default()
+    }
+
+    /// Records why the channel ended; the first reason stands.
+    pub(crate) fn end(&self, reason: Error) {
+        let _ = self.reason.set(reason);
+    }
+
+    pub(crate) fn reason(&self) -> Option<&Error> {
+        self.reason.get()
+    }
+}
+
+/// Which end of the connection this is: the frames it sends are `ToRunner::Chan` from the
+/// parent, `ToParent::Chan` from a runner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    Parent,
+    Runner,
+}
+
+impl Side {
+    fn variant(self) -> u32 {
+        match self {
+            Side::Parent => TO_RUNNER_CHAN,
+            Side::Runner => TO_PARENT_CHAN,
+        }
+    }
+}
+
+/// Where one pump sends its frames.
+#[derive(Clone)]
+pub(crate) struct Port {
+    pub(crate) out: Arc<Outbox>,
+    pub(crate) side: Side,
+    pub(crate) call: u64,
+    pub(crate) chan: u32,
+}
+
+impl Port {
+    fn send(&self, body: ChanBodyRef<'_>) {
+        self.out.send(&ChanFrameRef {
+            variant: self.side.variant(),
+            call: self.call,
+            chan: self.chan,
+            body,
+        });
+    }
+
+    async fn send_message(&self, data: &[u8]) {
+        if data.len() <= CHUNK {
+            return self.send(ChanBodyRef::Data(data));
+        }
+        let mut chunks = data.chunks(CHUNK).peekable();
+        while let Some(chunk) = chunks.next() {
+            self.out.wait_below(HIGH_WATER).await;
+            self.send(match chunks.peek() {
+                Some(_) => ChanBodyRef::Part(chunk),
+                None => ChanBodyRef::Data(chunk),
+            });
+        }
+    }
+}
+
+/// How the call that carried a channel ended, as seen by its local halves.
+pub(crate) enum End<'a> {
+    /// The task returned (or the parent heard it did).
+    Finished,
+    /// The task's future was dropped on the runner.
+    Cancelled,
+    /// The connection to the other side is gone.
+    Lost(&'a Error),
+}
+
+impl End<'_> {
+    fn reason(&self) -> Error {
+        match self {
+            End::Finished => Error::new(
+                ErrorKind::ChannelClosed,
+                "the call that carried this channel has ended",
+            ),
+            End::Cancelled => Error::new(
+                ErrorKind::Cancelled,
+                "the call that carried this channel was cancelled",
+            ),
+            End::Lost(error) => (*error).clone(),
+        }
+    }
+}
+
+/// The channels of every call on one connection, by `(call, channel number)`: where the
+/// connection's reader delivers their frames.
+#[derive(Default)]
+pub(crate) struct Routes {
+    map: Mutex<HashMap<(u64, u32), Route>>,
+}
+
+struct Route {
+    kind: RouteKind,
+    link: Arc<Link>,
+    /// Set once the pump is spawned; a route can exist a moment before (see [`Routes::arm`]).
+    pump: Option<AbortHandle>,
+    /// The pump itself, for a runner to wait until an outbound channel is flushed.
+    join: Option<JoinHandle<()>>,
+    /// The peer closed the channel before the pump was spawned.
+    closed: bool,
+}
+
+enum RouteKind {
+    /// Messages arriving for a local receiver. `None` once the remote sender is done.
+    In(Option<mpsc::UnboundedSender<(Bytes, bool)>>),
+    /// Messages leaving from a local sender, and how many the remote receiver will take.
+    Out {
+        credits: Arc<Semaphore>,
+        capacity: usize,
+        /// Told when the call is over: the pump stops taking messages and flushes.
+        finish: Arc<Notify>,
+    },
+}
+
+impl Routes {
+    fn lock(&self) -> MutexGuard<'_, HashMap<(u64, u32), Route>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Spawns a channel's pump, unless the channel was taken down in between.
+    pub(crate) fn arm(&self, call: u64, chan: u32, pump: BoxFuture<'static, ()>) {
+        let mut map = self.lock();
+        if let Some(route) = map.get_mut(&(call, chan))
+            && !route.closed
+        {
+            let join = tokio::spawn(pump);
+            route.pump = Some(join.abort_handle());
+            route.join = Some(join);
+        }
+    }
+
+    /// Hands a frame that arrived to its channel. Frames for channels that are gone (their call
+    /// ended) are dropped.
+    pub(crate) fn deliver(&self, frame: ChanFrameRef<'_>, whole: &Bytes) {
+        let mut map = self.lock();
+        let Some(route) = map.get_mut(&(frame.call, frame.chan)) else {
+            return;
+        };
+        match (frame.body, &mut route.kind) {
+            (ChanBodyRef::Data(data), RouteKind::In(Some(inbox))) => {
+                let _ = inbox.send((whole.slice_ref(data), true));
+            }
+            (ChanBodyRef::Part(data), RouteKind::In(Some(inbox))) => {
+                let _ = inbox.send((whole.slice_ref(data), false));
+            }
+            // The remote sender is done: the pump delivers what arrived, then ends.
+            (ChanBodyRef::Close, RouteKind::In(inbox)) => *inbox = None,
+            (ChanBodyRef::Fail(why), RouteKind::In(inbox)) => {
+                route.link.end(Error::new(
+                    ErrorKind::ChannelClosed,
+                    format!("the sending side failed: {why}"),
+                ));
+                *inbox = None;
+            }
+            (
+                ChanBodyRef::Credit(n),
+                RouteKind::Out {
+                    credits, capacity, ..
+                },
+            ) => {
+                // Never more than the capacity: a confused peer can't make us overrun it.
+                let room = capacity.saturating_sub(credits.available_permits());
+                credits.add_permits((n as usize).min(room));
+            }
+            (ChanBodyRef::Close, RouteKind::Out { .. }) => {
+                route.link.end(Error::new(
+                    ErrorKind::ChannelClosed,
+                    "the receiving half of this channel was dropped",
+                ));
+                route.closed = true;
+                if let Some(pump) = &route.pump {
+                    pump.abort();
+                }
+            }
+            (body, _) => {
+                tracing::debug!(
+                    call = frame.call,
+                    chan = frame.chan,
+                    ?body,
+                    "flame: a channel frame that does not fit its channel was dropped"
+                );
+            }
+        }
+    }
+
+    /// Waits until the call's outbound channels have sent everything their senders gave them:
+    /// what a task sent before returning reaches the caller before its result. Senders still
+    /// alive (moved into a detached task, say) can send no more.
+    pub(crate) async fn flush(&self, call: u64, chans: u32) {
+        let pumps: Vec<JoinHandle<()>> = {
+            let mut map = self.lock();
+            (0..chans)
+                .filter_map(|chan| {
+                    let route = map.get_mut(&(call, chan))?;
+                    let RouteKind::Out { finish, .. } = &route.kind else {
+                        return None;
+                    };
+                    finish.notify_one();
+                    route.join.take()
+                })
+                .collect()
+        };
+        for pump in pumps {
+            let _ = pump.await;
+        }
+    }
+
+    /// Takes down a call's channels. Inbound ones deliver what already arrived if `drain`,
+    /// then end; outbound ones stop at once. Local halves learn why through their link.
+    pub(crate) fn end_call(&self, call: u64, chans: u32, end: End<'_>, drain: bool) {
+        let routes: Vec<Route> = {
+            let mut map = self.lock();
+            (0..chans)
+                .filter_map(|chan| map.remove(&(call, chan)))
+                .collect()
+        };
+        for route in routes {
+            if !matches!(end, End::Finished) || matches!(route.kind, RouteKind::Out { .. }) {
+                route.link.end(end.reason());
+            }
+            let stop = !drain || matches!(route.kind, RouteKind::Out { .. });
+            if stop && let Some(pump) = route.pump {
+                pump.abort();
+            }
+        }
+    }
+}
+
+/// Opens the route of a channel whose messages arrive here for `tx`; returns its pump.
+pub(crate) fn open_inbound<T>(
+    routes: &Routes,
+    port: Port,
+    tx: mpsc::Sender<T>,
+    link: Arc<Link>,
+) -> BoxFuture<'static, ()>
+where
+    T: DeserializeOwned + Send + 'static,
+{
+    let (inbox, arrivals) = mpsc::unbounded_channel();
+    routes.lock().insert(
+        (port.call, port.chan),
+        Route {
+            kind: RouteKind::In(Some(inbox)),
+            link: link.clone(),
+            pump: None,
+            join: None,
+            closed: false,
+        },
+    );
+    Box::pin(inbound(tx, arrivals, port, link))
+}
+
+/// Opens the route of a channel whose messages leave from `rx`; returns its pump.
+pub(crate) fn open_outbound<T>(
+    routes: &Routes,
+    port: Port,
+    rx: mpsc::Receiver<T>,
+    link: Arc<Link>,
+) -> BoxFuture<'static, ()>
+where
+    T: Serialize + Send + 'static,
+{
+    let capacity = rx.max_capacity();
+    let credits = Arc::new(Semaphore::new(capacity));
+    let finish = Arc::new(Notify::new());
+    routes.lock().insert(
+        (port.call, port.chan),
+        Route {
+            kind: RouteKind::Out {
+                credits: credits.clone(),
+                capacity,
+                finish: finish.clone(),
+            },
+            link: link.clone(),
+            pump: None,
+            join: None,
+            closed: false,
+        },
+    );
+    Box::pin(outbound(rx, port, credits, finish, link))
+}
+
+async fn inbound<T: DeserializeOwned>(
+    tx: mpsc::Sender<T>,
+    mut arrivals: mpsc::UnboundedReceiver<(Bytes, bool)>,
+    port: Port,
+    link: Arc<Link>,
+) {
+    // Credit goes back in batches: a frame per message would double the traffic of small ones.
+    let batch = (tx.max_capacity() / 4).max(1) as u32;
+    let mut owed = 0u32;
+    let mut partial = BytesMut::new();
+    loop {
+        let (data, last) = tokio::select! {
+            biased;
+            arrived = arrivals.recv() => match arrived {
+                Some(arrived) => arrived,
+                None => return,
+            },
+            // The local receiver was dropped: the remote sender should hear it now, not when
+            // it next sends.
+            () = tx.closed() => return port.send(ChanBodyRef::Close),
+        };
+        if !last {
+            partial.extend_from_slice(&data);
+            continue;
+        }
+        let message = if partial.is_empty() {
+            data
+        } else {
+            partial.extend_from_slice(&data);
+            partial.split().freeze()
+        };
+        let item = match postcard::from_bytes::<T>(&message) {
+            Ok(item) => item,
+            Err(e) => {
+                link.end(Error::new(
+                    ErrorKind::Codec,
+                    format!(
+                        "a message on a flame channel could not be decoded as {} ({e}); \
+                         both sides must use the same message type",
+                        std::any::type_name::<T>()
+                    ),
+                ));
+                return port.send(ChanBodyRef::Close);
+            }
+        };
+        if tx.send(item).await.is_err() {
+            return port.send(ChanBodyRef::Close);
+        }
+        owed += 1;
+        if owed >= batch {
+            port.send(ChanBodyRef::Credit(owed));
+            owed = 0;
+        }
+    }
+}
+
+async fn outbound<T: Serialize>(
+    mut rx: mpsc::Receiver<T>,
+    port: Port,
+    credits: Arc<Semaphore>,
+    finish: Arc<Notify>,
+    link: Arc<Link>,
+) {
+    let mut buf = Vec::new();
+    let mut finishing = false;
+    loop {
+        let item = if finishing {
+            rx.recv().await
+        } else {
+            tokio::select! {
+                biased;
+                item = rx.recv() => item,
+                () = finish.notified() => {
+                    // Senders still alive can send no more; what they sent goes out.
+                    rx.close();
+                    finishing = true;
+                    continue;
+                }
+            }
+        };
+        let Some(item) = item else {
+            // Every sender is gone; one may have ended the channel with an error.
+            return match link.reason() {
+                Some(why) => port.send(ChanBodyRef::Fail(&why.to_string())),
+                None => port.send(ChanBodyRef::Close),
+            };
+        };
+        match credits.acquire().await {
+            Ok(credit) => credit.forget(),
+            Err(_) => return,
+        }
+        buf.clear();
+        buf = match postcard::to_extend(&item, std::mem::take(&mut buf)) {
+            Ok(buf) => buf,
+            Err(e) => {
+                link.end(Error::new(
+                    ErrorKind::Codec,
+                    format!(
+                        "a message of type {} could not be encoded for a flame channel ({e})",
+                        std::any::type_name::<T>()
+                    ),
+                ));
+                let why = link.reason().map(ToString::to_string).unwrap_or_default();
+                return port.send(ChanBodyRef::Fail(&why));
+            }
+        };
+        port.send_message(&buf).await;
+    }
+}
+
+/// A channel half serialized into a call's arguments, waiting for the call to start on a
+/// connection. If the call never starts, dropping it ends the channel and says why.
+pub(crate) struct Attachment {
+    link: Arc<Link>,
+    open: Option<OpenFn>,
+}
+
+type OpenFn = Box<dyn FnOnce(&Routes, Port) -> BoxFuture<'static, ()> + Send>;
+
+impl Attachment {
+    /// Opens the channel's route on a connection; returns its pump, to [`Routes::arm`] once the
+    /// call's `Run` frame is queued (so nothing of the channel can overtake it).
+    pub(crate) fn open(mut self, routes: &Routes, port: Port) -> BoxFuture<'static, ()> {
+        let open = self.open.take().expect("an attachment opens once");
+        open(routes, port)
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        if self.open.is_some() {
+            self.link.end(Error::new(
+                ErrorKind::ChannelClosed,
+                "the call that carried this channel never started",
+            ));
+        }
+    }
+}
+
+thread_local! {
+    /// Set while a call's arguments are encoded: the channel halves they hold.
+    static ENCODING: RefCell<Option<Encoding>> = const { RefCell::new(None) };
+    /// Set while a call's arguments are decoded: where the halves they hold are connected.
+    static DECODING: RefCell<Option<Decoding>> = const { RefCell::new(None) };
+}
+
+#[derive(Default)]
+struct Encoding {
+    attached: Vec<Attachment>,
+    /// Why a half refused to be encoded: postcard reports every serializer error as the same
+    /// "Serde Serialization Error", so the message is kept here for the call's error.
+    refused: Option<&'static str>,
+}
+
+/// Encodes a call's arguments with `encode`, collecting the channel halves among them, and the
+/// reason a half refused to be encoded, if one did.
+pub(crate) fn encoding<R>(
+    encode: impl FnOnce() -> R,
+) -> (R, Vec<Attachment>, Option<&'static str>) {
+    let outer = ENCODING.with(|e| e.borrow_mut().replace(Encoding::default()));
+    let result = encode();
+    let encoded = ENCODING
+        .with(|e| std::mem::replace(&mut *e.borrow_mut(), outer))
+        .unwrap_or_default();
+    (result, encoded.attached, encoded.refused)
+}
+
+const NOT_IN_A_CALL: &str =
+    "a flame channel half can only be serialized as (part of) an argument of a flame call";
+
+/// A half can't be encoded, for `why`: tells the call being encoded, and returns `why` for the
+/// serializer's error.
+pub(crate) fn refuse(why: &'static str) -> &'static str {
+    ENCODING.with(|e| {
+        if let Some(encoding) = e.borrow_mut().as_mut() {
+            encoding.refused.get_or_insert(why);
+        }
+    });
+    why
+}
+
+/// Whether a half being serialized can be attached to a call (see [`attach`]).
+pub(crate) fn attachable() -> Result<(), &'static str> {
+    ENCODING.with(|e| e.borrow().as_ref().map(|_| ()).ok_or(NOT_IN_A_CALL))
+}
+
+/// Called by a half being serialized: registers it with the call being encoded and returns
+/// its channel number, or says why it can't be sent.
+pub(crate) fn attach(
+    link: Arc<Link>,
+    open: impl FnOnce(&Routes, Port) -> BoxFuture<'static, ()> + Send + 'static,
+) -> Result<u32, &'static str> {
+    ENCODING.with(|e| {
+        let mut e = e.borrow_mut();
+        let encoding = e.as_mut().ok_or(NOT_IN_A_CALL)?;
+        encoding.attached.push(Attachment {
+            link,
+            open: Some(Box::new(open)),
+        });
+        Ok((encoding.attached.len() - 1) as u32)
+    })
+}
+
+struct Decoding {
+    openers: Vec<OpenFn>,
+}
+
+/// Decodes a call's arguments with `decode`, then connects the channel halves among them to the
+/// call's connection and starts their pumps. Returns how many channels the call carries. Costs
+/// a call without channels two thread-local swaps.
+pub(crate) fn decoding<R>(
+    routes: &Routes,
+    out: &Arc<Outbox>,
+    call: u64,
+    decode: impl FnOnce() -> R,
+) -> (R, u32) {
+    let outer = DECODING.with(|d| {
+        d.borrow_mut().replace(Decoding {
+            openers: Vec::new(),
+        })
+    });
+    let result = decode();
+    let decoded = DECODING.with(|d| std::mem::replace(&mut *d.borrow_mut(), outer));
+    let openers = decoded.map(|d| d.openers).unwrap_or_default();
+    let chans = openers.len() as u32;
+    for (chan, open) in (0..).zip(openers) {
+        let port = Port {
+            out: out.clone(),
+            side: Side::Runner,
+            call,
+            chan,
+        };
+        let pump = open(routes, port);
+        routes.arm(call, chan, pump);
+    }
+    (result, chans)
+}
+
+/// Called by a half being deserialized: it will be channel `chan` of the call being decoded,
+/// connected by `open`; or says why it can't be.
+pub(crate) fn connect(
+    chan: u32,
+    open: impl FnOnce(&Routes, Port) -> BoxFuture<'static, ()> + Send + 'static,
+) -> Result<(), &'static str> {
+    DECODING.with(|d| {
+        let mut d = d.borrow_mut();
+        let decoding = d.as_mut().ok_or(
+            "a flame channel half can only be deserialized as (part of) an argument of a flame call",
+        )?;
+        // The sender numbers a call's channels 0, 1, 2... in the order they serialize, and
+        // `end_call` takes down exactly those: anything else would outlive its call.
+        if chan as usize != decoding.openers.len() {
+            return Err("a call's channels arrived out of order");
+        }
+        decoding.openers.push(Box::new(open));
+        Ok(())
+    })
+}
