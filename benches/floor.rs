@@ -27,6 +27,16 @@ async fn noop(x: u64) -> u64 {
     x
 }
 
+/// Counts the bytes of a stream: the other end of the bulk measurement.
+#[flame::task]
+async fn drain(mut stream: flame::channel::Receiver<Bytes>) -> u64 {
+    let mut bytes = 0;
+    while let Some(chunk) = stream.recv().await {
+        bytes += chunk.len() as u64;
+    }
+    bytes
+}
+
 /// Waits for an hour: a running call to cancel or a slot to hold.
 #[flame::task]
 async fn sleepy() {
@@ -41,6 +51,7 @@ fn main() -> anyhow::Result<()> {
     match std::env::var(ROLE).as_deref() {
         Ok("echo") => return peer(true),
         Ok("hello") => return peer(false),
+        Ok("sink") => return sink(),
         _ => {}
     }
     bench()
@@ -72,6 +83,73 @@ fn peer(echo: bool) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// The bulk floor's peer: connects back, reads everything until the end, then says how much.
+fn sink() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut stream = TcpStream::connect(std::env::var(ADDR)?).await?;
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = 0u64;
+        loop {
+            match stream.read(&mut buf).await? {
+                0 => break,
+                n => total += n as u64,
+            }
+        }
+        stream.write_all(&total.to_be_bytes()).await?;
+        Ok(())
+    })
+}
+
+/// Bytes per second of a raw TCP bulk copy of `total` bytes in `chunk`-sized writes to a fresh
+/// sink process, from the first byte written until the sink has counted the last.
+async fn raw_bulk(chunk: &Bytes, total: usize) -> anyhow::Result<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .env(ROLE, "sink")
+        .env(ADDR, listener.local_addr()?.to_string())
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let (mut stream, _) = listener.accept().await?;
+    let t = Instant::now();
+    for _ in 0..total / chunk.len() {
+        stream.write_all(chunk).await?;
+    }
+    stream.shutdown().await?;
+    let counted = stream.read_u64().await?;
+    let took = t.elapsed();
+    anyhow::ensure!(
+        counted as usize == total,
+        "the sink counted {counted} bytes"
+    );
+    let _ = child.wait().await;
+    Ok(total as f64 / took.as_secs_f64())
+}
+
+/// Bytes per second through a channel to a task on a warm runner, in `chunk`-sized messages,
+/// from the first send until the task has counted the last byte.
+async fn channel_bulk(pool: &flame::Pool, chunk: &Bytes, total: usize) -> anyhow::Result<f64> {
+    let (tx, rx) = flame::channel(8);
+    let t = Instant::now();
+    let handle = flame::spawn_on(pool, drain(rx));
+    for _ in 0..total / chunk.len() {
+        tx.send(chunk.clone()).await?;
+    }
+    drop(tx);
+    let counted = handle.await?;
+    let took = t.elapsed();
+    anyhow::ensure!(
+        counted as usize == total,
+        "the task counted {counted} bytes"
+    );
+    Ok(total as f64 / took.as_secs_f64())
 }
 
 struct Peer {
@@ -188,6 +266,10 @@ fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)
 }
 
+fn gbps(bytes_per_s: f64) -> String {
+    format!("{:.2} GB/s", bytes_per_s / 1e9)
+}
+
 fn rate(per_s: f64) -> String {
     format!("{:.0} k/s", per_s / 1e3)
 }
@@ -294,6 +376,26 @@ async fn measure() -> anyhow::Result<()> {
         ratio,
         goal: "≥ 0.10×",
         met: ratio >= 0.10,
+    });
+
+    // 5. Bulk: 128 KiB messages through a channel to a task vs a raw TCP copy to a peer.
+    let chunk = Bytes::from(vec![0xAB; 128 * 1024]);
+    let total = n(512, 16) << 20;
+    let (mut raw_rates, mut chan_rates) = (Vec::new(), Vec::new());
+    for _ in 0..n(5, 1) {
+        raw_rates.push(raw_bulk(&chunk, total).await?);
+        chan_rates.push(channel_bulk(&warm, &chunk, total).await?);
+    }
+    let (raw_rate, chan_rate) = (median(raw_rates), median(chan_rates));
+    let ratio = chan_rate / raw_rate;
+    rows.push(Row {
+        name: "channel bulk, parent → runner",
+        flame: gbps(chan_rate),
+        flame_p99: "-".into(),
+        floor: format!("{} (raw TCP copy)", gbps(raw_rate)),
+        ratio,
+        goal: "≥ 0.5×, ≥ 1 GB/s",
+        met: ratio >= 0.5 && chan_rate >= 1e9,
     });
 
     // 3. Cold start: first call on a pool with min(0) vs exec → connect → hello.

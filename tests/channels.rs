@@ -54,6 +54,38 @@ async fn a_hundred_thousand_messages_each_way_keep_their_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_messages_cross_in_chunks_both_ways_intact() {
+    bounded(BOUND, async {
+        let pool = process_pool("chanbig", 1).await;
+        let (blobs, task_blobs) = flame::channel(2);
+        let (task_back, mut back) = flame::channel(2);
+        let handle = flame::spawn_on(&pool, reverse_blobs(task_blobs, task_back));
+        // Around the 256 KiB chunk size, and well above it.
+        let sizes = [0, 1, 256 * 1024 - 8, 256 * 1024 + 1, 3 << 20, 9 << 20];
+        let sending = tokio::spawn(async move {
+            for (i, size) in sizes.into_iter().enumerate() {
+                let blob: Vec<u8> = (0..size).map(|b| (b * 7 + i) as u8).collect();
+                blobs.send(blob).await.unwrap();
+            }
+        });
+        for (i, size) in sizes.into_iter().enumerate() {
+            let mut blob = back.recv().await.expect("every blob comes back");
+            blob.reverse();
+            let expected: Vec<u8> = (0..size).map(|b| (b * 7 + i) as u8).collect();
+            assert!(
+                blob == expected,
+                "blob {i} of {size} bytes came back changed"
+            );
+        }
+        sending.await.unwrap();
+        assert_eq!(back.recv().await, None);
+        assert_eq!(handle.await.unwrap(), sizes.len() as u64);
+        pool.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gibibyte_streams_to_a_runner_in_bounded_memory() {
     bounded(BOUND, async {
         const SIZE: u64 = 1 << 30;

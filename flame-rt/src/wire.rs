@@ -375,8 +375,18 @@ pub(crate) struct Outbox {
 
 #[derive(Default)]
 struct OutboxInner {
+    /// What goes out before `buf`: big payloads queued without a copy, and the frames queued
+    /// before each.
+    segments: Vec<Bytes>,
+    segment_bytes: usize,
     buf: BytesMut,
     closed: bool,
+}
+
+impl OutboxInner {
+    fn queued(&self) -> usize {
+        self.segment_bytes + self.buf.len()
+    }
 }
 
 impl Outbox {
@@ -394,11 +404,38 @@ impl Outbox {
 
     /// Queues `msg` as one length-delimited frame; `false` once the outbox is closed.
     pub(crate) fn send<T: Serialize>(&self, msg: &T) -> bool {
-        let mut inner = self.lock();
-        if inner.closed || !push_frame(&mut inner.buf, msg) {
+        self.send_with(|buf| postcard::to_io(msg, buf.writer()).map(drop))
+    }
+
+    /// Queues one frame whose body `write` appends to the buffer: a frame built from parts is
+    /// encoded in place, without a copy. `false` once the outbox is closed or if `write` fails.
+    pub(crate) fn send_with(
+        &self,
+        write: impl FnOnce(&mut BytesMut) -> postcard::Result<()>,
+    ) -> bool {
+        self.send_with_tail(write, Bytes::new())
+    }
+
+    /// Like [`send_with`](Outbox::send_with), for a frame that ends with `tail`: a big tail is
+    /// queued as it is, shared, not copied.
+    pub(crate) fn send_with_tail(
+        &self,
+        write: impl FnOnce(&mut BytesMut) -> postcard::Result<()>,
+        tail: Bytes,
+    ) -> bool {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        if inner.closed || !push_frame(&mut inner.buf, write, tail.len()) {
             return false;
         }
-        drop(inner);
+        if tail.len() < 16 * 1024 {
+            inner.buf.extend_from_slice(&tail);
+        } else {
+            inner.segment_bytes += inner.buf.len() + tail.len();
+            inner.segments.push(inner.buf.split().freeze());
+            inner.segments.push(tail);
+        }
+        drop(guard);
         self.ready.notify_one();
         true
     }
@@ -417,7 +454,7 @@ impl Outbox {
             let drained = self.drained.notified();
             {
                 let inner = self.lock();
-                if inner.buf.len() <= limit || inner.closed {
+                if inner.queued() <= limit || inner.closed {
                     return;
                 }
             }
@@ -426,13 +463,18 @@ impl Outbox {
     }
 }
 
-/// Appends `msg` to `buf` as a frame: a 4-byte big-endian length, then the postcard bytes.
-fn push_frame<T: Serialize>(buf: &mut BytesMut, msg: &T) -> bool {
+/// Appends a frame to `buf`: a 4-byte big-endian length, then what `write` appends; the
+/// frame's last `tail` bytes are for the caller to queue after.
+fn push_frame(
+    buf: &mut BytesMut,
+    write: impl FnOnce(&mut BytesMut) -> postcard::Result<()>,
+    tail: usize,
+) -> bool {
     let start = buf.len();
     buf.put_u32(0);
-    match postcard::to_io(msg, buf.writer()) {
-        Ok(_) => {
-            let len = buf.len() - start - 4;
+    match write(buf) {
+        Ok(()) => {
+            let len = buf.len() - start - 4 + tail;
             if len > MAX_FRAME {
                 buf.truncate(start);
                 tracing::error!(len, "flame: a frame above the size limit was not sent");
@@ -449,17 +491,55 @@ fn push_frame<T: Serialize>(buf: &mut BytesMut, msg: &T) -> bool {
     }
 }
 
+/// Writes `segments` then `last` with as few syscalls as the socket allows: one `writev` for a
+/// payload and the frame head before it, not one write each.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    segments: &[Bytes],
+    last: &Bytes,
+) -> std::io::Result<()> {
+    use std::io::IoSlice;
+    use tokio::io::AsyncWriteExt;
+    // Linux takes at most 1024 slices per call.
+    const MAX_SLICES: usize = 512;
+    let mut slices: Vec<IoSlice<'_>> = segments
+        .iter()
+        .chain(std::iter::once(last))
+        .filter(|b| !b.is_empty())
+        .map(|b| IoSlice::new(b))
+        .collect();
+    let mut pending = &mut slices[..];
+    while !pending.is_empty() {
+        let n = io
+            .write_vectored(&pending[..pending.len().min(MAX_SLICES)])
+            .await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut pending, n);
+    }
+    Ok(())
+}
+
 /// Writes what the outbox holds until it is closed and drained, or the connection fails.
 pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(mut io: W, outbox: Arc<Outbox>) {
     use tokio::io::AsyncWriteExt;
     loop {
         let ready = outbox.ready.notified();
-        let (chunk, closed) = {
+        let (segments, chunk, closed) = {
             let mut inner = outbox.lock();
-            (inner.buf.split().freeze(), inner.closed)
+            inner.segment_bytes = 0;
+            (
+                std::mem::take(&mut inner.segments),
+                inner.buf.split().freeze(),
+                inner.closed,
+            )
         };
-        if !chunk.is_empty() {
-            if io.write_all(&chunk).await.is_err() {
+        if !chunk.is_empty() || !segments.is_empty() {
+            if write_all_vectored(&mut io, &segments, &chunk)
+                .await
+                .is_err()
+            {
                 outbox.lock().closed = true;
                 outbox.drained.notify_waiters();
                 return;

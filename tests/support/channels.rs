@@ -120,3 +120,17 @@ pub async fn take_twice(twice: SameReceiverTwice) -> u64 {
     drop(twice);
     0
 }
+
+/// Sends every blob it receives back reversed; returns how many.
+#[flame::task]
+pub async fn reverse_blobs(mut blobs: Receiver<Vec<u8>>, back: Sender<Vec<u8>>) -> u64 {
+    let mut count = 0;
+    while let Some(mut blob) = blobs.recv().await {
+        blob.reverse();
+        if back.send(blob).await.is_err() {
+            break;
+        }
+        count += 1;
+    }
+    count
+}

@@ -20,7 +20,9 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use bytes::{Bytes, BytesMut};
+use std::any::Any;
+
+use bytes::{BufMut, Bytes};
 use futures::future::BoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -93,11 +95,52 @@ impl Port {
         });
     }
 
-    async fn send_message(&self, data: &[u8]) {
-        if data.len() <= CHUNK {
-            return self.send(ChanBodyRef::Data(data));
+    /// Sends one message that fits a chunk, encoded straight into the connection's outbox.
+    /// Returns `false`, sending nothing, for a bigger one.
+    fn send_inline<T: Serialize + 'static>(&self, item: &T) -> postcard::Result<bool> {
+        /// A `Data` frame's fields up to its bytes, their length included: the encoded message
+        /// follows, as the frame's last field.
+        #[derive(Serialize)]
+        struct DataHead {
+            variant: u32,
+            call: u64,
+            chan: u32,
+            body: u32,
+            len: usize,
         }
-        let mut chunks = data.chunks(CHUNK).peekable();
+        let len = postcard::experimental::serialized_size(item)?;
+        if len > CHUNK {
+            return Ok(false);
+        }
+        let head = DataHead {
+            variant: self.side.variant(),
+            call: self.call,
+            chan: self.chan,
+            body: 0,
+            len,
+        };
+        // Bytes go out as they are, shared with the sender: no copy (postcard writes them as
+        // their length, then the bytes).
+        if let Some(bytes) = (item as &dyn Any).downcast_ref::<Bytes>() {
+            self.out.send_with_tail(
+                |buf| {
+                    postcard::to_io(&head, buf.writer())?;
+                    postcard::to_io(&bytes.len(), buf.writer()).map(drop)
+                },
+                bytes.clone(),
+            );
+        } else {
+            self.out.send_with(|buf| {
+                postcard::to_io(&head, buf.writer())?;
+                postcard::to_io(item, buf.writer()).map(drop)
+            });
+        }
+        Ok(true)
+    }
+
+    /// Sends an encoded message in chunks that take turns with other frames.
+    async fn send_chunks(&self, message: &[u8]) {
+        let mut chunks = message.chunks(CHUNK).peekable();
         while let Some(chunk) = chunks.next() {
             self.out.wait_below(HIGH_WATER).await;
             self.send(match chunks.peek() {
@@ -154,7 +197,7 @@ struct Route {
 
 enum RouteKind {
     /// Messages arriving for a local receiver. `None` once the remote sender is done.
-    In(Option<mpsc::UnboundedSender<(Bytes, bool)>>),
+    In(Option<Box<dyn Inbox>>),
     /// Messages leaving from a local sender, and how many the remote receiver will take.
     Out {
         credits: Arc<Semaphore>,
@@ -189,11 +232,13 @@ impl Routes {
             return;
         };
         match (frame.body, &mut route.kind) {
-            (ChanBodyRef::Data(data), RouteKind::In(Some(inbox))) => {
-                let _ = inbox.send((whole.slice_ref(data), true));
+            (ChanBodyRef::Data(data), RouteKind::In(inbox @ Some(_))) => {
+                if inbox.as_mut().is_some_and(|i| !i.push(data, true, whole)) {
+                    *inbox = None;
+                }
             }
             (ChanBodyRef::Part(data), RouteKind::In(Some(inbox))) => {
-                let _ = inbox.send((whole.slice_ref(data), false));
+                inbox.push(data, false, whole);
             }
             // The remote sender is done: the pump delivers what arrived, then ends.
             (ChanBodyRef::Close, RouteKind::In(inbox)) => *inbox = None,
@@ -288,11 +333,16 @@ pub(crate) fn open_inbound<T>(
 where
     T: DeserializeOwned + Send + 'static,
 {
-    let (inbox, arrivals) = mpsc::unbounded_channel();
+    let (arrived, arrivals) = mpsc::unbounded_channel();
+    let inbox = Decoder {
+        arrived,
+        partial: Vec::new(),
+        link: link.clone(),
+    };
     routes.lock().insert(
         (port.call, port.chan),
         Route {
-            kind: RouteKind::In(Some(inbox)),
+            kind: RouteKind::In(Some(Box::new(inbox))),
             link: link.clone(),
             pump: None,
             join: None,
@@ -332,41 +382,55 @@ where
     Box::pin(outbound(rx, port, credits, finish, link))
 }
 
-async fn inbound<T: DeserializeOwned>(
-    tx: mpsc::Sender<T>,
-    mut arrivals: mpsc::UnboundedReceiver<(Bytes, bool)>,
-    port: Port,
+/// Where the connection's reader puts what arrives for an inbound channel: messages are decoded
+/// as they arrive, so the frame they came in is freed at once (a read buffer that frames keep
+/// alive can't be reused, and a fresh one costs page faults).
+trait Inbox: Send {
+    /// Takes a message, or a chunk of one; `false` if it could not be decoded (the channel then
+    /// ends, its link says why).
+    fn push(&mut self, data: &[u8], last: bool, frame: &Bytes) -> bool;
+}
+
+struct Decoder<T> {
+    arrived: mpsc::UnboundedSender<T>,
+    /// The chunks of a message still coming.
+    partial: Vec<u8>,
     link: Arc<Link>,
-) {
-    // Credit goes back in batches: a frame per message would double the traffic of small ones.
-    let batch = (tx.max_capacity() / 4).max(1) as u32;
-    let mut owed = 0u32;
-    let mut partial = BytesMut::new();
-    loop {
-        let (data, last) = tokio::select! {
-            biased;
-            arrived = arrivals.recv() => match arrived {
-                Some(arrived) => arrived,
-                None => return,
-            },
-            // The local receiver was dropped: the remote sender should hear it now, not when
-            // it next sends.
-            () = tx.closed() => return port.send(ChanBodyRef::Close),
-        };
-        if !last {
-            partial.extend_from_slice(&data);
-            continue;
+}
+
+impl<T: DeserializeOwned + Send + 'static> Inbox for Decoder<T> {
+    fn push(&mut self, data: &[u8], last: bool, frame: &Bytes) -> bool {
+        // Bytes are taken as a slice of the frame they came in: no copy.
+        let mut zero_copy = None::<T>;
+        if last
+            && self.partial.is_empty()
+            && let Some(slot) = (&mut zero_copy as &mut dyn Any).downcast_mut::<Option<Bytes>>()
+            && let Ok(raw) = postcard::from_bytes::<&[u8]>(data)
+        {
+            *slot = Some(frame.slice_ref(raw));
         }
-        let message = if partial.is_empty() {
-            data
-        } else {
-            partial.extend_from_slice(&data);
-            partial.split().freeze()
+        if let Some(item) = zero_copy {
+            let _ = self.arrived.send(item);
+            return true;
+        }
+        if !last || !self.partial.is_empty() {
+            self.partial.extend_from_slice(data);
+            if !last {
+                return true;
+            }
+        }
+        let decoded = match self.partial.is_empty() {
+            true => postcard::from_bytes::<T>(data),
+            false => postcard::from_bytes::<T>(&self.partial),
         };
-        let item = match postcard::from_bytes::<T>(&message) {
-            Ok(item) => item,
+        self.partial = Vec::new();
+        match decoded {
+            Ok(item) => {
+                let _ = self.arrived.send(item);
+                true
+            }
             Err(e) => {
-                link.end(Error::new(
+                self.link.end(Error::new(
                     ErrorKind::Codec,
                     format!(
                         "a message on a flame channel could not be decoded as {} ({e}); \
@@ -374,8 +438,37 @@ async fn inbound<T: DeserializeOwned>(
                         std::any::type_name::<T>()
                     ),
                 ));
-                return port.send(ChanBodyRef::Close);
+                false
             }
+        }
+    }
+}
+
+async fn inbound<T>(
+    tx: mpsc::Sender<T>,
+    mut arrivals: mpsc::UnboundedReceiver<T>,
+    port: Port,
+    link: Arc<Link>,
+) {
+    // Credit goes back in batches: a frame per message would double the traffic of small ones.
+    let batch = (tx.max_capacity() / 4).max(1) as u32;
+    let mut owed = 0u32;
+    loop {
+        let item = tokio::select! {
+            biased;
+            arrived = arrivals.recv() => match arrived {
+                Some(item) => item,
+                None => {
+                    // Ended by a message that could not be decoded: the sender must stop too.
+                    if link.reason().is_some_and(|e| e.kind() == ErrorKind::Codec) {
+                        port.send(ChanBodyRef::Close);
+                    }
+                    return;
+                }
+            },
+            // The local receiver was dropped: the remote sender should hear it now, not when
+            // it next sends.
+            () = tx.closed() => return port.send(ChanBodyRef::Close),
         };
         if tx.send(item).await.is_err() {
             return port.send(ChanBodyRef::Close);
@@ -388,14 +481,14 @@ async fn inbound<T: DeserializeOwned>(
     }
 }
 
-async fn outbound<T: Serialize>(
+async fn outbound<T: Serialize + 'static>(
     mut rx: mpsc::Receiver<T>,
     port: Port,
     credits: Arc<Semaphore>,
     finish: Arc<Notify>,
     link: Arc<Link>,
 ) {
-    let mut buf = Vec::new();
+    let mut spare = Vec::new();
     let mut finishing = false;
     loop {
         let item = if finishing {
@@ -423,9 +516,16 @@ async fn outbound<T: Serialize>(
             Ok(credit) => credit.forget(),
             Err(_) => return,
         }
-        buf.clear();
-        buf = match postcard::to_extend(&item, std::mem::take(&mut buf)) {
-            Ok(buf) => buf,
+        let sent = port.send_inline(&item).and_then(|sent| {
+            if !sent {
+                spare.clear();
+                spare = postcard::to_extend(&item, std::mem::take(&mut spare))?;
+            }
+            Ok(sent)
+        });
+        match sent {
+            Ok(true) => {}
+            Ok(false) => port.send_chunks(&spare).await,
             Err(e) => {
                 link.end(Error::new(
                     ErrorKind::Codec,
@@ -437,8 +537,7 @@ async fn outbound<T: Serialize>(
                 let why = link.reason().map(ToString::to_string).unwrap_or_default();
                 return port.send(ChanBodyRef::Fail(&why));
             }
-        };
-        port.send_message(&buf).await;
+        }
     }
 }
 
