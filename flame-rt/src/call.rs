@@ -214,6 +214,7 @@ where
             retries: call.retries,
             ticket: ticket.clone(),
             chans,
+            trace: crate::trace::capture().map(Box::new),
         }),
         Err(error) => {
             ticket.resolve(Err(error));

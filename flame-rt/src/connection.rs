@@ -17,6 +17,7 @@ use crate::channel::{End, Port, Routes, Side};
 use crate::error::{Error, ErrorKind};
 use crate::pool::{Shared, Slot};
 use crate::queue::QueuedCall;
+use crate::trace::TraceParent;
 use crate::wire::{
     self, BoxRead, BoxWrite, CallMap, Outbox, Reader, TO_PARENT_CHAN, ToParent, ToRunner, Watchdog,
     Welcome,
@@ -62,6 +63,7 @@ struct RunFrame<'a> {
     #[serde(serialize_with = "wire::as_bytes")]
     args: &'a [u8],
     deadline_ms: Option<u64>,
+    trace: Option<TraceParent>,
 }
 
 const RUN_VARIANT: u32 = 2;
@@ -78,6 +80,7 @@ fn run_frame(call: u64, queued: &QueuedCall) -> RunFrame<'_> {
         task: queued.def.id,
         args: &queued.args,
         deadline_ms,
+        trace: queued.trace.as_deref().copied(),
     }
 }
 
@@ -304,12 +307,22 @@ mod tests {
             task: "app::thumbnails",
             args: &[1, 2, 3, 250],
             deadline_ms: Some(1500),
+            trace: Some(TraceParent {
+                trace_id: [9; 16],
+                span_id: [4; 8],
+                flags: 1,
+            }),
         };
         let message = ToRunner::Run {
             call: 300,
             task: "app::thumbnails".into(),
             args: bytes::Bytes::from_static(&[1, 2, 3, 250]),
             deadline_ms: Some(1500),
+            trace: Some(TraceParent {
+                trace_id: [9; 16],
+                span_id: [4; 8],
+                flags: 1,
+            }),
         };
         assert_eq!(
             postcard::to_stdvec(&frame).unwrap(),

@@ -21,6 +21,11 @@ impl Deadline {
         }
     }
 
+    /// How long ago the call was sent to its pool.
+    pub(crate) fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+
     /// When the call must be over, if it has a timeout.
     pub(crate) fn at(&self) -> Option<Instant> {
         self.timeout.map(|t| self.start + t)
@@ -33,7 +38,7 @@ impl Deadline {
     }
 
     pub(crate) fn expired(&self, task: &str, waiting_for_slot: bool) -> Error {
-        let waited = self.start.elapsed();
+        let waited = self.elapsed();
         let message = match (self.timeout, waiting_for_slot) {
             (Some(t), true) => format!(
                 "{task} waited {waited:?} for a free runner slot and hit its timeout of {t:?}"

@@ -16,6 +16,7 @@ pub fn call_round_trip<A: serde::Serialize + serde::de::DeserializeOwned>(args: 
         task: "bench::task".to_string(),
         args: encoded,
         deadline_ms: None,
+        trace: None,
     })
     .expect("encodable frame");
     match wire::decode::<ToRunner>(&frame).expect("decodable frame") {

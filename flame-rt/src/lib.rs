@@ -75,6 +75,7 @@
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `tls` | off | [`PoolBuilder::tls`]: TLS to runners with the parent's self-signed certificate pinned by fingerprint (rustls, ring) |
+//! | `opentelemetry` | off | the caller's OpenTelemetry trace context (kept by `tracing-opentelemetry` on the current span) travels with each call and parents the `flame.task` span the task runs in on the runner |
 //! | `internals` | off | not for applications: exposes wire internals to the fuzz targets in `fuzz/` and the micro-benches |
 //!
 //! # Tasks in a library crate
@@ -142,6 +143,7 @@ mod task;
 mod terminator;
 #[cfg(feature = "tls")]
 mod tls;
+mod trace;
 mod wire;
 
 pub use backend::{Backend, BootSpec, LocalBackend, ProcessBackend, RunnerHandle};

@@ -507,8 +507,11 @@ impl Shared {
             let Some(call) = state.queue.pop() else {
                 return self.undo(state, slot);
             };
+            let (task, waited) = (call.def.id, call.ticket.deadline.elapsed());
             match start_call(call, slot) {
-                Start::Started => {}
+                Start::Started => {
+                    tracing::debug!(pool = %self.name, task, waited_ms = waited.as_secs_f64() * 1e3, "flame: a waiting call got a slot");
+                }
                 Start::Cancelled(slot) => self.undo(state, slot),
                 Start::Closed(call, slot) => {
                     self.undo(state, slot);

@@ -10,6 +10,7 @@ use crate::cancel::Ticket;
 use crate::channel::Attachment;
 use crate::error::{Error, ErrorKind};
 use crate::task::TaskDef;
+use crate::trace::TraceParent;
 
 /// A call on its way to a runner: everything needed to start it, and to start it again if it
 /// asked for retries.
@@ -20,6 +21,8 @@ pub(crate) struct QueuedCall {
     pub(crate) ticket: Arc<Ticket>,
     /// The channel halves among the arguments, connected when the call starts.
     pub(crate) chans: Vec<Attachment>,
+    /// The caller's trace context (boxed: most calls have none, and this struct moves a lot).
+    pub(crate) trace: Option<Box<TraceParent>>,
 }
 
 /// Calls waiting for a slot, oldest first. A call whose caller gave up (handle dropped or

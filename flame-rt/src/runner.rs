@@ -11,11 +11,13 @@ use tokio::sync::Notify;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::channel::{End, Routes};
 use crate::parent::{Handoff, Parent, TASK_PARENT, process_handoff};
 use crate::task::{Registry, registry};
 use crate::terminator::{self, Exit};
+use crate::trace::TraceParent;
 use crate::wire::{
     self, CallMap, Hello, MAX_FRAME, Outbox, Outcome, PROTOCOL_VERSION, Reader, TO_RUNNER_CHAN,
     ToParent, ToRunner, Watchdog, WireErrorKind,
@@ -46,6 +48,7 @@ pub(crate) async fn serve(
 }
 
 struct Service {
+    handoff: Arc<Handoff>,
     /// Set for a runner inside the parent's process (`LocalBackend`), whose tasks learn who
     /// their parent is from a task-local; a runner process knows it from its environment.
     in_process: Option<Parent>,
@@ -151,6 +154,7 @@ impl Service {
         let writer = tokio::spawn(wire::write_loop(wr, out.clone()));
         let mut reader = Reader::new(rd);
         let service = Service {
+            handoff: handoff.clone(),
             in_process: (!matches!(process_handoff(), Some(Ok(h)) if Arc::ptr_eq(h, &handoff)))
                 .then(|| Parent::new(handoff.clone())),
             registry,
@@ -245,7 +249,7 @@ impl Service {
                                         message: "the runner is shutting down".into(),
                                     });
                                 } else {
-                                    service.start(run.call, run.task, run.args, run.deadline_ms);
+                                    service.start(run);
                                 }
                                 continue;
                             }
@@ -320,7 +324,14 @@ impl Service {
         self.send(&ToParent::Done { call, outcome });
     }
 
-    fn start(&self, call: u64, task: &str, args: &[u8], deadline_ms: Option<u64>) {
+    fn start(&self, run: RunRef<'_>) {
+        let RunRef {
+            call,
+            task,
+            args,
+            deadline_ms,
+            trace,
+        } = run;
         let Some(def) = self.registry.get(task) else {
             return self.done(
                 call,
@@ -401,11 +412,22 @@ impl Service {
             guard.calls.out.send(&ToParent::Done { call, outcome });
             guard.finished.set(true);
         };
+        let span = crate::trace::task_span(
+            task_id,
+            call,
+            &self.handoff.pool,
+            &self.handoff.runner_id,
+            trace,
+        );
         // Registered under the lock, so the task cannot take itself off the list before it is on.
         let mut running = self.calls.lock();
-        let handle = match &self.in_process {
-            Some(parent) => tokio::spawn(TASK_PARENT.scope(parent.clone(), work)),
-            None => tokio::spawn(work),
+        let handle = match (&self.in_process, span.is_disabled()) {
+            (Some(parent), _) => {
+                tokio::spawn(TASK_PARENT.scope(parent.clone(), work.instrument(span)))
+            }
+            // No subscriber wants the span: skip the instrumentation on the hot path.
+            (None, true) => tokio::spawn(work),
+            (None, false) => tokio::spawn(work.instrument(span)),
         };
         running.insert(call, handle.abort_handle());
     }
@@ -417,6 +439,7 @@ struct RunRef<'a> {
     task: &'a str,
     args: &'a [u8],
     deadline_ms: Option<u64>,
+    trace: Option<TraceParent>,
 }
 
 fn run_ref(frame: &[u8]) -> Option<Result<RunRef<'_>, crate::error::Error>> {
@@ -427,6 +450,7 @@ fn run_ref(frame: &[u8]) -> Option<Result<RunRef<'_>, crate::error::Error>> {
         task: &'a str,
         args: &'a [u8],
         deadline_ms: Option<u64>,
+        trace: Option<TraceParent>,
     }
     // Postcard writes the variant index first, as a varint: `Run` is 2, one byte.
     if frame.first() != Some(&2) {
@@ -441,6 +465,7 @@ fn run_ref(frame: &[u8]) -> Option<Result<RunRef<'_>, crate::error::Error>> {
                     task: b.task,
                     args: b.args,
                     deadline_ms: b.deadline_ms,
+                    trace: b.trace,
                 }
             })
             .map_err(|e| {

@@ -19,6 +19,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::error::{Error, ErrorKind};
+use crate::trace::TraceParent;
 
 /// Bumped on any incompatible change of the messages below.
 pub(crate) const PROTOCOL_VERSION: u32 = 2;
@@ -64,6 +65,8 @@ pub(crate) enum ToRunner {
         args: Bytes,
         /// Time left until the call's deadline, relative because clocks differ between hosts.
         deadline_ms: Option<u64>,
+        /// The caller's trace context.
+        trace: Option<TraceParent>,
     },
     Cancel {
         call: u64,
@@ -581,13 +584,19 @@ mod tests {
                 any::<u64>(),
                 "[a-z_:]{0,60}",
                 bytes(),
-                option::of(any::<u64>())
+                option::of(any::<u64>()),
+                option::of(any::<([u8; 16], [u8; 8], u8)>())
             )
-                .prop_map(|(call, task, args, deadline_ms)| ToRunner::Run {
+                .prop_map(|(call, task, args, deadline_ms, trace)| ToRunner::Run {
                     call,
                     task,
                     args,
-                    deadline_ms
+                    deadline_ms,
+                    trace: trace.map(|(trace_id, span_id, flags)| TraceParent {
+                        trace_id,
+                        span_id,
+                        flags
+                    }),
                 }),
             any::<u64>().prop_map(|call| ToRunner::Cancel { call }),
             Just(ToRunner::Heartbeat),

@@ -6,6 +6,8 @@ use flame_tests as _;
 #[flame::main]
 async fn main() {
     flame_tests::record_parent_death_signal();
+    // Runners trace like an app would: their task spans join their callers' traces.
+    let _ = tracing::subscriber::set_global_default(flame_tests::otel_subscriber(None));
     if flame::parent().is_none() {
         eprintln!(
             "flame-test-runner is booted by the flame-tests as a runner; it does nothing on its own"

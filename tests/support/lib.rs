@@ -12,7 +12,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 mod channels;
+mod observability;
 pub use channels::*;
+pub use observability::*;
 
 /// Where a task ran.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -146,10 +146,16 @@ impl Backend for ProcessBackend {
         let command = self.command(&spec);
         let runner_id = spec.runner_id().to_string();
         async move {
-            let mut child = spawn(command?).await.map_err(|e| {
+            let command = command?;
+            let program = command.as_std().get_program().to_owned();
+            let mut child = spawn(command).await.map_err(|e| {
                 Error::new(
                     ErrorKind::BootFailed,
-                    format!("could not start the runner process: {e}"),
+                    format!(
+                        "could not start the runner process {}: {e}; check \
+                         ProcessBackend::program (by default this program's own executable)",
+                        program.to_string_lossy()
+                    ),
                 )
             })?;
             let prefix = format!("[{runner_id}] ");
