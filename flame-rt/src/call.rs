@@ -204,7 +204,7 @@ where
     let shared = pool.shared();
     let deadline = Deadline::starting_now(call.timeout.or(shared.config.timeout));
     let queue_until = deadline.queue_until(shared.config.boot_timeout);
-    let ticket = Ticket::new(call.def.id, deadline, queue_until);
+    let ticket = Ticket::new(call.def.id, &shared.name, deadline, queue_until);
     let (encoded, chans) = call.encode();
     let checked = encoded.and_then(|args| shared.check(call.def, &args).map(|()| args));
     match checked {

@@ -22,6 +22,9 @@ pub(crate) type Outcome = Result<Bytes, Error>;
 /// One call's shared state, and the cell its outcome is delivered in (no channel per call).
 pub(crate) struct Ticket {
     pub(crate) task: &'static str,
+    /// The pool's name, for the call's metrics.
+    #[cfg(feature = "metrics")]
+    pool: Arc<str>,
     pub(crate) deadline: Deadline,
     /// The longest the call may wait for a slot.
     pub(crate) queue_until: Instant,
@@ -47,9 +50,18 @@ enum Delivery {
 }
 
 impl Ticket {
-    pub(crate) fn new(task: &'static str, deadline: Deadline, queue_until: Instant) -> Arc<Ticket> {
+    pub(crate) fn new(
+        task: &'static str,
+        pool: &Arc<str>,
+        deadline: Deadline,
+        queue_until: Instant,
+    ) -> Arc<Ticket> {
+        #[cfg(not(feature = "metrics"))]
+        let _ = pool;
         Arc::new(Ticket {
             task,
+            #[cfg(feature = "metrics")]
+            pool: pool.clone(),
             deadline,
             queue_until,
             inner: Mutex::new(Inner {
@@ -70,6 +82,13 @@ impl Ticket {
             return false;
         };
         let waker = waker.take();
+        #[cfg(feature = "metrics")]
+        crate::metrics::call_done(
+            &self.pool,
+            self.task,
+            outcome.as_ref().map(drop),
+            self.deadline.elapsed(),
+        );
         inner.outcome = Delivery::Ready(outcome);
         drop(inner);
         if let Some(waker) = waker {

@@ -97,6 +97,7 @@ impl Hooks {
     }
 
     pub(crate) fn grow_end(&self, event: GrowEnd) {
+        crate::metrics::boot(&event.pool, event.error.is_none(), event.duration);
         match &event.error {
             None => tracing::info!(
                 pool = %event.pool,
@@ -120,6 +121,7 @@ impl Hooks {
     }
 
     pub(crate) fn shrink(&self, event: Shrink) {
+        crate::metrics::runner_left(&event.pool);
         tracing::info!(pool = %event.pool, runner = %event.runner_id, reason = ?event.reason, "flame: runner left the pool");
         if let Some(hook) = &self.shrink {
             hook(&event);

@@ -195,7 +195,8 @@ impl fmt::Debug for Pool {
 
 /// The pool's state, shared by the `Pool` handles, the calls and the runner connections.
 pub(crate) struct Shared {
-    pub(crate) name: String,
+    /// Shared with each call's ticket, for its metrics.
+    pub(crate) name: Arc<str>,
     pub(crate) config: Config,
     backend: Arc<dyn Backend>,
     /// The listener runners dial, and the address they are told, bound on the first boot: a
@@ -370,7 +371,7 @@ impl Shared {
         hooks: Hooks,
     ) -> Arc<Shared> {
         Arc::new(Shared {
-            name,
+            name: name.into(),
             config,
             backend,
             listener: OnceLock::new(),
@@ -510,6 +511,7 @@ impl Shared {
             let (task, waited) = (call.def.id, call.ticket.deadline.elapsed());
             match start_call(call, slot) {
                 Start::Started => {
+                    crate::metrics::queue_wait(&self.name, waited);
                     tracing::debug!(pool = %self.name, task, waited_ms = waited.as_secs_f64() * 1e3, "flame: a waiting call got a slot");
                 }
                 Start::Cancelled(slot) => self.undo(state, slot),
@@ -584,7 +586,7 @@ impl Shared {
         let key = NEXT_RUNNER.fetch_add(1, Ordering::Relaxed);
         let runner_id = format!("{}-{key}", self.name);
         self.hooks.grow_start(GrowStart {
-            pool: self.name.clone(),
+            pool: self.name.to_string(),
             runner_id: runner_id.clone(),
             reason,
         });
@@ -610,7 +612,7 @@ impl Shared {
             }
         }
         self.hooks.grow_end(GrowEnd {
-            pool: self.name.clone(),
+            pool: self.name.to_string(),
             runner_id,
             reason,
             duration: started.elapsed(),
@@ -658,7 +660,7 @@ impl Shared {
         let (listener, advertise) = self.listener()?;
         let mut expectation = listener.expect(runner_id, token, tls.is_some());
         let mut spec = BootSpec::new(Handoff {
-            pool: self.name.clone(),
+            pool: self.name.to_string(),
             runner_id: runner_id.to_string(),
             addr: advertise.clone(),
             token,
@@ -790,7 +792,7 @@ impl Shared {
             (runner, shrink)
         };
         self.hooks.shrink(Shrink {
-            pool: self.name.clone(),
+            pool: self.name.to_string(),
             runner_id: runner.conn.id.clone(),
             reason: shrink,
         });
@@ -860,7 +862,7 @@ impl Shared {
                 let _ = tokio::time::timeout(Duration::from_secs(2), handle.exited()).await;
                 handle.destroy().await;
                 shared.hooks.shrink(Shrink {
-                    pool: shared.name.clone(),
+                    pool: shared.name.to_string(),
                     runner_id,
                     reason: ShrinkReason::Shutdown,
                 });
