@@ -1,0 +1,269 @@
+//! The showcase: a web app that makes video thumbnails on FLAME runners *while the video
+//! uploads*, shows each one as it is made, and abandons the work the moment the user leaves.
+//!
+//! ```sh
+//! cargo run --release -p flame-example-thumbnails   # then open the URL it prints
+//! ```
+//!
+//! The browser sends the video in chunks over a WebSocket; the server forwards them into a
+//! `flame::channel` to a task placed on the `thumbs` pool, which pipes them into ffmpeg on its
+//! runner and sends each PNG back through a second channel as ffmpeg writes it. Closing the page
+//! drops the call's handle: the runner drops the task, ffmpeg dies with it, the slot frees, and
+//! the idle runner goes away. `POST /thumbnails` does the same for a whole file, without a
+//! browser; `GET /stats` shows the pool.
+//!
+//! Configuration (environment): `PORT` (4000), `THUMBS_BACKEND` (`process`, the default: runners
+//! are child processes of this program; or `local`), `THUMBS_MAX` runners (4), `THUMBS_FPS` (1),
+//! `THUMBS_WIDTH` (240), `FFMPEG` (the ffmpeg program).
+
+mod thumbs;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+
+use thumbs::{Event, Settings, thumbnails};
+
+const PAGE: &str = include_str!("../static/index.html");
+
+struct App {
+    pool: flame::Pool,
+    settings: Settings,
+}
+
+#[flame::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let pool = thumbs_pool().await?;
+    if flame::parent().is_some() {
+        return Ok(()); // a runner: it serves the pool's calls
+    }
+    check_ffmpeg()?;
+    let settings = Settings {
+        fps: env_or("THUMBS_FPS", 1.0),
+        width: env_or("THUMBS_WIDTH", 240),
+    };
+    let app = Arc::new(App { pool, settings });
+    let router = Router::new()
+        .route("/", get(|| async { Html(PAGE) }))
+        .route("/ws", get(upload_socket))
+        .route("/thumbnails", post(whole_file))
+        .route("/stats", get(stats))
+        .layer(DefaultBodyLimit::max(1 << 30))
+        .with_state(app);
+    let addr = SocketAddr::from(([127, 0, 0, 1], env_or("PORT", 4000)));
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    println!(
+        "thumbnails: open http://{}/ (runners: {} backend)",
+        listener.local_addr()?,
+        std::env::var("THUMBS_BACKEND").unwrap_or_else(|_| "process".into())
+    );
+    axum::serve(listener, router).await?;
+    Ok(())
+}
+
+/// The `thumbs` pool, on the backend the configuration names.
+async fn thumbs_pool() -> anyhow::Result<flame::Pool> {
+    let builder = flame::Pool::builder("thumbs")
+        .max(env_or("THUMBS_MAX", 4))
+        .max_concurrency(2)
+        .idle_shutdown_after(Duration::from_secs(10));
+    let builder = match std::env::var("THUMBS_BACKEND").as_deref() {
+        Ok("process") | Err(_) => builder.backend(flame::ProcessBackend::new()),
+        Ok("local") => builder.backend(flame::LocalBackend::new()),
+        Ok(other) => anyhow::bail!(
+            "THUMBS_BACKEND={other:?}: this build knows `process` (the default) and `local`"
+        ),
+    };
+    Ok(builder.start().await?)
+}
+
+/// The app is useless without ffmpeg: say so at start, with what to do.
+fn check_ffmpeg() -> anyhow::Result<()> {
+    let program = thumbs::ffmpeg_program();
+    match std::process::Command::new(&program)
+        .arg("-version")
+        .output()
+    {
+        Ok(out) if out.status.success() => Ok(()),
+        Ok(out) => anyhow::bail!(
+            "`{program} -version` failed ({}): is it a working ffmpeg?",
+            out.status
+        ),
+        Err(e) => anyhow::bail!(
+            "ffmpeg is needed to make thumbnails, and `{program}` could not be run ({e}). \
+             Install it (Debian/Ubuntu: apt-get install ffmpeg; macOS: brew install ffmpeg), \
+             or point FFMPEG at one."
+        ),
+    }
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn upload_socket(ws: WebSocketUpgrade, State(app): State<Arc<App>>) -> Response {
+    ws.on_upgrade(move |socket| upload_session(socket, app))
+}
+
+/// One upload from the page: video chunks in, thumbnails out, until the work is done or the
+/// page goes away.
+async fn upload_session(socket: WebSocket, app: Arc<App>) {
+    let (mut to_page, mut from_page) = socket.split();
+    let (video, task_video) = flame::channel::<Bytes>(8);
+    let (task_events, mut events) = flame::channel::<Event>(16);
+    // The handle is the work: dropping it (leaving this function early) cancels it.
+    let mut handle = flame::spawn_on(&app.pool, thumbnails(task_video, task_events, app.settings));
+
+    // Thumbnails go to the page as they come, whatever the upload is doing.
+    let forward = tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            if to_page
+                .send(Message::Text(page_event(&event).to_string().into()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        to_page
+    });
+    let mut video = Some(video);
+    let result = loop {
+        tokio::select! {
+            message = from_page.next() => match message {
+                Some(Ok(Message::Binary(chunk))) => {
+                    if let Some(tx) = &video
+                        && tx.send(chunk).await.is_err()
+                    {
+                        video = None; // the task stopped reading: its result says why
+                    }
+                }
+                // The whole video is uploaded: ffmpeg sees the end of its input.
+                Some(Ok(Message::Text(text))) if text.as_str() == "end" => video = None,
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+                    tracing::info!("the page went away: the thumbnails call is cancelled");
+                    forward.abort();
+                    return;
+                }
+                Some(Ok(_)) => {}
+            },
+            result = &mut handle => break result,
+        }
+    };
+    // Every event the task sent came before its result: let them reach the page, then say done.
+    let Ok(mut to_page) = forward.await else {
+        return;
+    };
+    let done = match result {
+        Ok(Ok(count)) => json!({ "type": "done", "count": count }),
+        Ok(Err(error)) => json!({ "type": "error", "error": error }),
+        Err(error) => json!({ "type": "error", "error": error.to_string() }),
+    };
+    let _ = to_page.send(Message::Text(done.to_string().into())).await;
+    let _ = to_page.close().await;
+}
+
+/// An event as the page gets it: JSON, with a thumbnail as a `data:` URL.
+fn page_event(event: &Event) -> serde_json::Value {
+    match event {
+        Event::Started { runner, ffmpeg_pid } => {
+            json!({ "type": "started", "runner": runner, "ffmpeg_pid": ffmpeg_pid })
+        }
+        Event::Thumb { index, runner, png } => json!({
+            "type": "thumb",
+            "index": index,
+            "runner": runner,
+            "src": format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(png)),
+        }),
+    }
+}
+
+#[derive(Deserialize)]
+struct FileQuery {
+    fps: Option<f32>,
+    width: Option<u32>,
+}
+
+/// `POST /thumbnails` with a whole video as the body: its thumbnails when all are done (the
+/// seed's `FLAME.call`), as JSON `{count, runner, thumbnails: [data URLs]}`.
+async fn whole_file(
+    State(app): State<Arc<App>>,
+    Query(query): Query<FileQuery>,
+    body: Bytes,
+) -> Response {
+    let settings = Settings {
+        fps: query.fps.unwrap_or(app.settings.fps),
+        width: query.width.unwrap_or(app.settings.width),
+    };
+    let (video, task_video) = flame::channel::<Bytes>(8);
+    let (task_events, mut events) = flame::channel::<Event>(16);
+    let handle = flame::spawn_on(&app.pool, thumbnails(task_video, task_events, settings));
+    let upload = tokio::spawn(async move {
+        for at in (0..body.len()).step_by(128 * 1024) {
+            let chunk = body.slice(at..(at + 128 * 1024).min(body.len()));
+            if video.send(chunk).await.is_err() {
+                break;
+            }
+        }
+    });
+    let (mut thumbnails, mut runner) = (Vec::new(), None);
+    while let Some(event) = events.recv().await {
+        let page = page_event(&event);
+        match event {
+            Event::Started { runner: r, .. } => runner = Some(r),
+            Event::Thumb { .. } => thumbnails.push(page["src"].clone()),
+        }
+    }
+    upload.abort();
+    match handle.await {
+        Ok(Ok(count)) => {
+            Json(json!({ "count": count, "runner": runner, "thumbnails": thumbnails }))
+                .into_response()
+        }
+        Ok(Err(error)) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({ "error": error })),
+        )
+            .into_response(),
+        Err(error) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "error": error.to_string() })),
+        )
+            .into_response(),
+    }
+}
+
+/// `GET /stats`: the pool's state, to watch runners come and go.
+async fn stats(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
+    let s = app.pool.stats();
+    Json(json!({
+        "runners": s.runners,
+        "booting": s.booting,
+        "in_flight": s.in_flight,
+        "queued": s.queued,
+        "booted": s.booted,
+        "failed_boots": s.failed_boots,
+        "served": s.served,
+        "max": s.max,
+    }))
+}

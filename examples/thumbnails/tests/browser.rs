@@ -1,0 +1,238 @@
+//! The showcase end to end, in headless Chromium: upload a generated video and watch the
+//! thumbnails arrive; leave mid-upload and check the work stopped. Real app, real runners, real
+//! ffmpeg, real browser (`.ci/run` installs ffmpeg, chromium and chromium-driver).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use fantoccini::{Client, ClientBuilder, Locator};
+use flame_tests::{bounded, is_gone, wait_gone};
+use support::{Group, app, free_port, start};
+use tokio::process::Command;
+
+mod support;
+
+const BOUND: Duration = Duration::from_secs(120);
+
+/// Headless Chromium through chromedriver.
+async fn browser() -> (Group, Client) {
+    // The WebDriver client's TLS stack (unused: chromedriver speaks plain HTTP) needs a crypto
+    // provider chosen, as two are linked in.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let port = free_port();
+    let mut command = Command::new("chromedriver");
+    command.arg(format!("--port={port}"));
+    let (group, _) = start(command, "started successfully").await;
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        serde_json::json!({
+            "binary": "/usr/bin/chromium",
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+        }),
+    );
+    let client = ClientBuilder::rustls()
+        .unwrap()
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{port}"))
+        .await
+        .expect("chromedriver gives a session");
+    (group, client)
+}
+
+/// A video made by ffmpeg: `filter` is a lavfi source.
+fn video(name: &str, filter: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("flame-thumbnails-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    let status = std::process::Command::new("ffmpeg")
+        .args([
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            filter,
+        ])
+        .args(["-pix_fmt", "yuv420p", "-movflags", "+faststart"])
+        .arg(&path)
+        .status()
+        .expect("ffmpeg runs (install it: apt-get install ffmpeg)");
+    assert!(status.success());
+    path
+}
+
+fn decode_png(data_url: &str) -> (u32, u32) {
+    let b64 = data_url
+        .strip_prefix("data:image/png;base64,")
+        .expect("a PNG data URL");
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .expect("valid base64");
+    let mut reader = png::Decoder::new(bytes.as_slice())
+        .read_info()
+        .expect("a valid PNG header");
+    let mut pixels = vec![0; reader.output_buffer_size()];
+    let frame = reader.next_frame(&mut pixels).expect("valid PNG data");
+    (frame.width, frame.height)
+}
+
+/// The ffmpeg processes among the descendants of `root`.
+fn ffmpegs_under(root: u32) -> Vec<u32> {
+    let parent_of = |pid: u32| -> Option<(u32, String)> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let (name, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
+        let ppid = rest.split_whitespace().nth(1)?.parse().ok()?;
+        Some((ppid, name.to_string()))
+    };
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Some((mut ppid, name)) = parent_of(pid) else {
+            continue;
+        };
+        if name != "ffmpeg" || is_gone(pid) {
+            continue;
+        }
+        while ppid > 1 {
+            if ppid == root {
+                found.push(pid);
+                break;
+            }
+            ppid = parent_of(ppid).map_or(0, |(p, _)| p);
+        }
+    }
+    found
+}
+
+async fn stats(url: &str) -> serde_json::Value {
+    reqwest::get(format!("{url}stats"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn pick_file(client: &Client, url: &str, file: &Path) {
+    client.goto(url).await.unwrap();
+    let input = client.find(Locator::Css("#file")).await.unwrap();
+    input.send_keys(file.to_str().unwrap()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thumbnails_appear_live_in_the_page() {
+    let (_app, url) = app().await;
+    let (_driver, client) = browser().await;
+    let sample = video("sample.mp4", "testsrc=duration=10:size=640x360:rate=25");
+    bounded(BOUND, async {
+        let started = Instant::now();
+        pick_file(&client, &url, &sample).await;
+        client
+            .wait()
+            .at_most(BOUND)
+            .every(Duration::from_millis(50))
+            .for_element(Locator::Css("body[data-done]"))
+            .await
+            .expect("the page says the work is done");
+        println!(
+            "10 s of video: all thumbnails in the page after {:?}",
+            started.elapsed()
+        );
+        let thumbs = client.find_all(Locator::Css("img.thumb")).await.unwrap();
+        assert!(thumbs.len() >= 8, "{} thumbnails", thumbs.len());
+        for thumb in &thumbs {
+            let src = thumb.attr("src").await.unwrap().expect("a src");
+            let (width, height) = decode_png(&src);
+            assert_eq!(
+                (width, height),
+                (240, 136),
+                "scaled to the configured width"
+            );
+        }
+        let runners = client.find(Locator::Css("#runners")).await.unwrap();
+        let runners = runners.text().await.unwrap();
+        assert!(
+            runners.starts_with("thumbs-"),
+            "made on a runner: {runners}"
+        );
+    })
+    .await;
+    client.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_mid_upload_stops_ffmpeg_and_frees_the_slot() {
+    let (_app, url) = app().await;
+    let (_driver, client) = browser().await;
+    // Noise compresses badly: megabytes to upload, at 64 KiB every 50 ms.
+    let big = video(
+        "noise.mp4",
+        "testsrc2=duration=10:size=320x240:rate=25,noise=alls=40:allf=t",
+    );
+    bounded(BOUND, async {
+        pick_file(&client, &format!("{url}?chunk_delay_ms=50"), &big).await;
+        let body = client
+            .wait()
+            .at_most(BOUND)
+            .every(Duration::from_millis(20))
+            .for_element(Locator::Css("body[data-ffmpeg-pid]"))
+            .await
+            .expect("ffmpeg starts on a runner");
+        let ffmpeg: u32 = body
+            .attr("data-ffmpeg-pid")
+            .await
+            .unwrap()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(!is_gone(ffmpeg), "ffmpeg runs while the video uploads");
+        assert_eq!(stats(&url).await["in_flight"], 1);
+        assert!(
+            client
+                .find_all(Locator::Css("body[data-done]"))
+                .await
+                .unwrap()
+                .is_empty(),
+            "still uploading"
+        );
+
+        // The user closes the tab (another one stays open, as the session needs a window).
+        let other = client.new_window(true).await.unwrap().handle;
+        let left = Instant::now();
+        client.close_window().await.unwrap();
+        client.switch_to_window(other).await.unwrap();
+        assert!(
+            wait_gone(ffmpeg, Duration::from_secs(2)).await,
+            "ffmpeg {ffmpeg} still runs 2 s after the tab was closed"
+        );
+        let gone_after = left.elapsed();
+        let mut in_flight = stats(&url).await["in_flight"].clone();
+        while in_flight != 0 && left.elapsed() < Duration::from_secs(2) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            in_flight = stats(&url).await["in_flight"].clone();
+        }
+        println!(
+            "after leaving: ffmpeg gone in {gone_after:?}, slot free in {:?}",
+            left.elapsed()
+        );
+        assert_eq!(in_flight, 0, "the slot is free within 2 s");
+        let app_pid = _app.0.id().unwrap();
+        assert_eq!(
+            ffmpegs_under(app_pid),
+            Vec::<u32>::new(),
+            "no ffmpeg left under the app"
+        );
+    })
+    .await;
+    client.close().await.unwrap();
+}
