@@ -14,7 +14,7 @@
 //!
 //! Configuration (environment): `PORT` (4000), `THUMBS_BACKEND` (`process`, the default: runners
 //! are child processes of this program; or `local`), `THUMBS_MAX` runners (4), `THUMBS_FPS` (1),
-//! `THUMBS_WIDTH` (240), `FFMPEG` (the ffmpeg program).
+//! `THUMBS_WIDTH` (240), `THUMBS_MAX_UPLOAD_MB` (512), `FFMPEG` (the ffmpeg program).
 
 mod thumbs;
 
@@ -41,6 +41,8 @@ const PAGE: &str = include_str!("../static/index.html");
 struct App {
     pool: flame::Pool,
     settings: Settings,
+    /// The largest upload taken, in bytes.
+    max_upload: u64,
 }
 
 #[flame::main]
@@ -59,13 +61,18 @@ async fn main() -> anyhow::Result<()> {
         fps: env_or("THUMBS_FPS", 1.0),
         width: env_or("THUMBS_WIDTH", 240),
     };
-    let app = Arc::new(App { pool, settings });
+    let max_upload = env_or("THUMBS_MAX_UPLOAD_MB", 512u64) << 20;
+    let app = Arc::new(App {
+        pool,
+        settings,
+        max_upload,
+    });
     let router = Router::new()
         .route("/", get(|| async { Html(PAGE) }))
         .route("/ws", get(upload_socket))
         .route("/thumbnails", post(whole_file))
         .route("/stats", get(stats))
-        .layer(DefaultBodyLimit::max(1 << 30))
+        .layer(DefaultBodyLimit::max(max_upload as usize))
         .with_state(app);
     let addr = SocketAddr::from(([127, 0, 0, 1], env_or("PORT", 4000)));
     let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -125,33 +132,48 @@ async fn upload_socket(ws: WebSocketUpgrade, State(app): State<Arc<App>>) -> Res
     ws.on_upgrade(move |socket| upload_session(socket, app))
 }
 
-/// One upload from the page: video chunks in, thumbnails out, until the work is done or the
-/// page goes away.
+/// One upload from the page: video chunks in, thumbnails out, until the work is done, the upload
+/// is refused, or the page goes away.
 async fn upload_session(socket: WebSocket, app: Arc<App>) {
     let (mut to_page, mut from_page) = socket.split();
     let (video, task_video) = flame::channel::<Bytes>(8);
     let (task_events, mut events) = flame::channel::<Event>(16);
-    // The handle is the work: dropping it (leaving this function early) cancels it.
+    // The handle is the work: dropping it cancels it.
     let mut handle = flame::spawn_on(&app.pool, thumbnails(task_video, task_events, app.settings));
 
-    // Thumbnails go to the page as they come, whatever the upload is doing.
-    let forward = tokio::spawn(async move {
+    // Thumbnails go to the page as they come, whatever the upload is doing; then the last word.
+    let (say, mut said) = tokio::sync::mpsc::unbounded_channel::<serde_json::Value>();
+    let writer = tokio::spawn(async move {
         while let Some(event) = events.recv().await {
+            let message = page_event(&event).to_string();
+            if to_page.send(Message::Text(message.into())).await.is_err() {
+                return;
+            }
+        }
+        while let Some(message) = said.recv().await {
             if to_page
-                .send(Message::Text(page_event(&event).to_string().into()))
+                .send(Message::Text(message.to_string().into()))
                 .await
                 .is_err()
             {
-                break;
+                return;
             }
         }
-        to_page
+        let _ = to_page.close().await;
     });
     let mut video = Some(video);
-    let result = loop {
+    let mut received = 0u64;
+    let outcome: Result<u32, String> = loop {
         tokio::select! {
             message = from_page.next() => match message {
                 Some(Ok(Message::Binary(chunk))) => {
+                    received += chunk.len() as u64;
+                    if received > app.max_upload {
+                        break Err(format!(
+                            "the file is larger than the {} MB this app accepts",
+                            app.max_upload >> 20
+                        ));
+                    }
                     if let Some(tx) = &video
                         && tx.send(chunk).await.is_err()
                     {
@@ -159,28 +181,35 @@ async fn upload_session(socket: WebSocket, app: Arc<App>) {
                     }
                 }
                 // The whole video is uploaded: ffmpeg sees the end of its input.
-                Some(Ok(Message::Text(text))) if text.as_str() == "end" => video = None,
+                Some(Ok(Message::Text(text))) if text.as_str() == "end" => {
+                    if received == 0 {
+                        break Err("the file is empty: pick a video".into());
+                    }
+                    video = None;
+                }
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
                     tracing::info!("the page went away: the thumbnails call is cancelled");
-                    forward.abort();
+                    writer.abort();
                     return;
                 }
                 Some(Ok(_)) => {}
             },
-            result = &mut handle => break result,
+            result = &mut handle => break match result {
+                Ok(Ok(count)) => Ok(count),
+                Ok(Err(error)) => Err(format!("could not make thumbnails: {error}")),
+                Err(error) => Err(error.to_string()),
+            },
         }
     };
-    // Every event the task sent came before its result: let them reach the page, then say done.
-    let Ok(mut to_page) = forward.await else {
-        return;
+    // A refused upload cancels the work; a finished one has sent every event before its result.
+    drop(handle);
+    let last = match outcome {
+        Ok(count) => json!({ "type": "done", "count": count }),
+        Err(error) => json!({ "type": "error", "error": error }),
     };
-    let done = match result {
-        Ok(Ok(count)) => json!({ "type": "done", "count": count }),
-        Ok(Err(error)) => json!({ "type": "error", "error": error }),
-        Err(error) => json!({ "type": "error", "error": error.to_string() }),
-    };
-    let _ = to_page.send(Message::Text(done.to_string().into())).await;
-    let _ = to_page.close().await;
+    let _ = say.send(last);
+    drop(say);
+    let _ = writer.await;
 }
 
 /// An event as the page gets it: JSON, with a thumbnail as a `data:` URL.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use fantoccini::{Client, ClientBuilder, Locator};
 use flame_tests::{bounded, is_gone, wait_gone};
-use support::{Group, app, free_port, start};
+use support::{Group, app, app_with, free_port, start, stats, until_no_busy_slot};
 use tokio::process::Command;
 
 mod support;
@@ -38,6 +38,7 @@ async fn browser() -> (Group, Client) {
         .connect(&format!("http://127.0.0.1:{port}"))
         .await
         .expect("chromedriver gives a session");
+    client.set_window_size(1100, 760).await.unwrap();
     (group, client)
 }
 
@@ -114,15 +115,6 @@ fn ffmpegs_under(root: u32) -> Vec<u32> {
     found
 }
 
-async fn stats(url: &str) -> serde_json::Value {
-    reqwest::get(format!("{url}stats"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 async fn pick_file(client: &Client, url: &str, file: &Path) {
     client.goto(url).await.unwrap();
     let input = client.find(Locator::Css("#file")).await.unwrap();
@@ -165,6 +157,10 @@ async fn thumbnails_appear_live_in_the_page() {
             runners.starts_with("thumbs-"),
             "made on a runner: {runners}"
         );
+        // The README shows this page.
+        let screenshot = client.screenshot().await.unwrap();
+        let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/thumbnails.png");
+        std::fs::write(&docs, screenshot).unwrap();
     })
     .await;
     client.close().await.unwrap();
@@ -216,22 +212,69 @@ async fn leaving_mid_upload_stops_ffmpeg_and_frees_the_slot() {
             "ffmpeg {ffmpeg} still runs 2 s after the tab was closed"
         );
         let gone_after = left.elapsed();
-        let mut in_flight = stats(&url).await["in_flight"].clone();
-        while in_flight != 0 && left.elapsed() < Duration::from_secs(2) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            in_flight = stats(&url).await["in_flight"].clone();
-        }
+        until_no_busy_slot(&url, Duration::from_secs(2).saturating_sub(left.elapsed())).await;
         println!(
             "after leaving: ffmpeg gone in {gone_after:?}, slot free in {:?}",
             left.elapsed()
         );
-        assert_eq!(in_flight, 0, "the slot is free within 2 s");
         let app_pid = _app.0.id().unwrap();
         assert_eq!(
             ffmpegs_under(app_pid),
             Vec::<u32>::new(),
             "no ffmpeg left under the app"
         );
+    })
+    .await;
+    client.close().await.unwrap();
+}
+
+/// Waits for the page's error message and returns it.
+async fn page_error(client: &Client) -> String {
+    client
+        .wait()
+        .at_most(BOUND)
+        .every(Duration::from_millis(20))
+        .for_element(Locator::Css("#error:not(:empty)"))
+        .await
+        .expect("the page shows an error")
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mistakes_show_a_clear_message_and_leave_no_runner_busy() {
+    let (_app, url) = app_with(&[("THUMBS_MAX_UPLOAD_MB", "1")]).await;
+    let (_driver, client) = browser().await;
+    let dir = video("tiny.mp4", "testsrc=duration=1:size=64x64:rate=5")
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let not_video = dir.join("notes.txt");
+    std::fs::write(&not_video, "shopping list: milk, eggs\n".repeat(1000)).unwrap();
+    let empty = dir.join("empty.mp4");
+    std::fs::write(&empty, b"").unwrap();
+    let too_big = video(
+        "big.mp4",
+        "testsrc2=duration=5:size=320x240:rate=25,noise=alls=40:allf=t",
+    );
+    assert!(std::fs::metadata(&too_big).unwrap().len() > 1 << 20);
+    bounded(BOUND, async {
+        for (file, expected) in [
+            (&not_video, "could not make thumbnails: ffmpeg failed"),
+            (&empty, "the file is empty"),
+            (&too_big, "larger than the 1 MB this app accepts"),
+        ] {
+            pick_file(&client, &url, file).await;
+            let error = page_error(&client).await;
+            assert!(error.contains(expected), "{}: {error}", file.display());
+            let freed = until_no_busy_slot(&url, Duration::from_secs(5)).await;
+            println!(
+                "{}: {error:?}; no busy slot after {freed:?}",
+                file.display()
+            );
+        }
+        assert_eq!(stats(&url).await["failed_boots"], 0);
     })
     .await;
     client.close().await.unwrap();

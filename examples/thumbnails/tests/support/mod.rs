@@ -59,8 +59,15 @@ pub(crate) fn free_port() -> u16 {
 
 /// The app, on its default Process backend, and its URL.
 pub(crate) async fn app() -> (Group, String) {
+    app_with(&[]).await
+}
+
+/// The app with more environment, and its URL.
+pub(crate) async fn app_with(env: &[(&str, &str)]) -> (Group, String) {
     let mut command = Command::new(APP);
-    command.env("PORT", free_port().to_string());
+    command
+        .env("PORT", free_port().to_string())
+        .envs(env.iter().copied());
     let (group, line) = start(command, "thumbnails: open ").await;
     let url = line
         .split_whitespace()
@@ -68,4 +75,31 @@ pub(crate) async fn app() -> (Group, String) {
         .expect("the app prints its URL")
         .to_string();
     (group, url)
+}
+
+/// The app's pool, from its `/stats`.
+pub(crate) async fn stats(url: &str) -> serde_json::Value {
+    reqwest::get(format!("{url}stats"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Waits (up to `bound`) until the app's pool has no busy slot; returns how long that took.
+pub(crate) async fn until_no_busy_slot(
+    url: &str,
+    bound: std::time::Duration,
+) -> std::time::Duration {
+    let started = std::time::Instant::now();
+    // The pool is behind an HTTP endpoint: there is no event to await from here.
+    while stats(url).await["in_flight"] != 0 {
+        assert!(
+            started.elapsed() < bound,
+            "a slot still busy after {bound:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    started.elapsed()
 }
