@@ -207,7 +207,8 @@ async fn read(
                                 continue;
                             }
                             Some(Err(e)) => Some(Err(e)),
-                            None => Some(wire::decode::<ToParent>(&frame)),
+                            // Results, the hot path, are decoded in place.
+                            None => Some(wire::done_frame(&frame).unwrap_or_else(|| wire::decode::<ToParent>(&frame))),
                         }
                     }
                     Some(Err(e)) => Some(Err(e)),

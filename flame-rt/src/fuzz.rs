@@ -36,6 +36,7 @@ pub fn frames(data: &[u8]) {
         let _ = wire::decode::<ToRunner>(&frame);
         let _ = wire::chan_frame(&frame, wire::TO_RUNNER_CHAN);
         let _ = wire::chan_frame(&frame, wire::TO_PARENT_CHAN);
+        let _ = wire::done_frame(&frame.clone().freeze());
         if let Ok(ToParent::Hello(hello)) = wire::decode::<ToParent>(&frame)
             && let Ok(registry) = crate::task::registry()
         {

@@ -160,6 +160,46 @@ pub(crate) enum ChanBodyRef<'a> {
     Fail(&'a str),
 }
 
+/// Decodes a `ToParent::Done` frame with its result as a slice of the frame (no copy, no
+/// allocation per result); `None` if the frame is another message.
+pub(crate) fn done_frame(frame: &Bytes) -> Option<Result<ToParent, Error>> {
+    #[derive(Deserialize)]
+    struct Borrowed<'a> {
+        variant: u32,
+        call: u64,
+        #[serde(borrow)]
+        outcome: OutcomeRef<'a>,
+    }
+    #[derive(Deserialize)]
+    enum OutcomeRef<'a> {
+        Ok(&'a [u8]),
+        Panicked(String),
+        Failed {
+            kind: WireErrorKind,
+            message: String,
+        },
+    }
+    // `Done` is variant 1 of `ToParent`: its frames start with that byte.
+    if frame.first() != Some(&1) {
+        return None;
+    }
+    Some(
+        postcard::from_bytes::<Borrowed<'_>>(frame)
+            .map(|done| {
+                debug_assert_eq!(done.variant, 1);
+                ToParent::Done {
+                    call: done.call,
+                    outcome: match done.outcome {
+                        OutcomeRef::Ok(result) => Outcome::Ok(frame.slice_ref(result)),
+                        OutcomeRef::Panicked(message) => Outcome::Panicked(message),
+                        OutcomeRef::Failed { kind, message } => Outcome::Failed { kind, message },
+                    },
+                }
+            })
+            .map_err(|e| Error::new(ErrorKind::Protocol, e.to_string())),
+    )
+}
+
 /// Serializes a borrowed slice as bytes, as `Bytes` does: serde's own `[u8]` is a sequence, which
 /// postcard encodes to the same bytes but one `u8` call at a time.
 pub(crate) fn as_bytes<S: serde::Serializer>(data: &&[u8], s: S) -> Result<S::Ok, S::Error> {
@@ -700,6 +740,13 @@ mod tests {
             let to_parent = encode(&ToParent::Chan(frame.clone())).unwrap();
             prop_assert_eq!(&postcard::to_stdvec(&borrowed(&frame, TO_PARENT_CHAN)).unwrap()[..], &to_parent[..]);
             prop_assert!(chan_frame(&to_parent, TO_RUNNER_CHAN).is_none());
+        }
+
+        #[test]
+        fn done_frames_decode_in_place_as_the_messages(call in any::<u64>(), outcome in outcome()) {
+            let msg = ToParent::Done { call, outcome };
+            let frame = encode(&msg).unwrap();
+            prop_assert_eq!(done_frame(&frame).unwrap().unwrap(), msg);
         }
 
         #[test]
