@@ -669,8 +669,21 @@ impl Shared {
         });
         spec.test_runner_args = self.test_runner_args.clone();
         let backend = self.backend.name().to_string();
+        let deadline = tokio::time::Instant::now() + self.config.boot_timeout;
+        let timed_out = || {
+            Error::new(
+                ErrorKind::BootFailed,
+                format!(
+                    "runner {runner_id} did not connect back within the boot timeout of {:?} (backend {backend})",
+                    self.config.boot_timeout
+                ),
+            )
+        };
         let boot = async {
-            let mut handle = self.backend.boot(spec).await.map_err(|e| match e.kind() {
+            let booted = tokio::time::timeout_at(deadline, self.backend.boot(spec))
+                .await
+                .map_err(|_| timed_out())?;
+            let mut handle = booted.map_err(|e| match e.kind() {
                 ErrorKind::BootFailed => e,
                 // A mistake in the setup stays one: no retry will fix it.
                 ErrorKind::Config => Error::new(
@@ -685,6 +698,9 @@ impl Shared {
                     ErrorKind::BootFailed,
                     format!("runner {runner_id} ({}) exited before it connected back: {status}", handle.describe()),
                 )),
+                // Destroyed below: dropping a handle need not stop a machine (an API backend's
+                // is just an id).
+                () = tokio::time::sleep_until(deadline) => Err(timed_out()),
             };
             let adopted = match accepted {
                 Ok(accepted) => adopt(accepted, &token).await,
@@ -698,18 +714,7 @@ impl Shared {
                 }
             }
         };
-        let (halves, handle) = match tokio::time::timeout(self.config.boot_timeout, boot).await {
-            Ok(booted) => booted?,
-            Err(_) => {
-                return Err(Error::new(
-                    ErrorKind::BootFailed,
-                    format!(
-                        "runner {runner_id} did not connect back within the boot timeout of {:?} (backend {backend})",
-                        self.config.boot_timeout
-                    ),
-                ));
-            }
-        };
+        let (halves, handle) = boot.await?;
         let idle = match (
             self.config.idle_shutdown_after,
             self.config.min_idle_shutdown_after,
