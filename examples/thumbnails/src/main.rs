@@ -12,8 +12,8 @@
 //! the idle runner goes away. `POST /thumbnails` does the same for a whole file, without a
 //! browser; `GET /stats` shows the pool.
 //!
-//! Configuration (environment): `PORT` (4000), `THUMBS_BACKEND` (`process`, the default: runners
-//! are child processes of this program; or `local`), `THUMBS_MAX` runners (4), `THUMBS_FPS` (1),
+//! Configuration (environment): `BIND` (127.0.0.1), `PORT` (4000), `THUMBS_BACKEND` (`process`,
+//! the default: runners are child processes of this program; `local`; or `fly`), `THUMBS_MAX` runners (4), `THUMBS_FPS` (1),
 //! `THUMBS_WIDTH` (240), `THUMBS_MAX_UPLOAD_MB` (512), `FFMPEG` (the ffmpeg program).
 
 mod thumbs;
@@ -74,7 +74,10 @@ async fn main() -> anyhow::Result<()> {
         .route("/stats", get(stats))
         .layer(DefaultBodyLimit::max(max_upload as usize))
         .with_state(app);
-    let addr = SocketAddr::from(([127, 0, 0, 1], env_or("PORT", 4000)));
+    let addr = SocketAddr::new(
+        env_or("BIND", std::net::IpAddr::from([127, 0, 0, 1])),
+        env_or("PORT", 4000),
+    );
     let listener = tokio::net::TcpListener::bind(addr).await?;
     println!(
         "thumbnails: open http://{}/ (runners: {} backend)",
@@ -94,8 +97,10 @@ async fn thumbs_pool() -> anyhow::Result<flame::Pool> {
     let builder = match std::env::var("THUMBS_BACKEND").as_deref() {
         Ok("process") | Err(_) => builder.backend(flame::ProcessBackend::new()),
         Ok("local") => builder.backend(flame::LocalBackend::new()),
+        // On Fly: FLY_* and the FLY_API_TOKEN secret configure it (docs/deploy-fly.md).
+        Ok("fly") => builder.backend(flame_backend_fly::FlyBackend::builder().build()?),
         Ok(other) => anyhow::bail!(
-            "THUMBS_BACKEND={other:?}: this build knows `process` (the default) and `local`"
+            "THUMBS_BACKEND={other:?}: this build knows `process` (the default), `local` and `fly`"
         ),
     };
     Ok(builder.start().await?)

@@ -1,0 +1,283 @@
+//! The Fly backend end to end, against the Machines API emulator in `support/` (the real API is
+//! unreachable from here; the emulator boots each Machine as a real process: this test binary,
+//! which serves as the runner of the test that booted it).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use flame::{ErrorKind, Pool};
+use flame_backend_fly::{FlyBackend, FlyBackendBuilder};
+use flame_tests::{bounded, held_pids, hold_child, is_gone, scratch_dir, wait_gone};
+use support::{Emulator, Fault};
+
+mod support;
+
+const BOUND: Duration = Duration::from_secs(60);
+const TOKEN: &str = "fm2_test-token";
+const APP: &str = "thumbs-app";
+
+/// The Machine this task runs on, as Fly tells a Machine.
+#[flame::task]
+async fn machine_id() -> Option<String> {
+    std::env::var("FLY_MACHINE_ID").ok()
+}
+
+/// An emulator whose image `flame-test:{test}` boots this test binary as the runner of `test`.
+async fn emulator(test: &str) -> Emulator {
+    let exe = std::env::current_exe()
+        .unwrap()
+        .to_string_lossy()
+        .to_string();
+    let argv = [test, "--exact", "--nocapture", "--test-threads", "1"];
+    let mut images = HashMap::new();
+    images.insert(
+        format!("flame-test:{test}"),
+        std::iter::once(exe)
+            .chain(argv.iter().map(|a| a.to_string()))
+            .collect(),
+    );
+    Emulator::start(APP, TOKEN, images).await
+}
+
+/// A Fly backend pointed at `emu`, as a parent outside Fly configures it.
+fn backend(emu: &Emulator, test: &str) -> FlyBackendBuilder {
+    FlyBackend::builder_from(|_| None)
+        .host(&emu.url)
+        .app(APP)
+        .token(TOKEN)
+        .image(format!("flame-test:{test}"))
+        .region("ord")
+        .listen("127.0.0.1:0".parse().unwrap())
+        .retry_backoff(Duration::from_millis(20))
+}
+
+#[flame::test]
+async fn calls_run_on_machines_and_shutdown_leaves_none() {
+    bounded(BOUND, async {
+        let emu = emulator("calls_run_on_machines_and_shutdown_leaves_none").await;
+        let fly = backend(&emu, "calls_run_on_machines_and_shutdown_leaves_none")
+            .env("THUMBS_FPS", "2")
+            .build()
+            .unwrap();
+        let pool = Pool::builder("thumbs")
+            .backend(fly)
+            .max(2)
+            .start()
+            .await
+            .unwrap();
+        let ran_on = flame::call(&pool, machine_id())
+            .await
+            .unwrap()
+            .expect("a Fly machine id");
+        let live = emu.live();
+        assert_eq!(
+            live.get(&ran_on).map(String::as_str),
+            Some("started"),
+            "{live:?}"
+        );
+        assert_eq!(emu.creates(), 1);
+        pool.shutdown().await;
+        assert!(emu.live().is_empty(), "machines left: {:?}", emu.live());
+    })
+    .await;
+}
+
+#[flame::test]
+async fn dropping_the_handle_cancels_on_the_machine() {
+    bounded(BOUND, async {
+        let emu = emulator("dropping_the_handle_cancels_on_the_machine").await;
+        let fly = backend(&emu, "dropping_the_handle_cancels_on_the_machine")
+            .build()
+            .unwrap();
+        let pool = Pool::builder("cancel")
+            .backend(fly)
+            .max(1)
+            .start()
+            .await
+            .unwrap();
+        let dir = scratch_dir("fly-cancel");
+        let handle = flame::spawn_on(&pool, hold_child(dir.clone()));
+        let (_runner, child) = held_pids(&dir).await;
+        assert!(!is_gone(child));
+        drop(handle);
+        assert!(
+            wait_gone(child, Duration::from_secs(5)).await,
+            "the task's child outlived the cancel"
+        );
+        pool.shutdown().await;
+        assert!(emu.live().is_empty());
+    })
+    .await;
+}
+
+#[flame::test]
+async fn rate_limits_and_capacity_errors_are_retried_then_reported() {
+    bounded(BOUND, async {
+        let emu = emulator("rate_limits_and_capacity_errors_are_retried_then_reported").await;
+        emu.inject([
+            Fault::Status(429, "rate limit exceeded"),
+            Fault::Status(
+                412,
+                "insufficient resources to create new machine with existing volume",
+            ),
+        ]);
+        let fly = backend(
+            &emu,
+            "rate_limits_and_capacity_errors_are_retried_then_reported",
+        )
+        .boot_timeout(Duration::from_millis(800))
+        .build()
+        .unwrap();
+        let pool = Pool::builder("retry")
+            .backend(fly)
+            .max(1)
+            .start()
+            .await
+            .unwrap();
+        assert!(flame::call(&pool, machine_id()).await.unwrap().is_some());
+        assert_eq!(emu.creates(), 3, "two refusals, then the machine");
+        pool.shutdown().await;
+
+        // Capacity that never comes: the boot window runs out and callers get Fly's message.
+        emu.inject(std::iter::repeat_n(
+            Fault::Status(
+                422,
+                "could not reserve resource for machine: insufficient CPUs available",
+            ),
+            1000,
+        ));
+        let fly = backend(
+            &emu,
+            "rate_limits_and_capacity_errors_are_retried_then_reported",
+        )
+        .boot_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+        let pool = Pool::builder("nocapacity")
+            .backend(fly)
+            .max(1)
+            .start()
+            .await
+            .unwrap();
+        let err = flame::call(&pool, machine_id()).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::BootFailed, "{err}");
+        assert!(
+            err.message().contains("insufficient CPUs available"),
+            "{err}"
+        );
+        assert!(err.message().contains("422"), "{err}");
+        pool.shutdown().await;
+        assert!(emu.live().is_empty());
+    })
+    .await;
+}
+
+#[flame::test]
+async fn a_machine_that_never_dials_back_is_deleted() {
+    bounded(BOUND, async {
+        let emu = emulator("a_machine_that_never_dials_back_is_deleted").await;
+        emu.inject([Fault::NeverDialsBack]);
+        let fly = backend(&emu, "a_machine_that_never_dials_back_is_deleted")
+            .build()
+            .unwrap();
+        let pool = Pool::builder("silent")
+            .backend(fly)
+            .max(1)
+            .boot_timeout(Duration::from_millis(500))
+            .start()
+            .await
+            .unwrap();
+        // The first boot never dials back; the pool retries, and the second machine serves.
+        let ran_on = flame::call(&pool, machine_id().timeout(Duration::from_secs(20)))
+            .await
+            .unwrap()
+            .unwrap();
+        let deleted = emu.deletes();
+        assert_eq!(
+            deleted.len(),
+            1,
+            "the silent machine was deleted: {deleted:?}"
+        );
+        assert_ne!(deleted[0], ran_on);
+        assert!(!emu.live().contains_key(&deleted[0]));
+        pool.shutdown().await;
+        assert!(emu.live().is_empty());
+    })
+    .await;
+}
+
+#[flame::test]
+async fn the_sweep_destroys_a_previous_parents_machines() {
+    bounded(BOUND, async {
+        let emu = emulator("the_sweep_destroys_a_previous_parents_machines").await;
+        // A parent of an earlier deploy left a runner machine behind (it never dials us).
+        emu.inject([Fault::NeverDialsBack]);
+        let old = backend(&emu, "the_sweep_destroys_a_previous_parents_machines")
+            .parent_id("old-parent")
+            .build()
+            .unwrap();
+        let old_pool = Pool::builder("thumbs")
+            .backend(old)
+            .max(1)
+            .boot_timeout(Duration::from_secs(30))
+            .start()
+            .await
+            .unwrap();
+        let orphaned = flame::spawn_on(&old_pool, machine_id());
+        while emu.live().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let leftover = emu.live().into_keys().next().unwrap();
+        orphaned.detach();
+        std::mem::forget(old_pool); // the old parent is gone without cleaning up
+
+        let new = backend(&emu, "the_sweep_destroys_a_previous_parents_machines")
+            .parent_id("new-parent")
+            .build()
+            .unwrap();
+        let swept = new.sweep_leftovers().await.unwrap();
+        assert_eq!(swept, vec![leftover.clone()]);
+        assert!(!emu.live().contains_key(&leftover));
+        // Its own machines are not the sweep's business.
+        let pool = Pool::builder("thumbs")
+            .backend(new.clone())
+            .max(1)
+            .start()
+            .await
+            .unwrap();
+        let mine = flame::call(&pool, machine_id()).await.unwrap().unwrap();
+        assert!(new.sweep_leftovers().await.unwrap().is_empty());
+        assert!(emu.live().contains_key(&mine));
+        pool.shutdown().await;
+    })
+    .await;
+}
+
+#[test]
+fn a_missing_setting_names_its_variable() {
+    let err = FlyBackend::builder_from(|_| None).build().err().unwrap();
+    assert_eq!(err.kind(), ErrorKind::Config);
+    assert!(err.message().contains("FLY_APP_NAME"), "{err}");
+    let err = FlyBackend::builder_from(|v| (v != "FLY_API_TOKEN").then(|| "x".into()))
+        .private_ip("fdaa::3")
+        .build()
+        .err()
+        .unwrap();
+    assert!(err.message().contains("FLY_API_TOKEN"), "{err}");
+    let err = FlyBackend::builder_from(|v| (v != "FLY_PRIVATE_IP").then(|| "x".into()))
+        .build()
+        .err()
+        .unwrap();
+    assert!(err.message().contains("FLY_PRIVATE_IP"), "{err}");
+    let err = FlyBackend::builder_from(|_| Some("x".into()))
+        .private_ip("fdaa::3")
+        .memory_mb(300)
+        .build()
+        .err()
+        .unwrap();
+    assert!(err.message().contains("multiple of 256"), "{err}");
+    let ok = FlyBackend::builder_from(|_| Some("x".into()))
+        .private_ip("fdaa::3")
+        .build();
+    assert!(ok.is_ok());
+}
