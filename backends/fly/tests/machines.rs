@@ -281,3 +281,32 @@ fn a_missing_setting_names_its_variable() {
         .build();
     assert!(ok.is_ok());
 }
+
+#[flame::test]
+async fn a_slow_boot_is_waited_for_not_counted_started() {
+    bounded(BOUND, async {
+        let emu = emulator("a_slow_boot_is_waited_for_not_counted_started").await;
+        emu.inject([Fault::SlowBoot(Duration::from_millis(600))]);
+        let fly = backend(&emu, "a_slow_boot_is_waited_for_not_counted_started")
+            .build()
+            .unwrap();
+        let pool = Pool::builder("slow")
+            .backend(fly)
+            .max(1)
+            .start()
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        // The API said "created" at once; the runner is ready only when it dials back.
+        assert!(flame::call(&pool, machine_id()).await.unwrap().is_some());
+        assert!(
+            started.elapsed() >= Duration::from_millis(600),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(emu.creates(), 1, "one machine, waited for");
+        pool.shutdown().await;
+        assert!(emu.live().is_empty());
+    })
+    .await;
+}
