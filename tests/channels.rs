@@ -325,3 +325,46 @@ async fn a_read_error_of_a_streamed_file_reaches_the_task() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_leaked_into_a_detached_task_does_not_hold_the_call() {
+    bounded(BOUND, async {
+        let pool = process_pool("chanleak", 1).await;
+        let (tx, mut rx) = flame::channel::<u64>(4);
+        let reading = tokio::spawn(async move {
+            let mut got = 0u64;
+            while rx.recv().await.is_some() {
+                got += 1;
+            }
+            got
+        });
+        assert_eq!(flame::call(&pool, leak_sender(tx)).await.unwrap(), 7);
+        let got = reading.await.unwrap();
+        assert!(got >= 1, "what was sent before the return arrived: {got}");
+        pool.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_short_by_a_panic_says_so() {
+    bounded(BOUND, async {
+        let pool = process_pool("chanpanic", 1).await;
+        let (tx, mut rx) = flame::channel::<u64>(16);
+        let err = flame::call(&pool, send_then_panic(5, tx))
+            .await
+            .unwrap_err();
+        assert!(err.is_panic(), "{err}");
+        let mut got = Vec::new();
+        while let Some(n) = rx.recv().await {
+            got.push(n);
+        }
+        assert!(got.len() <= 5, "{got:?}");
+        let why = rx
+            .error()
+            .expect("the receiver says the stream was cut short");
+        assert!(why.is_panic(), "{why}");
+        pool.shutdown().await;
+    })
+    .await;
+}

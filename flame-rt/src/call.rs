@@ -132,18 +132,19 @@ impl<R> Call<R> {
         let (encoded, chans, refused) = crate::channel::encoding(|| self.args.encode());
         let encoded = encoded.map_err(|e| {
             if let Some(why) = refused {
-                let culprit = self.args.culprit();
                 return Error::new(
                     ErrorKind::Codec,
-                    format!("{culprit} of {}: {why}", self.def.id),
+                    format!("a channel half in the arguments of {}: {why}", self.def.id),
                 );
             }
+            // Channel halves pass the probe: one of the other arguments is the culprit.
+            let culprit = crate::channel::probing(|| self.args.culprit());
             Error::new(
                 ErrorKind::Codec,
                 format!(
-                    "{} of {} could not be encoded ({e}); arguments must serialize with postcard: \
-                     no live handles, sequences and maps of known length, no serde_json::Value",
-                    self.args.culprit(),
+                    "{culprit} of {} could not be encoded ({e}); arguments must serialize with \
+                     postcard: no live handles, sequences and maps of known length, no \
+                     serde_json::Value",
                     self.def.id
                 ),
             )

@@ -218,12 +218,18 @@ async fn read(
                     Some(Ok(ToParent::Done { call: id, outcome })) => {
                         shared.note_served();
                         if let Some(Running { call, slot, chans }) = conn.finish(id) {
+                            let result = outcome.into_result();
                             if chans > 0 {
-                                conn.routes.end_call(id, chans, End::Finished, true);
+                                // A task that failed may have cut its streams short: say so.
+                                let end = match &result {
+                                    Ok(_) => End::Finished,
+                                    Err(e) => End::Failed(e),
+                                };
+                                conn.routes.end_call(id, chans, end, true);
                             }
                             // Free the slot before waking the caller, so its next call finds it.
                             drop(slot);
-                            call.ticket.resolve(outcome.into_result());
+                            call.ticket.resolve(result);
                         }
                     }
                     Some(Ok(ToParent::Cancelled { call: id })) => {
@@ -281,7 +287,7 @@ async fn read(
     ) in running
     {
         if chans > 0 {
-            conn.routes.end_call(id, chans, End::Lost(&reason), true);
+            conn.routes.end_call(id, chans, End::Failed(&reason), true);
         }
         drop(slot);
         let retryable = matches!(reason.kind(), ErrorKind::RunnerLost | ErrorKind::BootFailed);

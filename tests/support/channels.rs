@@ -134,3 +134,22 @@ pub async fn reverse_blobs(mut blobs: Receiver<Vec<u8>>, back: Sender<Vec<u8>>) 
     }
     count
 }
+
+/// Hands a clone of its sender to a detached task that sends for ever, then returns: the call
+/// must still end.
+#[flame::task]
+pub async fn leak_sender(out: Sender<u64>) -> u64 {
+    let leaked = out.clone();
+    tokio::spawn(async move { while leaked.send(1).await.is_ok() {} });
+    out.send(0).await.ok();
+    7
+}
+
+/// Sends `n` numbers, then panics.
+#[flame::task]
+pub async fn send_then_panic(n: u64, out: Sender<u64>) {
+    for i in 0..n {
+        out.send(i).await.ok();
+    }
+    panic!("the task broke after {n} messages");
+}

@@ -18,6 +18,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use std::any::Any;
@@ -157,8 +158,9 @@ pub(crate) enum End<'a> {
     Finished,
     /// The task's future was dropped on the runner.
     Cancelled,
-    /// The connection to the other side is gone.
-    Lost(&'a Error),
+    /// The connection to the other side is gone, or the task failed (panicked, timed out):
+    /// the stream may be cut short, and the local halves say so.
+    Failed(&'a Error),
 }
 
 impl End<'_> {
@@ -172,7 +174,7 @@ impl End<'_> {
                 ErrorKind::Cancelled,
                 "the call that carried this channel was cancelled",
             ),
-            End::Lost(error) => (*error).clone(),
+            End::Failed(error) => (*error).clone(),
         }
     }
 }
@@ -334,8 +336,11 @@ where
     T: DeserializeOwned + Send + 'static,
 {
     let (arrived, arrivals) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
     let inbox = Decoder {
         arrived,
+        queued: queued.clone(),
+        capacity: tx.max_capacity(),
         partial: Vec::new(),
         link: link.clone(),
     };
@@ -349,7 +354,7 @@ where
             closed: false,
         },
     );
-    Box::pin(inbound(tx, arrivals, port, link))
+    Box::pin(inbound(tx, arrivals, queued, port, link))
 }
 
 /// Opens the route of a channel whose messages leave from `rx`; returns its pump.
@@ -393,9 +398,34 @@ trait Inbox: Send {
 
 struct Decoder<T> {
     arrived: mpsc::UnboundedSender<T>,
+    /// Messages decoded and not yet taken by the pump: never more than the credit given.
+    queued: Arc<AtomicUsize>,
+    capacity: usize,
     /// The chunks of a message still coming.
     partial: Vec<u8>,
     link: Arc<Link>,
+}
+
+/// The largest message a channel reassembles from chunks.
+const MAX_MESSAGE: usize = 1 << 30;
+
+impl<T> Decoder<T> {
+    /// Ends the channel: the peer broke its rules.
+    fn refuse(&mut self, why: &str) -> bool {
+        self.link.end(Error::new(
+            ErrorKind::Protocol,
+            format!("the other side {why}"),
+        ));
+        false
+    }
+
+    fn deliver(&mut self, item: T) -> bool {
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.capacity {
+            return self.refuse("sent more messages than this channel's credit allows");
+        }
+        let _ = self.arrived.send(item);
+        true
+    }
 }
 
 impl<T: DeserializeOwned + Send + 'static> Inbox for Decoder<T> {
@@ -410,8 +440,10 @@ impl<T: DeserializeOwned + Send + 'static> Inbox for Decoder<T> {
             *slot = Some(frame.slice_ref(raw));
         }
         if let Some(item) = zero_copy {
-            let _ = self.arrived.send(item);
-            return true;
+            return self.deliver(item);
+        }
+        if self.partial.len() + data.len() > MAX_MESSAGE {
+            return self.refuse("sent a message of more than 1 GiB");
         }
         if !last || !self.partial.is_empty() {
             self.partial.extend_from_slice(data);
@@ -425,10 +457,7 @@ impl<T: DeserializeOwned + Send + 'static> Inbox for Decoder<T> {
         };
         self.partial = Vec::new();
         match decoded {
-            Ok(item) => {
-                let _ = self.arrived.send(item);
-                true
-            }
+            Ok(item) => self.deliver(item),
             Err(e) => {
                 self.link.end(Error::new(
                     ErrorKind::Codec,
@@ -447,6 +476,7 @@ impl<T: DeserializeOwned + Send + 'static> Inbox for Decoder<T> {
 async fn inbound<T>(
     tx: mpsc::Sender<T>,
     mut arrivals: mpsc::UnboundedReceiver<T>,
+    queued: Arc<AtomicUsize>,
     port: Port,
     link: Arc<Link>,
 ) {
@@ -457,10 +487,14 @@ async fn inbound<T>(
         let item = tokio::select! {
             biased;
             arrived = arrivals.recv() => match arrived {
-                Some(item) => item,
+                Some(item) => {
+                    queued.fetch_sub(1, Ordering::AcqRel);
+                    item
+                }
                 None => {
-                    // Ended by a message that could not be decoded: the sender must stop too.
-                    if link.reason().is_some_and(|e| e.kind() == ErrorKind::Codec) {
+                    // Ended by a message that could not be decoded, or by a peer that broke the
+                    // rules: the sender must stop too.
+                    if link.reason().is_some_and(|e| matches!(e.kind(), ErrorKind::Codec | ErrorKind::Protocol)) {
                         port.send(ChanBodyRef::Close);
                     }
                     return;
@@ -495,21 +529,28 @@ async fn outbound<T: Serialize + 'static>(
             rx.recv().await
         } else {
             tokio::select! {
+                // The call's end goes first: a sender kept alive elsewhere (a detached task)
+                // must not keep the pump, and so the call's result, waiting forever.
                 biased;
-                item = rx.recv() => item,
                 () = finish.notified() => {
                     // Senders still alive can send no more; what they sent goes out.
                     rx.close();
                     finishing = true;
                     continue;
                 }
+                item = rx.recv() => item,
             }
         };
         let Some(item) = item else {
             // Every sender is gone; one may have ended the channel with an error.
+            // Only a failure of the sending side itself (a read error, a message that would not
+            // encode) is passed on: the link is shared by every clone of the channel's halves,
+            // and another call's cancellation is not this stream's failure.
             return match link.reason() {
-                Some(why) => port.send(ChanBodyRef::Fail(&why.to_string())),
-                None => port.send(ChanBodyRef::Close),
+                Some(why) if matches!(why.kind(), ErrorKind::Io | ErrorKind::Codec) => {
+                    port.send(ChanBodyRef::Fail(&why.to_string()))
+                }
+                _ => port.send(ChanBodyRef::Close),
             };
         };
         match credits.acquire().await {
@@ -590,12 +631,47 @@ struct Encoding {
 pub(crate) fn encoding<R>(
     encode: impl FnOnce() -> R,
 ) -> (R, Vec<Attachment>, Option<&'static str>) {
-    let outer = ENCODING.with(|e| e.borrow_mut().replace(Encoding::default()));
+    /// Puts the outer encoding back even if `encode` panics (a user's `Serialize` may).
+    struct Restore(Option<Option<Encoding>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            if let Some(outer) = self.0.take() {
+                ENCODING.with(|e| *e.borrow_mut() = outer);
+            }
+        }
+    }
+    let mut restore = Restore(Some(
+        ENCODING.with(|e| e.borrow_mut().replace(Encoding::default())),
+    ));
     let result = encode();
+    let outer = restore.0.take().expect("restored once");
     let encoded = ENCODING
         .with(|e| std::mem::replace(&mut *e.borrow_mut(), outer))
         .unwrap_or_default();
     (result, encoded.attached, encoded.refused)
+}
+
+thread_local! {
+    /// Set while the arguments of a call that failed to encode are probed for the culprit.
+    static PROBING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `probe` with channel halves encoding as placeholders: neither taken nor refused.
+pub(crate) fn probing<R>(probe: impl FnOnce() -> R) -> R {
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            PROBING.with(|p| p.set(false));
+        }
+    }
+    PROBING.with(|p| p.set(true));
+    let _reset = Reset;
+    probe()
+}
+
+/// Whether halves are being probed (see [`probing`]).
+pub(crate) fn is_probing() -> bool {
+    PROBING.with(|p| p.get())
 }
 
 const NOT_IN_A_CALL: &str =
@@ -647,12 +723,22 @@ pub(crate) fn decoding<R>(
     call: u64,
     decode: impl FnOnce() -> R,
 ) -> (R, u32) {
-    let outer = DECODING.with(|d| {
+    /// Puts the outer decoding back even if `decode` panics.
+    struct Restore(Option<Option<Decoding>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            if let Some(outer) = self.0.take() {
+                DECODING.with(|d| *d.borrow_mut() = outer);
+            }
+        }
+    }
+    let mut restore = Restore(Some(DECODING.with(|d| {
         d.borrow_mut().replace(Decoding {
             openers: Vec::new(),
         })
-    });
+    })));
     let result = decode();
+    let outer = restore.0.take().expect("restored once");
     let decoded = DECODING.with(|d| std::mem::replace(&mut *d.borrow_mut(), outer));
     let openers = decoded.map(|d| d.openers).unwrap_or_default();
     let chans = openers.len() as u32;

@@ -117,7 +117,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::PollSender;
 
 use crate::error::{Error, ErrorKind};
-pub(crate) use bridge::{Attachment, End, Port, Routes, Side, decoding, encoding};
+pub(crate) use bridge::{Attachment, End, Port, Routes, Side, decoding, encoding, probing};
 pub use io::{ChannelReader, ChannelWriter, into_reader, into_writer, stream_reader};
 
 use bridge::Link;
@@ -145,6 +145,15 @@ struct Wire {
 }
 
 impl Wire {
+    /// What a half encodes as while arguments are probed for the one that fails.
+    fn placeholder<S: Serializer>(serializer: S) -> Result<S::Ok, S::Error> {
+        Wire {
+            chan: 0,
+            capacity: 0,
+        }
+        .serialize(serializer)
+    }
+
     /// Attaches a half to the call being encoded, with the pump `open` makes for the end it
     /// pointed at, and writes its channel number.
     fn write<S: Serializer>(
@@ -153,12 +162,13 @@ impl Wire {
         link: Arc<Link>,
         open: impl FnOnce(&Routes, Port) -> BoxFuture<'static, ()> + Send + 'static,
     ) -> Result<S::Ok, S::Error> {
+        let capacity = u32::try_from(capacity).map_err(|_| {
+            S::Error::custom(bridge::refuse(
+                "a flame channel sent to a runner holds at most u32::MAX messages",
+            ))
+        })?;
         let chan = bridge::attach(link, open).map_err(S::Error::custom)?;
-        Wire {
-            chan,
-            capacity: capacity as u32,
-        }
-        .serialize(serializer)
+        Wire { chan, capacity }.serialize(serializer)
     }
 
     /// Reads a half of a call's arguments, and makes the local channel one end of which the
@@ -273,6 +283,9 @@ where
     T: Serialize + DeserializeOwned + Send + 'static,
 {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if bridge::is_probing() {
+            return Wire::placeholder(serializer);
+        }
         if let Err(why) = bridge::attachable() {
             return Err(S::Error::custom(why));
         }
@@ -344,7 +357,9 @@ impl<T> Receiver<T> {
         self.link.reason().cloned()
     }
 
-    /// Stops the senders from sending more; what they sent already can still be received.
+    /// Stops the senders from sending more. Within one process, what they sent already can
+    /// still be received; across the wire, messages in flight are dropped and the remote
+    /// senders' `send` fails.
     pub fn close(&mut self) {
         if let Some(rx) = self.rx() {
             rx.close();
@@ -375,6 +390,9 @@ where
     T: Serialize + DeserializeOwned + Send + 'static,
 {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if bridge::is_probing() {
+            return Wire::placeholder(serializer);
+        }
         let mut slot = self.rx.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(why) = bridge::attachable() {
             return Err(S::Error::custom(why));
