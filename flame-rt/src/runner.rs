@@ -409,6 +409,15 @@ impl Service {
                     message: format!("{task_id}: {message}"),
                 },
             };
+            // The call's channels end before the parent hears it did: a half the task left
+            // behind (in a detached task, say) must already say "the call ended" by the time the
+            // parent can start another call that might use it.
+            if guard.chans > 0 {
+                guard
+                    .calls
+                    .routes
+                    .end_call(call, guard.chans, End::Finished, false);
+            }
             guard.calls.out.send(&ToParent::Done { call, outcome });
             guard.finished.set(true);
         };
