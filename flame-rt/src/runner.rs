@@ -111,14 +111,12 @@ struct CallGuard {
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
-        if self.chans > 0 {
-            let end = match self.finished.get() {
-                true => End::Finished,
-                false => End::Cancelled,
-            };
+        // A finished call ended its channels before sending its result; a dropped one ends them
+        // here.
+        if self.chans > 0 && !self.finished.get() {
             self.calls
                 .routes
-                .end_call(self.call, self.chans, end, false);
+                .end_call(self.call, self.chans, End::Cancelled, false);
         }
         let mut running = self.calls.lock();
         running.remove(&self.call);

@@ -30,15 +30,6 @@ pub(crate) struct Settings {
     pub(crate) width: u32,
 }
 
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            fps: 1.0,
-            width: 240,
-        }
-    }
-}
-
 /// Runs ffmpeg on the video as it arrives through `video` and sends `events` back: first where
 /// it runs, then each thumbnail. Returns how many thumbnails it made. Dropping the call (the user
 /// left) drops this future, and `kill_on_drop` takes ffmpeg with it.

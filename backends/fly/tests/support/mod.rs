@@ -101,11 +101,6 @@ impl Emulator {
         self.lock().deletes.clone()
     }
 
-    /// The pid of a Machine's process, if it runs one.
-    pub(crate) fn pid(&self, id: &str) -> Option<u32> {
-        self.lock().processes.get(id).map(|p| p.pid)
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, Emulated> {
         self.state.lock().unwrap()
     }
@@ -255,13 +250,9 @@ impl Emulator {
             return self.set_state(id, "stopped");
         };
         let (kill, killed) = tokio::sync::oneshot::channel::<()>();
-        state.processes.insert(
-            id.to_string(),
-            Process {
-                pid: child.id().unwrap_or(0),
-                _kill: kill,
-            },
-        );
+        state
+            .processes
+            .insert(id.to_string(), Process { _kill: kill });
         drop(state);
         self.set_state(id, "started");
         let emu = self.clone();
@@ -287,7 +278,6 @@ impl Emulator {
 
 /// A Machine's running process: dropping `_kill` stops it.
 struct Process {
-    pid: u32,
     _kill: tokio::sync::oneshot::Sender<()>,
 }
 
