@@ -474,3 +474,124 @@ async fn pools_resize_at_run_time() {
     })
     .await;
 }
+
+/// Models an API backend (a machine or container per runner): what it booted exists at the
+/// "provider" until its handle is destroyed; dropping a handle deletes nothing. Boots return
+/// `delay` after the runner was started.
+struct Provider {
+    inner: ProcessBackend,
+    delay: Duration,
+    existing: std::sync::Arc<std::sync::Mutex<HashSet<String>>>,
+}
+
+struct Provisioned {
+    inner: Box<dyn RunnerHandle>,
+    id: String,
+    existing: std::sync::Arc<std::sync::Mutex<HashSet<String>>>,
+}
+
+impl RunnerHandle for Provisioned {
+    fn describe(&self) -> String {
+        self.id.clone()
+    }
+
+    fn exited(&mut self) -> BoxFuture<'_, String> {
+        self.inner.exited()
+    }
+
+    fn destroy(self: Box<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            self.inner.destroy().await;
+            self.existing.lock().unwrap().remove(&self.id);
+        })
+    }
+}
+
+impl Backend for Provider {
+    fn name(&self) -> &str {
+        "provider"
+    }
+
+    fn boot(
+        &self,
+        spec: BootSpec,
+    ) -> BoxFuture<'static, Result<Box<dyn RunnerHandle>, flame::Error>> {
+        let boot = self.inner.boot(spec);
+        let (delay, existing) = (self.delay, self.existing.clone());
+        Box::pin(async move {
+            let inner = boot.await?;
+            let id = inner.describe();
+            existing.lock().unwrap().insert(id.clone());
+            tokio::time::sleep(delay).await;
+            let handle: Box<dyn RunnerHandle> = Box::new(Provisioned {
+                inner,
+                id,
+                existing,
+            });
+            Ok(handle)
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_boot_that_returns_after_its_deadline_is_destroyed() {
+    bounded(BOUND, async {
+        let existing = std::sync::Arc::default();
+        let provider = Provider {
+            inner: runner(),
+            delay: Duration::from_millis(1500),
+            existing: std::sync::Arc::clone(&existing),
+        };
+        let pool = Pool::builder("late")
+            .backend(provider)
+            .boot_timeout(Duration::from_secs(1))
+            .start()
+            .await
+            .unwrap();
+        let err = flame::call(&pool, add(1, 2)).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::TimedOut, "{err}");
+        // The boot's own future was past its deadline: the runner it returns late is destroyed.
+        let started = std::time::Instant::now();
+        while !existing.lock().unwrap().is_empty() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "a runner booted past its deadline was never destroyed: {:?}",
+                existing.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        pool.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_destroys_a_runner_still_booting() {
+    bounded(Duration::from_secs(30), async {
+        let existing = std::sync::Arc::default();
+        // `sleep` never dials back: its boot waits for the whole (long) boot window.
+        let provider = Provider {
+            inner: ProcessBackend::new().program("sleep").args(["600"]),
+            delay: Duration::ZERO,
+            existing: std::sync::Arc::clone(&existing),
+        };
+        let pool = Pool::builder("booting")
+            .backend(provider)
+            .boot_timeout(Duration::from_secs(120))
+            .start()
+            .await
+            .unwrap();
+        let call = flame::spawn_on(&pool, add(1, 2));
+        while existing.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        pool.shutdown().await;
+        assert!(
+            existing.lock().unwrap().is_empty(),
+            "shutdown returned with a runner still booting: {:?}",
+            existing.lock().unwrap()
+        );
+        assert_eq!(call.await.unwrap_err().kind(), ErrorKind::PoolClosed);
+    })
+    .await;
+}

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::backend::{Backend, BootSpec, RunnerHandle};
 use crate::builder::{Config, PoolBuilder};
@@ -206,6 +207,9 @@ pub(crate) struct Shared {
     state: Mutex<State>,
     /// Woken when runners come or go and when calls finish, if anyone watches.
     changed: Notify,
+    /// Cancelled when the pool closes: boots in flight stop waiting for their runner, and
+    /// destroy it (a container or machine would otherwise outlive a shut-down pool).
+    closing: CancellationToken,
     /// Set when the pool was started in a `#[flame::test]` (see `BootSpec`).
     test_runner_args: Option<Vec<String>>,
     /// How many are waiting on `changed`: a finished call wakes nobody when nobody waits.
@@ -392,6 +396,7 @@ impl Shared {
                 failed_boots: 0,
             }),
             changed: Notify::new(),
+            closing: CancellationToken::new(),
             watchers: AtomicUsize::new(0),
             test_runner_args: crate::runtime::test_runner_args(),
             served: AtomicU64::new(0),
@@ -598,7 +603,11 @@ impl Shared {
             let mut state = self.lock();
             state.booting -= 1;
             match booted {
-                Ok(runner) if state.closed.is_some() => orphan = Some(runner),
+                Ok(runner) if state.closed.is_some() => {
+                    // Counted until destroyed, so shutdown waits for it.
+                    state.exiting += 1;
+                    orphan = Some(runner);
+                }
                 Ok(runner) => {
                     state.runners.push(runner);
                     state.booted += 1;
@@ -623,6 +632,7 @@ impl Shared {
             if let Some(handle) = runner.handle {
                 handle.destroy().await;
             }
+            self.lock().exiting -= 1;
         }
         self.changed.notify_waiters();
     }
@@ -680,9 +690,30 @@ impl Shared {
             )
         };
         let boot = async {
-            let booted = tokio::time::timeout_at(deadline, self.backend.boot(spec))
-                .await
-                .map_err(|_| timed_out())?;
+            // Spawned so that a boot past its deadline still hands its runner over, to be
+            // destroyed: a create request cut off mid-flight would leave a container or machine
+            // nobody knows of.
+            let mut boot = tokio::spawn(self.backend.boot(spec));
+            let booted = match tokio::time::timeout_at(deadline, &mut boot).await {
+                Ok(Ok(booted)) => booted,
+                Ok(Err(panicked)) => Err(Error::new(
+                    ErrorKind::BootFailed,
+                    format!("backend {backend} panicked booting runner {runner_id}: {panicked}"),
+                )),
+                Err(_) => {
+                    // Counted against `max`, and waited for by shutdown, until it is gone.
+                    self.lock().exiting += 1;
+                    let shared = self.clone();
+                    tokio::spawn(async move {
+                        if let Ok(Ok(late)) = boot.await {
+                            late.destroy().await;
+                        }
+                        shared.lock().exiting -= 1;
+                        shared.changed.notify_waiters();
+                    });
+                    return Err(timed_out());
+                }
+            };
             let mut handle = booted.map_err(|e| match e.kind() {
                 ErrorKind::BootFailed => e,
                 // A mistake in the setup stays one: no retry will fix it.
@@ -693,6 +724,11 @@ impl Shared {
                 _ => Error::new(ErrorKind::BootFailed, format!("backend {backend}: {e}")),
             })?;
             let accepted = tokio::select! {
+                biased;
+                () = self.closing.cancelled() => Err(Error::new(
+                    ErrorKind::PoolClosed,
+                    format!("pool {} was shut down while runner {runner_id} was booting", self.name),
+                )),
                 accepted = expectation.accepted() => accepted,
                 status = handle.exited() => Err(Error::new(
                     ErrorKind::BootFailed,
@@ -823,6 +859,7 @@ impl Shared {
         state.closed.get_or_insert(reason);
         let runners = std::mem::take(&mut state.runners);
         drop(state);
+        self.closing.cancel();
         self.changed.notify_waiters();
         runners
             .into_iter()
@@ -846,6 +883,7 @@ impl Shared {
                 state.queue.fail_all(&error);
                 state.closed = Some(error);
             }
+            self.closing.cancel();
             for runner in &mut state.runners {
                 runner.drain.get_or_insert(ShrinkReason::Shutdown);
                 runner.conn.shutdown(grace);
@@ -873,10 +911,11 @@ impl Shared {
                 });
             });
         futures::future::join_all(reaps).await;
-        // Runners that stopped by themselves during the grace are reaped by their own tasks.
+        // Runners that stopped by themselves during the grace are reaped by their own tasks, and
+        // boots cut short by the close destroy what they started.
         shared
-            .wait_until(Instant::now() + Duration::from_secs(5), |state| {
-                state.exiting == 0
+            .wait_until(Instant::now() + Duration::from_secs(10), |state| {
+                state.exiting == 0 && state.booting == 0
             })
             .await;
     }

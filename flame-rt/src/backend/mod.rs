@@ -42,6 +42,10 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Starts one runner. The error should say what the backend was told and what failed
     /// (it reaches waiting callers as [`ErrorKind::BootFailed`](crate::ErrorKind::BootFailed)).
+    ///
+    /// The pool runs the returned future as a task of its own and never drops it half-way: a
+    /// handle it returns after the boot window closed, or after the pool shut down, is
+    /// destroyed then. So a create request in flight is never abandoned with its runner.
     fn boot(&self, spec: BootSpec) -> BoxFuture<'static, Result<Box<dyn RunnerHandle>, Error>>;
 }
 
