@@ -1,18 +1,33 @@
 #!/usr/bin/env bash
 # Installs the system programs the showcase and the tests use, when missing (Debian/Ubuntu):
-# ffmpeg (the showcase's thumbnails), chromium and chromium-driver (its browser tests), and
-# coreutils' `sleep`/`true` (stand-ins for a task's child and for a program that is no flame app).
+# ffmpeg (the showcase's thumbnails), chromium and chromium-driver (its browser tests), coreutils'
+# `sleep`/`true` (stand-ins for a task's child and for a program that is no flame app), and the
+# Docker engine (the Docker backend's tests), which it also starts when it is not running.
 set -euo pipefail
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
 missing=()
 command -v ffmpeg >/dev/null || missing+=(ffmpeg)
 command -v chromium >/dev/null || missing+=(chromium)
 command -v chromedriver >/dev/null || missing+=(chromium-driver)
 { command -v sleep >/dev/null && command -v true >/dev/null; } || missing+=(coreutils)
-if [ ${#missing[@]} -eq 0 ]; then
-  exit 0
+command -v ldd >/dev/null || missing+=(libc-bin)
+command -v dockerd >/dev/null || missing+=(docker.io)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-echo "installing: ${missing[*]}"
-sudo=""
-[ "$(id -u)" -eq 0 ] || sudo="sudo"
-$sudo apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+
+if ! docker info >/dev/null 2>&1; then
+  echo "starting the Docker engine (log: /var/log/flame-dockerd.log)"
+  $sudo sh -c 'nohup dockerd >/var/log/flame-dockerd.log 2>&1 &'
+  for _ in $(seq 1 60); do
+    docker info >/dev/null 2>&1 && break
+    sleep 0.5
+  done
+  docker info >/dev/null 2>&1 || {
+    echo "the Docker engine did not start; see /var/log/flame-dockerd.log" >&2
+    exit 1
+  }
+fi

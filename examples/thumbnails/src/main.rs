@@ -13,7 +13,8 @@
 //! browser; `GET /stats` shows the pool.
 //!
 //! Configuration (environment): `BIND` (127.0.0.1), `PORT` (4000), `THUMBS_BACKEND` (`process`,
-//! the default: runners are child processes of this program; `local`; or `fly`), `THUMBS_MAX` runners (4), `THUMBS_FPS` (1),
+//! the default: runners are child processes of this program; `local`; `docker`; or `fly`),
+//! `THUMBS_MAX` runners (4), `THUMBS_FPS` (1),
 //! `THUMBS_WIDTH` (240), `THUMBS_MAX_UPLOAD_MB` (512), `FFMPEG` (the ffmpeg program).
 
 mod thumbs;
@@ -97,10 +98,16 @@ async fn thumbs_pool() -> anyhow::Result<flame::Pool> {
     let builder = match std::env::var("THUMBS_BACKEND").as_deref() {
         Ok("process") | Err(_) => builder.backend(flame::ProcessBackend::new()),
         Ok("local") => builder.backend(flame::LocalBackend::new()),
+        // In a container with the engine's socket mounted (docs/deploy-docker.md).
+        Ok("docker") => builder.backend(
+            flame_backend_docker::DockerBackend::builder()
+                .build()
+                .await?,
+        ),
         // On Fly: FLY_* and the FLY_API_TOKEN secret configure it (docs/deploy-fly.md).
         Ok("fly") => builder.backend(flame_backend_fly::FlyBackend::builder().build()?),
         Ok(other) => anyhow::bail!(
-            "THUMBS_BACKEND={other:?}: this build knows `process` (the default), `local` and `fly`"
+            "THUMBS_BACKEND={other:?}: this build knows `process` (the default), `local`, `docker` and `fly`"
         ),
     };
     Ok(builder.start().await?)

@@ -1,0 +1,247 @@
+//! The engine calls the backend makes, and how their errors read.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::errors::Error as EngineError;
+use bollard::query_parameters::{RemoveContainerOptions, WaitContainerOptions};
+use flame::{Error, ErrorKind};
+use futures::StreamExt;
+
+/// The parent's own container, as the engine sees it.
+pub(crate) struct Own {
+    pub(crate) id: String,
+    /// The image id, not its tag: runners boot exactly what the parent runs.
+    pub(crate) image: String,
+    pub(crate) entrypoint: Option<Vec<String>>,
+    pub(crate) cmd: Option<Vec<String>>,
+    pub(crate) networks: Vec<(String, Option<IpAddr>)>,
+}
+
+pub(crate) fn is_status(error: &EngineError, status: u16) -> bool {
+    matches!(error, EngineError::DockerResponseServerError { status_code, .. } if *status_code == status)
+}
+
+/// The engine's message, without bollard's wrapping when it is the engine speaking.
+fn message(error: &EngineError) -> String {
+    match error {
+        EngineError::DockerResponseServerError {
+            status_code,
+            message,
+        } => format!("{message} (HTTP {status_code})"),
+        other => other.to_string(),
+    }
+}
+
+pub(crate) fn unreachable(error: &EngineError) -> Error {
+    Error::new(
+        ErrorKind::BootFailed,
+        format!(
+            "the Docker engine cannot be reached: {error} (is the daemon running? in a \
+             container, mount its socket: -v /var/run/docker.sock:/var/run/docker.sock)"
+        ),
+    )
+}
+
+/// An engine refusal while booting a runner: what was being done, the engine's words, a hint.
+pub(crate) fn boot_failed(doing: String, error: &EngineError, hint: &str) -> Error {
+    if !matches!(error, EngineError::DockerResponseServerError { .. }) {
+        return unreachable(error);
+    }
+    Error::new(
+        ErrorKind::BootFailed,
+        format!("{doing}: the Docker engine said: {}{hint}", message(error)),
+    )
+}
+
+pub(crate) fn error(doing: &str, error: &EngineError) -> Error {
+    boot_failed(doing.to_string(), error, "")
+}
+
+/// Finds the container this process runs in, if it runs in one of this engine's.
+pub(crate) async fn own_container(docker: &Docker) -> Result<Option<Own>, Error> {
+    for candidate in own_id_candidates() {
+        let inspected = match docker
+            .inspect_container(
+                &candidate,
+                None::<bollard::query_parameters::InspectContainerOptions>,
+            )
+            .await
+        {
+            Ok(inspected) => inspected,
+            // Another engine's container, or a hostname that is not a container's.
+            Err(e) if is_status(&e, 404) => continue,
+            Err(e) => return Err(error("inspecting the parent's own container", &e)),
+        };
+        let (Some(id), Some(image)) = (inspected.id, inspected.image) else {
+            continue;
+        };
+        let config = inspected.config.unwrap_or_default();
+        let mut networks: Vec<(String, Option<IpAddr>)> = inspected
+            .network_settings
+            .and_then(|n| n.networks)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(name, endpoint)| {
+                let ip = endpoint.ip_address.and_then(|ip| ip.parse().ok());
+                (name, ip)
+            })
+            .collect();
+        networks.sort();
+        return Ok(Some(Own {
+            id,
+            image,
+            entrypoint: config.entrypoint,
+            cmd: config.cmd,
+            networks,
+        }));
+    }
+    Ok(None)
+}
+
+/// Docker bind-mounts `/etc/hostname` and friends from `.../containers/<id>/`, which names the
+/// container on cgroup v1 and v2 alike; the hostname is its short id unless set otherwise.
+fn own_id_candidates() -> Vec<String> {
+    let mut candidates = Vec::new();
+    if let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") {
+        for part in mountinfo.split(['/', ' ', '\n']) {
+            let is_id = part.len() == 64 && part.bytes().all(|b| b.is_ascii_hexdigit());
+            if is_id && !candidates.iter().any(|c| c == part) {
+                candidates.push(part.to_string());
+            }
+        }
+    }
+    if let Ok(hostname) = std::fs::read_to_string("/etc/hostname") {
+        let hostname = hostname.trim();
+        if !hostname.is_empty() {
+            candidates.push(hostname.to_string());
+        }
+    }
+    candidates
+}
+
+/// The gateway of `network`: the host's address on it, where runners reach a parent that is not
+/// in a container.
+pub(crate) async fn gateway(docker: &Docker, network: &str) -> Result<IpAddr, Error> {
+    let inspected = docker
+        .inspect_network(
+            network,
+            None::<bollard::query_parameters::InspectNetworkOptions>,
+        )
+        .await
+        .map_err(|e| error(&format!("inspecting network {network}"), &e))?;
+    // Older engines leave the default bridge's gateway out; Docker gives a network's gateway the
+    // first address of its subnet.
+    let first_host = |subnet: &str| {
+        let (base, bits) = subnet.split_once('/')?;
+        let base: std::net::Ipv4Addr = base.parse().ok()?;
+        let bits: u32 = bits.parse().ok().filter(|b| *b < 31)?;
+        let mask = u32::MAX.checked_shl(32 - bits).unwrap_or(0);
+        Some(IpAddr::from(std::net::Ipv4Addr::from(
+            (u32::from(base) & mask) + 1,
+        )))
+    };
+    inspected
+        .ipam
+        .and_then(|ipam| ipam.config)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(
+            |config| match config.gateway.and_then(|g| g.parse::<IpAddr>().ok()) {
+                Some(gateway) => Some(gateway),
+                None => first_host(config.subnet.as_deref()?),
+            },
+        )
+        .find(IpAddr::is_ipv4)
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Config,
+                format!(
+                    "network {network} has no IPv4 gateway for runners to reach this host by \
+                     (call DockerBackendBuilder::listen)"
+                ),
+            )
+        })
+}
+
+/// Whether the container a runner names as its parent has stopped or is gone. A parent id that
+/// is not a container id (a parent outside a container) is not judged.
+pub(crate) async fn parent_gone(docker: &Docker, parent: &str) -> Result<bool, Error> {
+    let is_container_id = parent.len() == 64 && parent.bytes().all(|b| b.is_ascii_hexdigit());
+    if !is_container_id {
+        return Ok(false);
+    }
+    match docker
+        .inspect_container(
+            parent,
+            None::<bollard::query_parameters::InspectContainerOptions>,
+        )
+        .await
+    {
+        Ok(inspected) => Ok(inspected.state.and_then(|s| s.running) != Some(true)),
+        Err(e) if is_status(&e, 404) => Ok(true),
+        Err(e) => Err(error("inspecting a runner's parent container", &e)),
+    }
+}
+
+/// Removes a container, running or not; one that is already gone is fine.
+pub(crate) async fn force_remove(docker: &Docker, id: &str) -> Result<(), Error> {
+    let removed = docker
+        .remove_container(
+            id,
+            Some(RemoveContainerOptions {
+                force: true,
+                ..Default::default()
+            }),
+        )
+        .await;
+    match removed {
+        Ok(()) => Ok(()),
+        Err(e) if is_status(&e, 404) => Ok(()),
+        // AutoRemove got there first.
+        Err(e) if is_status(&e, 409) => {
+            removed_within(docker, id, Duration::from_secs(10)).await;
+            Ok(())
+        }
+        Err(e) => Err(error(&format!("removing container {id}"), &e)),
+    }
+}
+
+/// Waits until the container is removed (AutoRemove after it exits); false if it still exists
+/// after `limit`.
+pub(crate) async fn removed_within(docker: &Docker, id: &str, limit: Duration) -> bool {
+    let wait = docker.wait_container(
+        id,
+        Some(WaitContainerOptions {
+            condition: "removed".into(),
+        }),
+    );
+    let outcome = tokio::time::timeout(limit, Box::pin(wait).next()).await;
+    match outcome {
+        Err(_) => false,
+        // A non-zero exit is reported as an error by bollard; the container is gone all the same.
+        Ok(None | Some(Ok(_))) => true,
+        Ok(Some(Err(e))) => {
+            matches!(e, EngineError::DockerContainerWaitError { .. }) || is_status(&e, 404)
+        }
+    }
+}
+
+/// Resolves with how the container ended, once it has; never, if the engine cannot tell.
+pub(crate) async fn exited(docker: &Docker, id: &str) -> String {
+    let wait = docker.wait_container(
+        id,
+        Some(WaitContainerOptions {
+            condition: "not-running".into(),
+        }),
+    );
+    match Box::pin(wait).next().await {
+        Some(Ok(response)) => format!("container exited with code {}", response.status_code),
+        Some(Err(EngineError::DockerContainerWaitError { code, .. })) => {
+            format!("container exited with code {code}")
+        }
+        Some(Err(e)) if is_status(&e, 404) => "container is gone".to_string(),
+        _ => futures::future::pending().await,
+    }
+}

@@ -1,0 +1,135 @@
+//! The app `tests/docker.rs` runs in containers: as the parent (in a container, with the
+//! engine's socket mounted) it starts a pool on the Docker backend and takes commands from the
+//! test on a TCP port, one per line, answering each with one JSON line; as a runner (booted by
+//! that pool from the same image) it serves the tasks below.
+//!
+//! Commands: `id` (the backend's parent id), `whoami` (a call: the runner's hostname),
+//! `hold NAME` (spawn a task that runs `/sleep 600` in its container, keep its handle),
+//! `await NAME`, `drop NAME`, `shutdown` (the pool; then the app exits).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flame::{JoinHandle, Pool};
+use flame_backend_docker::DockerBackend;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The port the parent takes commands on.
+const CONTROL_PORT: u16 = 7000;
+
+#[flame::task]
+async fn whoami() -> Result<String, String> {
+    let hostname = std::fs::read_to_string("/etc/hostname").map_err(|e| e.to_string())?;
+    Ok(hostname.trim().to_string())
+}
+
+/// Runs a child process in the runner's container until cancelled (`kill_on_drop`).
+#[flame::task]
+async fn sleep_child(secs: u64) -> Result<(), String> {
+    let status = tokio::process::Command::new("/sleep")
+        .arg(secs.to_string())
+        .kill_on_drop(true)
+        .status()
+        .await
+        .map_err(|e| format!("running /sleep: {e}"))?;
+    Err(format!("/sleep ended by itself: {status}"))
+}
+
+type Held = Arc<Mutex<HashMap<String, JoinHandle<Result<(), String>>>>>;
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[flame::main]
+async fn main() -> anyhow::Result<()> {
+    let backend = DockerBackend::builder()
+        .memory_mb(256)
+        .cpus(0.5)
+        .env("FLAME_TEST_ROLE", "runner")
+        .stop_grace(Duration::from_millis(env_or(
+            "FLAME_TEST_STOP_GRACE_MS",
+            5000,
+        )))
+        .build()
+        .await?;
+    let parent_id = backend.parent_id().to_string();
+    let pool = Pool::builder("docker-test")
+        .backend(backend)
+        .max(env_or("FLAME_TEST_MAX", 2))
+        // One call per runner: two held calls mean two runner containers.
+        .max_concurrency(1)
+        .heartbeat_interval(Duration::from_millis(env_or(
+            "FLAME_TEST_HEARTBEAT_MS",
+            200,
+        )))
+        .heartbeat_miss_limit(5)
+        .boot_timeout(Duration::from_secs(30))
+        .start()
+        .await?;
+    let listener = TcpListener::bind(("0.0.0.0", CONTROL_PORT)).await?;
+    eprintln!("docker-app: parent {parent_id} ready on port {CONTROL_PORT}");
+    let held: Held = Arc::default();
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let (pool, held, parent_id) = (pool.clone(), held.clone(), parent_id.clone());
+        tokio::spawn(async move {
+            if let Err(e) = serve(stream, pool, held, parent_id).await {
+                eprintln!("docker-app: control connection: {e}");
+            }
+        });
+    }
+}
+
+async fn serve(stream: TcpStream, pool: Pool, held: Held, parent_id: String) -> anyhow::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    while let Some(line) = lines.next_line().await? {
+        let (command, name) = line.split_once(' ').unwrap_or((line.as_str(), ""));
+        let name = name.to_string();
+        let answer = match command {
+            "id" => json!({ "ok": parent_id }),
+            "whoami" => outcome(flame::call(&pool, whoami()).await),
+            "hold" => {
+                let handle = flame::spawn_on(&pool, sleep_child(600));
+                held.lock().unwrap().insert(name, handle);
+                json!({ "ok": "held" })
+            }
+            "await" => {
+                let handle = held.lock().unwrap().remove(&name);
+                match handle {
+                    Some(handle) => outcome(handle.await),
+                    None => json!({ "err": format!("nothing held as {name:?}") }),
+                }
+            }
+            "drop" => {
+                drop(held.lock().unwrap().remove(&name));
+                json!({ "ok": "dropped" })
+            }
+            "shutdown" => {
+                pool.shutdown().await;
+                write.write_all(b"{\"ok\":\"shut down\"}\n").await?;
+                std::process::exit(0);
+            }
+            other => json!({ "err": format!("unknown command {other:?}") }),
+        };
+        write.write_all(format!("{answer}\n").as_bytes()).await?;
+    }
+    Ok(())
+}
+
+fn outcome<T: serde::Serialize>(
+    result: Result<Result<T, String>, flame::Error>,
+) -> serde_json::Value {
+    match result {
+        Ok(Ok(value)) => json!({ "ok": value }),
+        Ok(Err(task_error)) => json!({ "err": task_error, "kind": "Task" }),
+        Err(e) => json!({ "err": e.to_string(), "kind": format!("{:?}", e.kind()) }),
+    }
+}

@@ -1,0 +1,852 @@
+//! The Docker backend on the real engine: the parent and its runners are containers of one image
+//! (`flame-test-docker-app` with its shared libraries and `sleep`, `FROM scratch`, built here:
+//! nothing can be pulled), on a network of the test's own. Faults are the engine's: `kill`,
+//! `network disconnect`.
+//!
+//! These tests need a running Docker engine, and fail saying so when there is none.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use bollard::Docker;
+use bollard::models::{
+    ContainerCreateBody, EventMessage, HostConfig, NetworkCreateRequest, NetworkDisconnectRequest,
+};
+use bollard::query_parameters::{
+    BuildImageOptions, CreateContainerOptions, EventsOptions, KillContainerOptions,
+    ListContainersOptions, RemoveContainerOptions,
+};
+use flame::ErrorKind;
+use flame_backend_docker::{DockerBackend, LABEL_PARENT, LABEL_POOL, bollard};
+use futures::StreamExt;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::OnceCell;
+
+/// The label on everything a test run creates (network, parent), valued with the run's id.
+const LABEL_RUN: &str = "flame.test.run";
+/// How long a whole test may take.
+const BOUND: Duration = Duration::from_secs(180);
+/// The parent app's heartbeat, and its runners' failsafe window (5 missed).
+const HEARTBEAT: Duration = Duration::from_millis(200);
+const FAILSAFE_WINDOW: Duration = Duration::from_millis(1000);
+
+// ---- the engine, the image, a scenario -------------------------------------------------------
+
+async fn engine() -> Docker {
+    let connected = match Docker::connect_with_defaults() {
+        Ok(docker) => docker.negotiate_version().await,
+        Err(e) => Err(e),
+    };
+    connected.unwrap_or_else(|e| {
+        panic!(
+            "these tests need a running Docker engine (`docker info` must work; start dockerd): {e}"
+        )
+    })
+}
+
+/// Builds the image once per test binary: the app, the libraries `ldd` names, and `/sleep`.
+async fn image() -> &'static str {
+    static IMAGE: OnceCell<String> = OnceCell::const_new();
+    IMAGE.get_or_init(build_image).await
+}
+
+async fn build_image() -> String {
+    let app = env!("CARGO_BIN_EXE_flame-test-docker-app");
+    let sleep = "/usr/bin/sleep";
+    let mut tar = tar::Builder::new(Vec::new());
+    // Contents, not paths: the tar crate would write a debug binary with holes as a GNU sparse
+    // file, which the engine refuses.
+    let mut add = |path: &str, name: &str| {
+        let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
+        let mut header = tar::Header::new_gnu();
+        header.set_size(bytes.len() as u64);
+        header.set_mode(0o755);
+        header.set_cksum();
+        tar.append_data(&mut header, name.trim_start_matches('/'), bytes.as_slice())
+            .unwrap_or_else(|e| panic!("adding {path} to the image: {e}"));
+    };
+    add(app, "app");
+    add(sleep, "sleep");
+    let mut libraries: Vec<String> = [app, sleep].iter().flat_map(|p| ldd(p)).collect();
+    libraries.sort();
+    libraries.dedup();
+    for library in &libraries {
+        add(library, library);
+    }
+    let dockerfile = "FROM scratch\nCOPY . /\nENTRYPOINT [\"/app\"]\n";
+    let mut header = tar::Header::new_gnu();
+    header.set_size(dockerfile.len() as u64);
+    header.set_mode(0o644);
+    header.set_cksum();
+    tar.append_data(&mut header, "Dockerfile", dockerfile.as_bytes())
+        .unwrap();
+    let context = tar.into_inner().unwrap();
+
+    let tag = format!("flame-test-docker-app:{:016x}", fnv(&context));
+    let docker = engine().await;
+    let options = BuildImageOptions {
+        dockerfile: "Dockerfile".into(),
+        t: Some(tag.clone()),
+        rm: true,
+        labels: Some(HashMap::from([(
+            LABEL_RUN.to_string(),
+            "image".to_string(),
+        )])),
+        ..Default::default()
+    };
+    let mut build = docker.build_image(options, None, Some(bollard::body_full(context.into())));
+    while let Some(step) = build.next().await {
+        let step = step.unwrap_or_else(|e| panic!("building {tag}: {e}"));
+        if let Some(error) = step.error_detail.and_then(|d| d.message) {
+            panic!("building {tag}: {error}");
+        }
+    }
+    // Earlier builds of the app are of no further use.
+    let filters = HashMap::from([(
+        "reference".to_string(),
+        vec!["flame-test-docker-app".to_string()],
+    )]);
+    let images = docker
+        .list_images(Some(bollard::query_parameters::ListImagesOptions {
+            filters: Some(filters),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_or_default();
+    for image in images {
+        if !image.repo_tags.contains(&tag) {
+            let _ = docker
+                .remove_image(
+                    &image.id,
+                    None::<bollard::query_parameters::RemoveImageOptions>,
+                    None,
+                )
+                .await;
+        }
+    }
+    tag
+}
+
+/// The absolute paths of the shared libraries `path` loads.
+fn ldd(path: &str) -> Vec<String> {
+    let output = std::process::Command::new("ldd")
+        .arg(path)
+        .output()
+        .unwrap_or_else(|e| panic!("running ldd (from libc-bin) on {path}: {e}"));
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .filter(|word| word.starts_with('/'))
+        .map(str::to_string)
+        .collect()
+}
+
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325, |hash, b| {
+        (hash ^ u64::from(*b)).wrapping_mul(0x100000001b3)
+    })
+}
+
+fn random_id() -> String {
+    let mut id = [0u8; 6];
+    getrandom::fill(&mut id).unwrap();
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A parent container on a network of its own, and the connection the test commands it by.
+struct Scenario {
+    docker: Docker,
+    cleanup: Cleanup,
+    parent_host: String,
+    control: BufReader<TcpStream>,
+}
+
+/// Removes what a scenario made, by its labels and ids, even when the test panics: the parent,
+/// its runners (by their parent label) and the network.
+struct Cleanup {
+    network: String,
+    parent: Option<String>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let network = self.network.clone();
+        let parent = self.parent.clone();
+        // Drop may run inside the test's runtime, which cannot be blocked on.
+        let cleaned = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let docker = engine().await;
+                if let Some(parent) = &parent {
+                    let _ = docker.remove_container(parent, Some(force())).await;
+                    for id in labelled(&docker, LABEL_PARENT, parent).await {
+                        let _ = docker.remove_container(&id, Some(force())).await;
+                    }
+                }
+                let _ = docker.remove_network(&network).await;
+            });
+        });
+        let _ = cleaned.join();
+    }
+}
+
+fn force() -> RemoveContainerOptions {
+    RemoveContainerOptions {
+        force: true,
+        ..Default::default()
+    }
+}
+
+impl Scenario {
+    async fn start(max: usize) -> Scenario {
+        let docker = engine().await;
+        let image = image().await;
+        let run = random_id();
+        let network = format!("flame-test-{run}");
+        let labels = HashMap::from([(LABEL_RUN.to_string(), run.clone())]);
+        docker
+            .create_network(NetworkCreateRequest {
+                name: network.clone(),
+                labels: Some(labels.clone()),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("creating network {network}: {e}"));
+        let mut cleanup = Cleanup {
+            network: network.clone(),
+            parent: None,
+        };
+        let created = docker
+            .create_container(
+                Some(CreateContainerOptions {
+                    name: Some(format!("flame-test-parent-{run}")),
+                    ..Default::default()
+                }),
+                ContainerCreateBody {
+                    image: Some(image.to_string()),
+                    env: Some(vec![
+                        format!("FLAME_TEST_MAX={max}"),
+                        format!("FLAME_TEST_HEARTBEAT_MS={}", HEARTBEAT.as_millis()),
+                    ]),
+                    labels: Some(labels),
+                    host_config: Some(HostConfig {
+                        network_mode: Some(network.clone()),
+                        binds: Some(vec!["/var/run/docker.sock:/var/run/docker.sock".into()]),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("creating the parent container: {e}"));
+        cleanup.parent = Some(created.id.clone());
+        docker
+            .start_container(
+                &created.id,
+                None::<bollard::query_parameters::StartContainerOptions>,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("starting the parent container: {e}"));
+        let ip = container_ip(&docker, &created.id, &network).await;
+        let control = connect_control(&docker, &created.id, ip).await;
+        Scenario {
+            parent_host: hostname(&docker, &created.id).await,
+            docker,
+            cleanup,
+            control: BufReader::new(control),
+        }
+    }
+
+    fn parent(&self) -> &str {
+        self.cleanup.parent.as_deref().unwrap()
+    }
+
+    fn network(&self) -> &str {
+        &self.cleanup.network
+    }
+
+    /// Sends one command; its answer's `ok`, or the error's kind and message.
+    async fn command(&mut self, line: &str) -> Result<Value, (String, String)> {
+        let stream = self.control.get_mut();
+        stream
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        self.control.read_line(&mut answer).await.unwrap();
+        let answer: Value = serde_json::from_str(&answer)
+            .unwrap_or_else(|e| panic!("the parent's answer to {line:?} is {answer:?}: {e}"));
+        match answer.get("ok") {
+            Some(ok) => Ok(ok.clone()),
+            None => Err((
+                answer["kind"].as_str().unwrap_or("").to_string(),
+                answer["err"].as_str().unwrap_or("").to_string(),
+            )),
+        }
+    }
+
+    async fn ok(&mut self, line: &str) -> Value {
+        match self.command(line).await {
+            Ok(value) => value,
+            Err((kind, message)) => panic!("{line}: {kind}: {message}"),
+        }
+    }
+
+    /// Holds a call as `name` on the only runner, and returns that runner's container once the
+    /// call's `sleep` runs in it.
+    async fn hold_on_one_runner(&mut self, name: &str) -> String {
+        self.ok(&format!("hold {name}")).await;
+        let runner = self.only_runner().await;
+        until(
+            "sleep runs in the runner container",
+            Duration::from_secs(30),
+            || runs(&self.docker, &runner, "sleep"),
+        )
+        .await;
+        runner
+    }
+
+    /// The ids of the runner containers this parent created that still exist.
+    async fn runners(&self) -> Vec<String> {
+        labelled(&self.docker, LABEL_PARENT, self.parent()).await
+    }
+
+    /// Waits until this parent has exactly one runner container, and returns its id.
+    async fn only_runner(&self) -> String {
+        until("one runner container", Duration::from_secs(30), || async {
+            self.runners().await.len() == 1
+        })
+        .await;
+        self.runners().await.remove(0)
+    }
+}
+
+/// The ids of the containers, running or not, with `label=value`.
+async fn labelled(docker: &Docker, label: &str, value: &str) -> Vec<String> {
+    let filters = HashMap::from([("label".to_string(), vec![format!("{label}={value}")])]);
+    docker
+        .list_containers(Some(ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|c| c.id)
+        .collect()
+}
+
+async fn container_ip(docker: &Docker, id: &str, network: &str) -> IpAddr {
+    let inspected = docker
+        .inspect_container(
+            id,
+            None::<bollard::query_parameters::InspectContainerOptions>,
+        )
+        .await
+        .unwrap();
+    let ip = inspected
+        .network_settings
+        .and_then(|n| n.networks)
+        .and_then(|mut n| n.remove(network))
+        .and_then(|e| e.ip_address)
+        .unwrap_or_default();
+    ip.parse()
+        .unwrap_or_else(|_| panic!("container {id} has no address on {network}"))
+}
+
+async fn hostname(docker: &Docker, id: &str) -> String {
+    let inspected = docker
+        .inspect_container(
+            id,
+            None::<bollard::query_parameters::InspectContainerOptions>,
+        )
+        .await
+        .unwrap();
+    inspected
+        .config
+        .and_then(|c| c.hostname)
+        .unwrap_or_default()
+}
+
+/// Connects to the parent's control port once it listens; if the parent exits first, fails
+/// with its output.
+async fn connect_control(docker: &Docker, id: &str, ip: IpAddr) -> TcpStream {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(stream) = TcpStream::connect((ip, 7000)).await {
+            return stream;
+        }
+        let state = docker
+            .inspect_container(
+                id,
+                None::<bollard::query_parameters::InspectContainerOptions>,
+            )
+            .await
+            .unwrap()
+            .state
+            .unwrap_or_default();
+        if state.running != Some(true) || Instant::now() > deadline {
+            panic!(
+                "the parent container never took commands (state {:?}); its output:\n{}",
+                state.status,
+                logs(docker, id).await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn logs(docker: &Docker, id: &str) -> String {
+    let options = bollard::query_parameters::LogsOptions {
+        stdout: true,
+        stderr: true,
+        ..Default::default()
+    };
+    let mut out = String::new();
+    let mut logs = docker.logs(id, Some(options));
+    while let Some(Ok(chunk)) = logs.next().await {
+        out.push_str(&chunk.to_string());
+    }
+    out
+}
+
+/// Polls the engine until `check` holds, for at most `limit`; returns how long it took.
+async fn until<F, Fut>(what: &str, limit: Duration, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < limit, "not within {limit:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    start.elapsed()
+}
+
+/// Whether a process running `name` is in the container.
+async fn runs(docker: &Docker, id: &str, name: &str) -> bool {
+    let top = docker
+        .top_processes(id, None::<bollard::query_parameters::TopOptions>)
+        .await;
+    let Ok(top) = top else { return false };
+    top.processes
+        .unwrap_or_default()
+        .iter()
+        .any(|row| row.iter().any(|cell| cell.contains(name)))
+}
+
+/// The container's events (die, kill, destroy, ...) from now on, even those that happen before
+/// the stream is first polled: the engine replays them from `since`.
+fn events(docker: &Docker, id: &str) -> impl futures::Stream<Item = EventMessage> + use<> {
+    let filters = HashMap::from([("container".to_string(), vec![id.to_string()])]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    docker
+        .events(Some(EventsOptions {
+            since: Some(format!("{}.{:09}", now.as_secs(), now.subsec_nanos())),
+            filters: Some(filters),
+            ..Default::default()
+        }))
+        .filter_map(|event| async move { event.ok() })
+}
+
+async fn bounded<F: std::future::Future>(test: F) -> F::Output {
+    tokio::time::timeout(BOUND, test)
+        .await
+        .expect("the test ran past its bound")
+}
+
+// ---- the tests ---------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn calls_run_in_runner_containers_and_shutdown_removes_them() {
+    bounded(async {
+        let mut scenario = Scenario::start(2).await;
+        let host = scenario.ok("whoami").await;
+        let runner = scenario.only_runner().await;
+        assert_eq!(
+            host.as_str().unwrap(),
+            hostname(&scenario.docker, &runner).await
+        );
+        assert_ne!(
+            host.as_str().unwrap(),
+            scenario.parent_host,
+            "ran in the parent"
+        );
+        let inspected = scenario
+            .docker
+            .inspect_container(
+                &runner,
+                None::<bollard::query_parameters::InspectContainerOptions>,
+            )
+            .await
+            .unwrap();
+        let labels = inspected
+            .config
+            .clone()
+            .and_then(|c| c.labels)
+            .unwrap_or_default();
+        assert_eq!(
+            labels.get(LABEL_POOL).map(String::as_str),
+            Some("docker-test")
+        );
+        let parent_image = scenario
+            .docker
+            .inspect_container(
+                scenario.parent(),
+                None::<bollard::query_parameters::InspectContainerOptions>,
+            )
+            .await
+            .unwrap()
+            .image;
+        assert_eq!(
+            inspected.image, parent_image,
+            "runners boot the parent's own image"
+        );
+        let limits = inspected.host_config.unwrap_or_default();
+        assert_eq!(limits.memory, Some(256 << 20));
+        assert_eq!(limits.nano_cpus, Some(500_000_000));
+        assert_eq!(limits.network_mode.as_deref(), Some(scenario.network()));
+        // The backend's env and the hand-off reach runners; the parent's own env does not.
+        let env = inspected
+            .config
+            .clone()
+            .unwrap_or_default()
+            .env
+            .unwrap_or_default();
+        assert!(env.iter().any(|v| v == "FLAME_TEST_ROLE=runner"), "{env:?}");
+        assert!(
+            env.iter().any(|v| v.starts_with("FLAME_PARENT=")),
+            "{env:?}"
+        );
+        assert!(
+            !env.iter().any(|v| v.starts_with("FLAME_TEST_MAX=")),
+            "{env:?}"
+        );
+
+        scenario.ok("shutdown").await;
+        assert!(
+            scenario.runners().await.is_empty(),
+            "runner containers left after shutdown: {:?}",
+            scenario.runners().await
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn dropping_a_handle_kills_the_child_in_the_runner_container() {
+    bounded(async {
+        let mut scenario = Scenario::start(1).await;
+        let runner = scenario.hold_on_one_runner("a").await;
+        let docker = scenario.docker.clone();
+        scenario.ok("drop a").await;
+        let took = until(
+            "sleep is gone from the runner container",
+            Duration::from_secs(10),
+            || async { !runs(&docker, &runner, "sleep").await },
+        )
+        .await;
+        eprintln!("child gone {took:?} after the drop");
+        assert!(
+            runs(&docker, &runner, "app").await,
+            "the runner itself stays up"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_killed_runner_fails_its_callers_and_is_replaced() {
+    bounded(async {
+        let mut scenario = Scenario::start(1).await;
+        let killed = scenario.hold_on_one_runner("a").await;
+        let docker = scenario.docker.clone();
+        docker
+            .kill_container(&killed, None::<KillContainerOptions>)
+            .await
+            .unwrap();
+        let (kind, message) = scenario
+            .command("await a")
+            .await
+            .expect_err("the call survived");
+        assert_eq!(kind, "RunnerLost", "{message}");
+
+        let host = scenario.ok("whoami").await;
+        let replacement = scenario.only_runner().await;
+        assert_ne!(replacement, killed);
+        assert_eq!(
+            host.as_str().unwrap(),
+            hostname(&docker, &replacement).await
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_partitioned_runner_is_lost_and_exits_by_itself() {
+    bounded(async {
+        let mut scenario = Scenario::start(1).await;
+        let runner = scenario.hold_on_one_runner("a").await;
+        let docker = scenario.docker.clone();
+        let mut events = Box::pin(events(&docker, &runner));
+        docker
+            .disconnect_network(
+                scenario.network(),
+                NetworkDisconnectRequest {
+                    container: Some(runner.clone()),
+                    force: Some(true),
+                },
+            )
+            .await
+            .unwrap();
+        let cut = Instant::now();
+        let (kind, message) = scenario
+            .command("await a")
+            .await
+            .expect_err("the call survived");
+        assert_eq!(kind, "RunnerLost", "{message}");
+        let detected = cut.elapsed();
+
+        // The container ends by itself: its runner's failsafe exits with code 1 (parent lost),
+        // and nothing killed it (the backend waits its stop grace before forcing).
+        let mut seen = Vec::new();
+        let ended = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(event) = events.next().await {
+                let action = event.action.clone().unwrap_or_default();
+                let exit_code = event
+                    .actor
+                    .as_ref()
+                    .and_then(|a| a.attributes.as_ref())
+                    .and_then(|a| a.get("exitCode").cloned());
+                seen.push((action.clone(), exit_code.clone()));
+                if action == "destroy" {
+                    return;
+                }
+            }
+        })
+        .await;
+        let exited = cut.elapsed();
+        if ended.is_err() {
+            panic!(
+                "the runner container is still there; events: {seen:?}; its output:\n{}",
+                logs(&docker, &runner).await
+            );
+        }
+        assert!(
+            seen.iter().all(|(action, _)| action != "kill"),
+            "the runner container was killed, not ended by its failsafe: {seen:?}"
+        );
+        let die = seen.iter().find(|(action, _)| action == "die");
+        assert_eq!(
+            die.and_then(|(_, code)| code.as_deref()),
+            Some("1"),
+            "the failsafe exits with 1: {seen:?}"
+        );
+        eprintln!("partition: lost after {detected:?}, container gone after {exited:?}");
+        assert!(scenario.runners().await.is_empty());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_killed_parent_takes_its_runners_with_it() {
+    bounded(async {
+        let mut scenario = Scenario::start(2).await;
+        scenario.ok("hold a").await;
+        scenario.ok("hold b").await;
+        let docker = scenario.docker.clone();
+        let parent = scenario.parent().to_string();
+        // Both runners connected and serving: each runs its task's `sleep`.
+        until(
+            "two runner containers running sleep",
+            Duration::from_secs(30),
+            || async {
+                let runners = labelled(&docker, LABEL_PARENT, &parent).await;
+                let mut serving = 0;
+                for runner in &runners {
+                    serving += usize::from(runs(&docker, runner, "sleep").await);
+                }
+                serving == 2
+            },
+        )
+        .await;
+        docker
+            .kill_container(&parent, None::<KillContainerOptions>)
+            .await
+            .unwrap();
+        let took = until(
+            "every runner container gone",
+            FAILSAFE_WINDOW + Duration::from_secs(10),
+            || async { labelled(&docker, LABEL_PARENT, &parent).await.is_empty() },
+        )
+        .await;
+        eprintln!("runners gone {took:?} after the parent was killed");
+    })
+    .await;
+}
+
+// ---- the backend's own errors, from a parent on the host -------------------------------------
+
+/// Starts a pool on `backend`, with this test process as the parent, and makes a call that
+/// must fail.
+async fn failed_call(
+    pool: &str,
+    backend: DockerBackend,
+    boot_timeout: Duration,
+) -> (flame::Pool, flame::Error) {
+    let pool = flame::Pool::builder(pool)
+        .backend(backend)
+        .boot_timeout(boot_timeout)
+        .start()
+        .await
+        .unwrap();
+    let err = flame::call(&pool, flame_tests::add(1, 2))
+        .await
+        .expect_err("the call succeeded");
+    (pool, err)
+}
+
+#[tokio::test]
+async fn a_missing_image_is_a_boot_failure_with_the_engines_message() {
+    bounded(async {
+        engine().await;
+        let backend = DockerBackend::builder()
+            .image("flame-test-no-such-image:0")
+            .build()
+            .await
+            .unwrap();
+        let (pool, err) = failed_call("no-image", backend, Duration::from_secs(10)).await;
+        assert_eq!(err.kind(), ErrorKind::BootFailed, "{err}");
+        let message = err.to_string();
+        assert!(message.contains("No such image"), "{message}");
+        assert!(message.contains("build or load it"), "{message}");
+        pool.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_runner_that_never_dials_back_is_removed() {
+    bounded(async {
+        let docker = engine().await;
+        // A container that never becomes a runner: `sleep` instead of the app.
+        let backend = DockerBackend::builder()
+            .image(image().await)
+            .entrypoint(["/sleep"])
+            .cmd(["600"])
+            .stop_grace(Duration::from_millis(200))
+            .build()
+            .await
+            .unwrap();
+        let parent = backend.parent_id().to_string();
+        let (pool, err) = failed_call("silent", backend, Duration::from_secs(2)).await;
+        // The call's wait for a slot ends with the boot window it waited on.
+        assert_eq!(err.kind(), ErrorKind::TimedOut, "{err}");
+        // Every container it made was removed when its boot window closed.
+        until(
+            "no container of this parent",
+            Duration::from_secs(10),
+            || async { labelled(&docker, LABEL_PARENT, &parent).await.is_empty() },
+        )
+        .await;
+        pool.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_unreachable_engine_says_so() {
+    bounded(async {
+        // A socket file nobody listens on: what a stopped daemon leaves behind.
+        let path = std::env::temp_dir().join(format!("flame-test-no-engine-{}.sock", random_id()));
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let nowhere =
+            Docker::connect_with_unix(path.to_str().unwrap(), 5, bollard::API_DEFAULT_VERSION)
+                .unwrap();
+        let err = DockerBackend::builder()
+            .engine(nowhere)
+            .image("whatever")
+            .build()
+            .await
+            .err()
+            .expect("built a backend without an engine");
+        assert_eq!(err.kind(), ErrorKind::BootFailed, "{err}");
+        let message = err.to_string();
+        assert!(message.contains("cannot be reached"), "{message}");
+        assert!(message.contains("is the daemon running"), "{message}");
+        let _ = std::fs::remove_file(&path);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_sweep_removes_runners_whose_parent_is_gone_only() {
+    bounded(async {
+        let docker = engine().await;
+        let image = image().await;
+        let backend = DockerBackend::builder().image(image).build().await.unwrap();
+        let run = random_id();
+        let make = |labels: Vec<(&str, String)>| {
+            let docker = docker.clone();
+            let labels: HashMap<String, String> = labels
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .chain([(LABEL_RUN.to_string(), run.clone())])
+                .collect();
+            async move {
+                let created = docker
+                    .create_container(
+                        None::<CreateContainerOptions>,
+                        ContainerCreateBody {
+                            image: Some(image.to_string()),
+                            entrypoint: Some(vec!["/sleep".into(), "60".into()]),
+                            labels: Some(labels),
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .unwrap();
+                docker
+                    .start_container(
+                        &created.id,
+                        None::<bollard::query_parameters::StartContainerOptions>,
+                    )
+                    .await
+                    .unwrap();
+                created.id
+            }
+        };
+        // Two "parents" (containers), one of which is then gone, each with a "runner".
+        let live_parent = make(vec![]).await;
+        let gone_parent = make(vec![]).await;
+        let live_runner = make(vec![(LABEL_PARENT, live_parent.clone())]).await;
+        let orphan = make(vec![(LABEL_PARENT, gone_parent.clone())]).await;
+        docker
+            .remove_container(&gone_parent, Some(force()))
+            .await
+            .unwrap();
+
+        let removed = backend.sweep_leftovers().await;
+        let left = labelled(&docker, LABEL_RUN, &run).await;
+        for id in &left {
+            let _ = docker.remove_container(id, Some(force())).await;
+        }
+        let removed = removed.unwrap();
+        assert!(removed.contains(&orphan), "{removed:?}");
+        assert!(!removed.contains(&live_runner), "{removed:?}");
+        assert!(
+            !left.contains(&orphan) && left.contains(&live_runner),
+            "{left:?}"
+        );
+    })
+    .await;
+}
