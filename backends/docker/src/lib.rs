@@ -76,6 +76,8 @@ struct Inner {
     cmd: Option<Vec<String>>,
     network: String,
     listen: SocketAddr,
+    /// The address runners dial (with the listener's port).
+    advertise: IpAddr,
     parent_id: String,
     env: BTreeMap<String, String>,
     labels: BTreeMap<String, String>,
@@ -286,6 +288,7 @@ impl DockerBackendBuilder {
                     cmd: None,
                     network: String::new(),
                     listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                    advertise: IpAddr::from([127, 0, 0, 1]),
                     parent_id: String::new(),
                     env: BTreeMap::new(),
                     labels: BTreeMap::new(),
@@ -359,16 +362,18 @@ impl DockerBackendBuilder {
             },
             (None, None) => "bridge".to_string(),
         };
-        let listen = match self.listen {
-            Some(addr) => addr,
-            None => {
+        // Runners need a real address to dial: the parent's on the network (the gateway outside
+        // a container), unless `listen` names one.
+        let advertise = match self.listen {
+            Some(addr) if !addr.ip().is_unspecified() => addr.ip(),
+            _ => {
                 let on_network = own.as_ref().and_then(|own| {
                     own.networks
                         .iter()
                         .find(|(name, _)| *name == network)
                         .and_then(|(_, ip)| *ip)
                 });
-                let ip = match (on_network, &own) {
+                match (on_network, &own) {
                     (Some(ip), _) => ip,
                     (None, Some(_)) => {
                         return Err(Error::new(
@@ -381,10 +386,10 @@ impl DockerBackendBuilder {
                         ));
                     }
                     (None, None) => engine::gateway(&docker, &network).await?,
-                };
-                SocketAddr::new(ip, 0)
+                }
             }
         };
+        let listen = self.listen.unwrap_or(SocketAddr::new(advertise, 0));
         let parent_id = self
             .parent_id
             .or_else(|| own.as_ref().map(|own| own.id.clone()))
@@ -399,6 +404,7 @@ impl DockerBackendBuilder {
                 cmd,
                 network,
                 listen,
+                advertise,
                 parent_id,
                 env: self.env,
                 labels: self.labels,
@@ -426,12 +432,7 @@ impl Backend for DockerBackend {
     }
 
     fn advertise_addr(&self, bound: SocketAddr) -> String {
-        if bound.ip().is_unspecified() {
-            // Bound to every address: runners need the one on their network.
-            let ip: IpAddr = self.inner.listen.ip();
-            return SocketAddr::new(ip, bound.port()).to_string();
-        }
-        bound.to_string()
+        SocketAddr::new(self.inner.advertise, bound.port()).to_string()
     }
 
     fn boot(&self, spec: BootSpec) -> BoxFuture<'static, Result<Box<dyn RunnerHandle>, Error>> {
@@ -484,7 +485,9 @@ impl Inner {
             }),
             ..Default::default()
         };
-        let name = container_name(&self.parent_id, spec.runner_id());
+        // A parent restarted in the same container counts runners from 1 again, while the
+        // previous one's may still be ending: a random tail keeps their names apart.
+        let name = container_name(&self.parent_id, spec.runner_id(), &random_id()[..4]);
         let created = docker
             .create_container(
                 Some(CreateContainerOptions {
@@ -528,9 +531,9 @@ impl Inner {
     }
 }
 
-/// `flame-<parent>-<runner>`, readable in `docker ps`, restricted to the characters Docker
-/// accepts in a name.
-fn container_name(parent_id: &str, runner_id: &str) -> String {
+/// `flame-<parent>-<runner>-<tail>`, readable in `docker ps`, restricted to the characters
+/// Docker accepts in a name.
+fn container_name(parent_id: &str, runner_id: &str, tail: &str) -> String {
     let parent: String = parent_id.chars().take(12).collect();
     let clean = |s: &str| -> String {
         s.chars()
@@ -543,7 +546,7 @@ fn container_name(parent_id: &str, runner_id: &str) -> String {
             })
             .collect()
     };
-    format!("flame-{}-{}", clean(&parent), clean(runner_id))
+    format!("flame-{}-{}-{tail}", clean(&parent), clean(runner_id))
 }
 
 fn short(id: &str) -> &str {
@@ -592,8 +595,8 @@ mod tests {
     #[test]
     fn container_names_keep_to_dockers_alphabet() {
         assert_eq!(
-            container_name("0123456789abcdef", "thumbs/ü 3"),
-            "flame-0123456789ab-thumbs---3"
+            container_name("0123456789abcdef", "thumbs/ü 3", "a1b2"),
+            "flame-0123456789ab-thumbs---3-a1b2"
         );
     }
 }
