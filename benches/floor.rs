@@ -7,6 +7,7 @@
 //! ```sh
 //! cargo bench -p flame-benches --bench floor            # full run, ~1 minute
 //! cargo bench -p flame-benches --bench floor -- --quick # a few iterations (CI: proves it runs)
+//! FLAME_BENCH_PROFILE=throughput perf record -g target/release/deps/floor-*  # one figure, 10 s
 //! ```
 //!
 //! Prints a table and writes it to `target/flame-bench.md` and `target/flame-bench.json`.
@@ -235,6 +236,27 @@ async fn call_burst(pool: &flame::Pool, calls: usize) -> anyhow::Result<f64> {
     Ok(calls as f64 / t.elapsed().as_secs_f64())
 }
 
+/// A profiling aid: repeats one flame-rt measurement (`throughput` or `bulk`) for 10 s, so
+/// `perf record` sees little else: `FLAME_BENCH_PROFILE=throughput perf record -g <bench binary>`.
+async fn profile(pool: &flame::Pool, what: &str) -> anyhow::Result<()> {
+    let until = Instant::now() + Duration::from_secs(10);
+    let chunk = Bytes::from(vec![0xAB; 128 * 1024]);
+    let mut rates = Vec::new();
+    while Instant::now() < until {
+        rates.push(match what {
+            "throughput" => call_burst(pool, 100_000).await?,
+            "bulk" => channel_bulk(pool, &chunk, 512 << 20).await?,
+            other => anyhow::bail!("FLAME_BENCH_PROFILE={other:?}: `throughput` or `bulk`"),
+        });
+    }
+    println!(
+        "{what}: median {:.0}/s over {} runs",
+        median(rates.clone()),
+        rates.len()
+    );
+    Ok(())
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -322,6 +344,9 @@ async fn measure() -> anyhow::Result<()> {
         .await?;
     if flame::parent().is_some() {
         return Ok(());
+    }
+    if let Ok(what) = std::env::var("FLAME_BENCH_PROFILE") {
+        return profile(&warm, &what).await;
     }
     let n = |full: usize, short: usize| if quick { short } else { full };
     let mut rows = Vec::new();
