@@ -28,7 +28,8 @@
 //! still there at pool shutdown — after giving it [`stop_grace`](DockerBackendBuilder::stop_grace)
 //! to stop by itself, so a partitioned runner ends through its own failsafe rather than a
 //! `SIGKILL`. Containers carry the labels [`LABEL_POOL`], [`LABEL_PARENT`] and [`LABEL_RUNNER`],
-//! so [`DockerBackend::sweep_leftovers`] can remove the runners of a previous parent.
+//! so [`DockerBackend::sweep_leftovers`] can remove the runners of a parent container that is
+//! gone (a previous deploy's, say) while leaving a live sibling instance's alone.
 //!
 //! Errors from the engine (no such image, engine unreachable, out of resources) reach callers as
 //! [`BootFailed`](flame::ErrorKind::BootFailed) with the engine's own message.
