@@ -476,12 +476,24 @@ async fn pools_resize_at_run_time() {
 }
 
 /// Models an API backend (a machine or container per runner): what it booted exists at the
-/// "provider" until its handle is destroyed; dropping a handle deletes nothing. Boots return
-/// `delay` after the runner was started.
+/// "provider" until its handle is destroyed; dropping a handle deletes nothing. Boot `n`
+/// returns `delays[n]` (or at once) after its runner was started.
 struct Provider {
     inner: ProcessBackend,
-    delay: Duration,
+    delays: Vec<Duration>,
+    boots: std::sync::atomic::AtomicUsize,
     existing: std::sync::Arc<std::sync::Mutex<HashSet<String>>>,
+}
+
+impl Provider {
+    fn new(inner: ProcessBackend, delays: Vec<Duration>) -> Provider {
+        Provider {
+            inner,
+            delays,
+            boots: Default::default(),
+            existing: Default::default(),
+        }
+    }
 }
 
 struct Provisioned {
@@ -517,7 +529,9 @@ impl Backend for Provider {
         spec: BootSpec,
     ) -> BoxFuture<'static, Result<Box<dyn RunnerHandle>, flame::Error>> {
         let boot = self.inner.boot(spec);
-        let (delay, existing) = (self.delay, self.existing.clone());
+        let n = self.boots.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let delay = self.delays.get(n).copied().unwrap_or_default();
+        let existing = self.existing.clone();
         Box::pin(async move {
             let inner = boot.await?;
             let id = inner.describe();
@@ -536,23 +550,25 @@ impl Backend for Provider {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_boot_that_returns_after_its_deadline_is_destroyed() {
     bounded(BOUND, async {
-        let existing = std::sync::Arc::default();
-        let provider = Provider {
-            inner: runner(),
-            delay: Duration::from_millis(1500),
-            existing: std::sync::Arc::clone(&existing),
-        };
+        let provider = Provider::new(runner(), vec![Duration::from_millis(2500)]);
+        let existing = provider.existing.clone();
         let pool = Pool::builder("late")
             .backend(provider)
-            .boot_timeout(Duration::from_secs(1))
+            .boot_timeout(Duration::from_secs(2))
             .start()
             .await
             .unwrap();
         let err = flame::call(&pool, add(1, 2)).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::TimedOut, "{err}");
+        let late = existing.lock().unwrap().clone();
+        assert_eq!(late.len(), 1, "the late boot's runner was started");
+        // The late runner holds the only place (max 1) until it is destroyed; then the pool
+        // boots for the caller waiting meanwhile.
+        let waiting = flame::spawn_on(&pool, add(2, 3));
+        assert_eq!(waiting.await.unwrap(), 5);
         // The boot's own future was past its deadline: the runner it returns late is destroyed.
         let started = std::time::Instant::now();
-        while !existing.lock().unwrap().is_empty() {
+        while late.iter().any(|id| existing.lock().unwrap().contains(id)) {
             assert!(
                 started.elapsed() < Duration::from_secs(10),
                 "a runner booted past its deadline was never destroyed: {:?}",
@@ -565,33 +581,48 @@ async fn a_boot_that_returns_after_its_deadline_is_destroyed() {
     .await;
 }
 
+/// Shuts the pool down while its one runner boots, `delay` after the backend started it, and
+/// checks that it is destroyed by the time `shutdown` returns.
+async fn shut_down_while_booting(delay: Duration) {
+    // `sleep` never dials back: its boot would wait for the whole (long) boot window.
+    let provider = Provider::new(
+        ProcessBackend::new().program("sleep").args(["600"]),
+        vec![delay],
+    );
+    let existing = provider.existing.clone();
+    let pool = Pool::builder("booting")
+        .backend(provider)
+        .boot_timeout(Duration::from_secs(120))
+        .start()
+        .await
+        .unwrap();
+    let call = flame::spawn_on(&pool, add(1, 2));
+    while existing.lock().unwrap().is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    pool.shutdown().await;
+    assert!(
+        existing.lock().unwrap().is_empty(),
+        "shutdown returned with a runner still booting: {:?}",
+        existing.lock().unwrap()
+    );
+    assert_eq!(call.await.unwrap_err().kind(), ErrorKind::PoolClosed);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_destroys_a_runner_still_booting() {
-    bounded(Duration::from_secs(30), async {
-        let existing = std::sync::Arc::default();
-        // `sleep` never dials back: its boot waits for the whole (long) boot window.
-        let provider = Provider {
-            inner: ProcessBackend::new().program("sleep").args(["600"]),
-            delay: Duration::ZERO,
-            existing: std::sync::Arc::clone(&existing),
-        };
-        let pool = Pool::builder("booting")
-            .backend(provider)
-            .boot_timeout(Duration::from_secs(120))
-            .start()
-            .await
-            .unwrap();
-        let call = flame::spawn_on(&pool, add(1, 2));
-        while existing.lock().unwrap().is_empty() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        pool.shutdown().await;
-        assert!(
-            existing.lock().unwrap().is_empty(),
-            "shutdown returned with a runner still booting: {:?}",
-            existing.lock().unwrap()
-        );
-        assert_eq!(call.await.unwrap_err().kind(), ErrorKind::PoolClosed);
-    })
+    bounded(
+        Duration::from_secs(30),
+        shut_down_while_booting(Duration::ZERO),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_destroys_a_runner_whose_backend_boot_is_still_running() {
+    bounded(
+        Duration::from_secs(30),
+        shut_down_while_booting(Duration::from_secs(1)),
+    )
     .await;
 }

@@ -269,6 +269,20 @@ impl Runner {
 
 /// One call's claim on one runner. Released when dropped, which the runner connection does
 /// when the runner reports the call over.
+/// One runner counted in `exiting` (already counted when this is made): when dropped — its
+/// destroy done, or panicked — it is taken off the count and the pool may grow into the room.
+struct Exiting(Arc<Shared>);
+
+impl Drop for Exiting {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        state.exiting -= 1;
+        self.0.grow(&mut state, None);
+        drop(state);
+        self.0.changed.notify_waiters();
+    }
+}
+
 pub(crate) struct Slot {
     shared: Arc<Shared>,
     key: u64,
@@ -617,6 +631,8 @@ impl Shared {
                     // The waiters it could not take, or a prewarm, may call for more.
                     self.grow(&mut state, None);
                 }
+                // Cut short by the pool's closing: no failure of the backend's.
+                Err(error) if error.kind() == ErrorKind::PoolClosed => {}
                 Err(error) => self.boot_failed(&mut state, error),
             }
         }
@@ -628,11 +644,11 @@ impl Shared {
             error,
         });
         if let Some(runner) = orphan {
+            let _exiting = Exiting(self.clone());
             runner.conn.shutdown(Duration::ZERO);
             if let Some(handle) = runner.handle {
                 handle.destroy().await;
             }
-            self.lock().exiting -= 1;
         }
         self.changed.notify_waiters();
     }
@@ -689,29 +705,38 @@ impl Shared {
                 ),
             )
         };
+        let closed_while_booting = || {
+            Error::new(
+                ErrorKind::PoolClosed,
+                format!(
+                    "pool {} was shut down while runner {runner_id} was booting",
+                    self.name
+                ),
+            )
+        };
         let boot = async {
             // Spawned so that a boot past its deadline still hands its runner over, to be
             // destroyed: a create request cut off mid-flight would leave a container or machine
             // nobody knows of.
             let mut boot = tokio::spawn(self.backend.boot(spec));
-            let booted = match tokio::time::timeout_at(deadline, &mut boot).await {
-                Ok(Ok(booted)) => booted,
-                Ok(Err(panicked)) => Err(Error::new(
+            let first = tokio::select! {
+                biased;
+                () = self.closing.cancelled() => None,
+                joined = tokio::time::timeout_at(deadline, &mut boot) => Some(joined),
+            };
+            let booted = match first {
+                Some(Ok(Ok(booted))) => booted,
+                Some(Ok(Err(panicked))) => Err(Error::new(
                     ErrorKind::BootFailed,
                     format!("backend {backend} panicked booting runner {runner_id}: {panicked}"),
                 )),
-                Err(_) => {
-                    // Counted against `max`, and waited for by shutdown, until it is gone.
-                    self.lock().exiting += 1;
-                    let shared = self.clone();
-                    tokio::spawn(async move {
-                        if let Ok(Ok(late)) = boot.await {
-                            late.destroy().await;
-                        }
-                        shared.lock().exiting -= 1;
-                        shared.changed.notify_waiters();
-                    });
+                Some(Err(_)) => {
+                    self.destroy_late(boot);
                     return Err(timed_out());
+                }
+                None => {
+                    self.destroy_late(boot);
+                    return Err(closed_while_booting());
                 }
             };
             let mut handle = booted.map_err(|e| match e.kind() {
@@ -725,10 +750,7 @@ impl Shared {
             })?;
             let accepted = tokio::select! {
                 biased;
-                () = self.closing.cancelled() => Err(Error::new(
-                    ErrorKind::PoolClosed,
-                    format!("pool {} was shut down while runner {runner_id} was booting", self.name),
-                )),
+                () = self.closing.cancelled() => Err(closed_while_booting()),
                 accepted = expectation.accepted() => accepted,
                 status = handle.exited() => Err(Error::new(
                     ErrorKind::BootFailed,
@@ -837,18 +859,40 @@ impl Shared {
             runner_id: runner.conn.id.clone(),
             reason: shrink,
         });
-        let shared = self.clone();
+        let exiting = Exiting(self.clone());
         tokio::spawn(async move {
+            let _exiting = exiting;
             if let Some(handle) = runner.handle {
                 handle.destroy().await;
             }
-            let mut state = shared.lock();
-            state.exiting -= 1;
-            shared.grow(&mut state, None);
-            drop(state);
-            shared.changed.notify_waiters();
         });
         self.changed.notify_waiters();
+    }
+
+    /// Takes over a backend boot that returned too late to be used (its window closed, or the
+    /// pool did): destroys what it returns. It counts as exiting until then, so `max` and
+    /// shutdown see it; a boot that has still not returned after another boot window is given
+    /// up on.
+    fn destroy_late(
+        self: &Arc<Self>,
+        boot: tokio::task::JoinHandle<Result<Box<dyn RunnerHandle>, Error>>,
+    ) {
+        self.lock().exiting += 1;
+        let exiting = Exiting(self.clone());
+        let limit = self.config.boot_timeout;
+        tokio::spawn(async move {
+            let _exiting = exiting;
+            match tokio::time::timeout(limit, boot).await {
+                Ok(Ok(Ok(late))) => late.destroy().await,
+                // It failed or panicked: nothing to destroy.
+                Ok(_) => {}
+                Err(_) => tracing::warn!(
+                    pool = %_exiting.0.name,
+                    "flame: a backend boot has not returned a boot window after it was given up; \
+                     whatever it starts is left to the runner's own failsafe"
+                ),
+            }
+        });
     }
 
     /// Marks the pool closed for `reason`, fails the queue, tells every runner to stop and
@@ -912,11 +956,13 @@ impl Shared {
             });
         futures::future::join_all(reaps).await;
         // Runners that stopped by themselves during the grace are reaped by their own tasks, and
-        // boots cut short by the close destroy what they started.
+        // boots cut short by the close destroy what they started (a backend boot still in
+        // flight is waited for up to a boot window).
         shared
-            .wait_until(Instant::now() + Duration::from_secs(10), |state| {
-                state.exiting == 0 && state.booting == 0
-            })
+            .wait_until(
+                Instant::now() + shared.config.boot_timeout + Duration::from_secs(10),
+                |state| state.exiting == 0 && state.booting == 0,
+            )
             .await;
     }
 
