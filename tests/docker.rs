@@ -163,17 +163,31 @@ struct Scenario {
     control: BufReader<TcpStream>,
 }
 
-/// Removes what a scenario made, by its labels and ids, even when the test panics: the parent,
-/// its runners (by their parent label) and the network.
+/// Removes what a test made, by ids and labels, even when the test panics: containers (a
+/// scenario's parent), the containers labelled with each `(label, value)` (a parent's runners),
+/// and a network.
 struct Cleanup {
-    network: String,
-    parent: Option<String>,
+    containers: Vec<String>,
+    labels: Vec<(&'static str, String)>,
+    network: Option<String>,
+}
+
+impl Cleanup {
+    /// Removes the containers labelled `label=value`.
+    fn labelled(label: &'static str, value: impl Into<String>) -> Cleanup {
+        Cleanup {
+            containers: Vec::new(),
+            labels: vec![(label, value.into())],
+            network: None,
+        }
+    }
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let network = self.network.clone();
-        let parent = self.parent.clone();
+        let containers = std::mem::take(&mut self.containers);
+        let labels = std::mem::take(&mut self.labels);
+        let network = self.network.take();
         // Drop may run inside the test's runtime, which cannot be blocked on.
         let cleaned = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -182,13 +196,16 @@ impl Drop for Cleanup {
                 .unwrap();
             runtime.block_on(async {
                 let docker = engine().await;
-                if let Some(parent) = &parent {
-                    let _ = docker.remove_container(parent, Some(force())).await;
-                    for id in labelled(&docker, LABEL_PARENT, parent).await {
-                        let _ = docker.remove_container(&id, Some(force())).await;
-                    }
+                let mut ids = containers;
+                for (label, value) in &labels {
+                    ids.extend(labelled(&docker, label, value).await);
                 }
-                let _ = docker.remove_network(&network).await;
+                for id in &ids {
+                    let _ = docker.remove_container(id, Some(force())).await;
+                }
+                if let Some(network) = &network {
+                    let _ = docker.remove_network(network).await;
+                }
             });
         });
         let _ = cleaned.join();
@@ -218,8 +235,9 @@ impl Scenario {
             .await
             .unwrap_or_else(|e| panic!("creating network {network}: {e}"));
         let mut cleanup = Cleanup {
-            network: network.clone(),
-            parent: None,
+            containers: Vec::new(),
+            labels: Vec::new(),
+            network: Some(network.clone()),
         };
         let created = docker
             .create_container(
@@ -244,7 +262,8 @@ impl Scenario {
             )
             .await
             .unwrap_or_else(|e| panic!("creating the parent container: {e}"));
-        cleanup.parent = Some(created.id.clone());
+        cleanup.containers.push(created.id.clone());
+        cleanup.labels.push((LABEL_PARENT, created.id.clone()));
         docker
             .start_container(
                 &created.id,
@@ -263,11 +282,11 @@ impl Scenario {
     }
 
     fn parent(&self) -> &str {
-        self.cleanup.parent.as_deref().unwrap()
+        &self.cleanup.containers[0]
     }
 
     fn network(&self) -> &str {
-        &self.cleanup.network
+        self.cleanup.network.as_deref().unwrap()
     }
 
     /// Sends one command; its answer's `ok`, or the error's kind and message.
@@ -442,10 +461,10 @@ async fn runs(docker: &Docker, id: &str, name: &str) -> bool {
         .any(|row| row.iter().any(|cell| cell.contains(name)))
 }
 
-/// The container's events (die, kill, destroy, ...) from now on, even those that happen before
+/// The containers' events (die, kill, destroy, ...) from now on, even those that happen before
 /// the stream is first polled: the engine replays them from `since`.
-fn events(docker: &Docker, id: &str) -> impl futures::Stream<Item = EventMessage> + use<> {
-    let filters = HashMap::from([("container".to_string(), vec![id.to_string()])]);
+fn events(docker: &Docker, ids: &[String]) -> impl futures::Stream<Item = EventMessage> + use<> {
+    let filters = HashMap::from([("container".to_string(), ids.to_vec())]);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap();
@@ -458,7 +477,69 @@ fn events(docker: &Docker, id: &str) -> impl futures::Stream<Item = EventMessage
         .filter_map(|event| async move { event.ok() })
 }
 
+/// Collects `events` as (action, exit code) until `containers` of them were destroyed; `Err`
+/// with what came if that takes 30 s.
+async fn until_destroyed(
+    events: impl futures::Stream<Item = EventMessage>,
+    containers: usize,
+) -> Result<Vec<(String, Option<String>)>, Vec<(String, Option<String>)>> {
+    let mut events = Box::pin(events);
+    let mut seen = Vec::new();
+    let all = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut destroyed = 0;
+        while let Some(event) = events.next().await {
+            let action = event.action.clone().unwrap_or_default();
+            let exit_code = event
+                .actor
+                .as_ref()
+                .and_then(|a| a.attributes.as_ref())
+                .and_then(|a| a.get("exitCode").cloned());
+            destroyed += usize::from(action == "destroy");
+            seen.push((action, exit_code));
+            if destroyed == containers {
+                return;
+            }
+        }
+    })
+    .await;
+    match all {
+        Ok(()) => Ok(seen),
+        Err(_) => Err(seen),
+    }
+}
+
+/// Asserts the containers ended by themselves, through their runners' failsafe (exit code 1:
+/// parent lost), and that nothing killed them.
+fn assert_ended_by_failsafe(seen: &[(String, Option<String>)]) {
+    assert!(
+        seen.iter().all(|(action, _)| action != "kill"),
+        "a runner container was killed, not ended by its failsafe: {seen:?}"
+    );
+    let codes: Vec<_> = seen
+        .iter()
+        .filter(|(action, _)| action == "die")
+        .map(|(_, code)| code.as_deref())
+        .collect();
+    assert!(
+        !codes.is_empty() && codes.iter().all(|code| *code == Some("1")),
+        "the failsafe exits with 1: {seen:?}"
+    );
+}
+
+/// The sweep removes the runners of any parent container that is gone, engine-wide: it runs
+/// alone, so it cannot take another test's runners (and pass that test for it).
+static ENGINE_WIDE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 async fn bounded<F: std::future::Future>(test: F) -> F::Output {
+    let _shared = ENGINE_WIDE.read().await;
+    tokio::time::timeout(BOUND, test)
+        .await
+        .expect("the test ran past its bound")
+}
+
+/// `bounded`, with no other test of this file running.
+async fn alone<F: std::future::Future>(test: F) -> F::Output {
+    let _alone = ENGINE_WIDE.write().await;
     tokio::time::timeout(BOUND, test)
         .await
         .expect("the test ran past its bound")
@@ -597,7 +678,7 @@ async fn a_partitioned_runner_is_lost_and_exits_by_itself() {
         let mut scenario = Scenario::start(1).await;
         let runner = scenario.hold_on_one_runner("a").await;
         let docker = scenario.docker.clone();
-        let mut events = Box::pin(events(&docker, &runner));
+        let events = events(&docker, std::slice::from_ref(&runner));
         docker
             .disconnect_network(
                 scenario.network(),
@@ -616,41 +697,16 @@ async fn a_partitioned_runner_is_lost_and_exits_by_itself() {
         assert_eq!(kind, "RunnerLost", "{message}");
         let detected = cut.elapsed();
 
-        // The container ends by itself: its runner's failsafe exits with code 1 (parent lost),
-        // and nothing killed it (the backend waits its stop grace before forcing).
-        let mut seen = Vec::new();
-        let ended = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Some(event) = events.next().await {
-                let action = event.action.clone().unwrap_or_default();
-                let exit_code = event
-                    .actor
-                    .as_ref()
-                    .and_then(|a| a.attributes.as_ref())
-                    .and_then(|a| a.get("exitCode").cloned());
-                seen.push((action.clone(), exit_code.clone()));
-                if action == "destroy" {
-                    return;
-                }
-            }
-        })
-        .await;
-        let exited = cut.elapsed();
-        if ended.is_err() {
-            panic!(
+        // The container ends by itself (the backend waits its stop grace before forcing).
+        let seen = match until_destroyed(events, 1).await {
+            Ok(seen) => seen,
+            Err(seen) => panic!(
                 "the runner container is still there; events: {seen:?}; its output:\n{}",
                 logs(&docker, &runner).await
-            );
-        }
-        assert!(
-            seen.iter().all(|(action, _)| action != "kill"),
-            "the runner container was killed, not ended by its failsafe: {seen:?}"
-        );
-        let die = seen.iter().find(|(action, _)| action == "die");
-        assert_eq!(
-            die.and_then(|(_, code)| code.as_deref()),
-            Some("1"),
-            "the failsafe exits with 1: {seen:?}"
-        );
+            ),
+        };
+        let exited = cut.elapsed();
+        assert_ended_by_failsafe(&seen);
         eprintln!("partition: lost after {detected:?}, container gone after {exited:?}");
         assert!(scenario.runners().await.is_empty());
     })
@@ -679,6 +735,8 @@ async fn a_killed_parent_takes_its_runners_with_it() {
             },
         )
         .await;
+        let runners = labelled(&docker, LABEL_PARENT, &parent).await;
+        let events = events(&docker, &runners);
         docker
             .kill_container(&parent, None::<KillContainerOptions>)
             .await
@@ -689,6 +747,11 @@ async fn a_killed_parent_takes_its_runners_with_it() {
             || async { labelled(&docker, LABEL_PARENT, &parent).await.is_empty() },
         )
         .await;
+        // No one is left to remove them: they ended by themselves.
+        let seen = until_destroyed(events, 2)
+            .await
+            .unwrap_or_else(|seen| panic!("not both destroyed: {seen:?}"));
+        assert_ended_by_failsafe(&seen);
         eprintln!("runners gone {took:?} after the parent was killed");
     })
     .await;
@@ -724,6 +787,7 @@ async fn a_missing_image_is_a_boot_failure_with_the_engines_message() {
             .build()
             .await
             .unwrap();
+        let _cleanup = Cleanup::labelled(LABEL_PARENT, backend.parent_id().to_string());
         let (pool, err) = failed_call("no-image", backend, Duration::from_secs(10)).await;
         assert_eq!(err.kind(), ErrorKind::BootFailed, "{err}");
         let message = err.to_string();
@@ -748,6 +812,7 @@ async fn a_runner_that_never_dials_back_is_removed() {
             .await
             .unwrap();
         let parent = backend.parent_id().to_string();
+        let _cleanup = Cleanup::labelled(LABEL_PARENT, parent.clone());
         let (pool, err) = failed_call("silent", backend, Duration::from_secs(2)).await;
         // The call's wait for a slot ends with the boot window it waited on.
         assert_eq!(err.kind(), ErrorKind::TimedOut, "{err}");
@@ -790,11 +855,12 @@ async fn an_unreachable_engine_says_so() {
 
 #[tokio::test]
 async fn the_sweep_removes_runners_whose_parent_is_gone_only() {
-    bounded(async {
+    alone(async {
         let docker = engine().await;
         let image = image().await;
         let backend = DockerBackend::builder().image(image).build().await.unwrap();
         let run = random_id();
+        let _cleanup = Cleanup::labelled(LABEL_RUN, run.clone());
         let make = |labels: Vec<(&str, String)>| {
             let docker = docker.clone();
             let labels: HashMap<String, String> = labels
@@ -835,12 +901,8 @@ async fn the_sweep_removes_runners_whose_parent_is_gone_only() {
             .await
             .unwrap();
 
-        let removed = backend.sweep_leftovers().await;
+        let removed = backend.sweep_leftovers().await.unwrap();
         let left = labelled(&docker, LABEL_RUN, &run).await;
-        for id in &left {
-            let _ = docker.remove_container(id, Some(force())).await;
-        }
-        let removed = removed.unwrap();
         assert!(removed.contains(&orphan), "{removed:?}");
         assert!(!removed.contains(&live_runner), "{removed:?}");
         assert!(

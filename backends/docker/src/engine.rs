@@ -34,6 +34,19 @@ fn message(error: &EngineError) -> String {
     }
 }
 
+/// Whether the error is the engine not answering at all (rather than answering, or answering
+/// something unexpected).
+fn is_unreachable(error: &EngineError) -> bool {
+    matches!(
+        error,
+        EngineError::SocketNotFoundError(_)
+            | EngineError::IOError { .. }
+            | EngineError::HyperLegacyError { .. }
+            | EngineError::HyperResponseError { .. }
+            | EngineError::HttpClientError { .. }
+    )
+}
+
 pub(crate) fn unreachable(error: &EngineError) -> Error {
     Error::new(
         ErrorKind::BootFailed,
@@ -46,7 +59,7 @@ pub(crate) fn unreachable(error: &EngineError) -> Error {
 
 /// An engine refusal while booting a runner: what was being done, the engine's words, a hint.
 pub(crate) fn boot_failed(doing: String, error: &EngineError, hint: &str) -> Error {
-    if !matches!(error, EngineError::DockerResponseServerError { .. }) {
+    if is_unreachable(error) {
         return unreachable(error);
     }
     Error::new(
@@ -61,10 +74,12 @@ pub(crate) fn error(doing: &str, error: &EngineError) -> Error {
 
 /// Finds the container this process runs in, if it runs in one of this engine's.
 pub(crate) async fn own_container(docker: &Docker) -> Result<Option<Own>, Error> {
-    for candidate in own_id_candidates() {
+    let (from_mounts, hostname) = own_id_candidates();
+    let candidates = from_mounts.iter().map(|id| (id, false));
+    for (candidate, is_hostname) in candidates.chain(hostname.iter().map(|h| (h, true))) {
         let inspected = match docker
             .inspect_container(
-                &candidate,
+                candidate,
                 None::<bollard::query_parameters::InspectContainerOptions>,
             )
             .await
@@ -78,6 +93,14 @@ pub(crate) async fn own_container(docker: &Docker) -> Result<Option<Own>, Error>
             continue;
         };
         let config = inspected.config.unwrap_or_default();
+        // The engine also matches names and id prefixes: a hostname names this container only
+        // if it is the short id the engine gave it.
+        if is_hostname
+            && !(id.starts_with(candidate.as_str())
+                && config.hostname.as_deref() == Some(candidate.as_str()))
+        {
+            continue;
+        }
         let mut networks: Vec<(String, Option<IpAddr>)> = inspected
             .network_settings
             .and_then(|n| n.networks)
@@ -100,25 +123,42 @@ pub(crate) async fn own_container(docker: &Docker) -> Result<Option<Own>, Error>
     Ok(None)
 }
 
-/// Docker bind-mounts `/etc/hostname` and friends from `.../containers/<id>/`, which names the
-/// container on cgroup v1 and v2 alike; the hostname is its short id unless set otherwise.
-fn own_id_candidates() -> Vec<String> {
-    let mut candidates = Vec::new();
+/// Docker bind-mounts `/etc/hostname`, `/etc/hosts` and `/etc/resolv.conf` from
+/// `.../containers/<id>/`, which names the container on cgroup v1 and v2 alike. Only those
+/// mounts count: on a Docker host, a process outside any container sees other containers' mounts
+/// too. The hostname is the container's short id unless set otherwise.
+fn own_id_candidates() -> (Vec<String>, Option<String>) {
+    let mut ids = Vec::new();
     if let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") {
-        for part in mountinfo.split(['/', ' ', '\n']) {
-            let is_id = part.len() == 64 && part.bytes().all(|b| b.is_ascii_hexdigit());
-            if is_id && !candidates.iter().any(|c| c == part) {
-                candidates.push(part.to_string());
+        for line in mountinfo.lines() {
+            // Fields: id, parent, dev, root, mount point, ...
+            let mut fields = line.split(' ');
+            let (Some(root), Some(mount_point)) = (fields.nth(3), fields.next()) else {
+                continue;
+            };
+            if !matches!(
+                mount_point,
+                "/etc/hostname" | "/etc/hosts" | "/etc/resolv.conf"
+            ) {
+                continue;
+            }
+            let id = root
+                .split("/containers/")
+                .nth(1)
+                .and_then(|rest| rest.split('/').next())
+                .filter(|id| id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()));
+            if let Some(id) = id
+                && !ids.iter().any(|known| known == id)
+            {
+                ids.push(id.to_string());
             }
         }
     }
-    if let Ok(hostname) = std::fs::read_to_string("/etc/hostname") {
-        let hostname = hostname.trim();
-        if !hostname.is_empty() {
-            candidates.push(hostname.to_string());
-        }
-    }
-    candidates
+    let hostname = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty());
+    (ids, hostname)
 }
 
 /// The gateway of `network`: the host's address on it, where runners reach a parent that is not
@@ -201,8 +241,11 @@ pub(crate) async fn force_remove(docker: &Docker, id: &str) -> Result<(), Error>
         Err(e) if is_status(&e, 404) => Ok(()),
         // AutoRemove got there first.
         Err(e) if is_status(&e, 409) => {
-            removed_within(docker, id, Duration::from_secs(10)).await;
-            Ok(())
+            if removed_within(docker, id, Duration::from_secs(10)).await {
+                Ok(())
+            } else {
+                Err(error(&format!("removing container {id}"), &e))
+            }
         }
         Err(e) => Err(error(&format!("removing container {id}"), &e)),
     }
@@ -219,9 +262,10 @@ pub(crate) async fn removed_within(docker: &Docker, id: &str, limit: Duration) -
     );
     let outcome = tokio::time::timeout(limit, Box::pin(wait).next()).await;
     match outcome {
-        Err(_) => false,
+        // Out of time, or the answer never came (a dropped connection): not known to be gone.
+        Err(_) | Ok(None) => false,
         // A non-zero exit is reported as an error by bollard; the container is gone all the same.
-        Ok(None | Some(Ok(_))) => true,
+        Ok(Some(Ok(_))) => true,
         Ok(Some(Err(e))) => {
             matches!(e, EngineError::DockerContainerWaitError { .. }) || is_status(&e, 404)
         }
