@@ -26,8 +26,7 @@ if ! docker info >/dev/null 2>&1; then
     docker info >/dev/null 2>&1 && break
     sleep 0.5
   done
-  docker info >/dev/null 2>&1 || {
-    echo "the Docker engine did not start; see /var/log/flame-dockerd.log" >&2
-    exit 1
-  }
+  # Only the Docker backend's tests need it: the showcase runs without.
+  docker info >/dev/null 2>&1 ||
+    echo "warning: the Docker engine did not start (see /var/log/flame-dockerd.log); the Docker backend's tests will fail saying so" >&2
 fi
