@@ -249,11 +249,8 @@ async fn profile(pool: &flame::Pool, what: &str) -> anyhow::Result<()> {
             other => anyhow::bail!("FLAME_BENCH_PROFILE={other:?}: `throughput` or `bulk`"),
         });
     }
-    println!(
-        "{what}: median {:.0}/s over {} runs",
-        median(rates.clone()),
-        rates.len()
-    );
+    let runs = rates.len();
+    println!("{what}: median {:.0}/s over {runs} runs", median(rates));
     Ok(())
 }
 

@@ -1,6 +1,6 @@
 //! The Docker backend on the real engine: the parent and its runners are containers of one image
-//! (`flame-test-docker-app` with its shared libraries and `sleep`, `FROM scratch`, built here:
-//! nothing can be pulled), on a network of the test's own. Faults are the engine's: `kill`,
+//! (`flame-test-docker-app` with its shared libraries and `sleep`, `FROM scratch`, built by
+//! `scripts/docker-image.sh`: nothing can be pulled), on a network of the test's own. Faults are the engine's: `kill`,
 //! `network disconnect`.
 //!
 //! These tests need a running Docker engine, and fail saying so when there is none.
@@ -14,8 +14,8 @@ use bollard::models::{
     ContainerCreateBody, EventMessage, HostConfig, NetworkCreateRequest, NetworkDisconnectRequest,
 };
 use bollard::query_parameters::{
-    BuildImageOptions, CreateContainerOptions, EventsOptions, KillContainerOptions,
-    ListContainersOptions, RemoveContainerOptions,
+    CreateContainerOptions, EventsOptions, KillContainerOptions, ListContainersOptions,
+    RemoveContainerOptions,
 };
 use flame::ErrorKind;
 use flame_backend_docker::{DockerBackend, LABEL_PARENT, LABEL_POOL, bollard};
@@ -47,7 +47,9 @@ async fn engine() -> Docker {
     })
 }
 
-/// Builds the image once per test binary: the app, the libraries `ldd` names, and `/sleep`.
+/// Builds the image once per test binary, with the script the deployment docs use
+/// (`scripts/docker-image.sh`: `FROM scratch`, the app as `/app`, `sleep` in `/usr/bin`, and the
+/// libraries `ldd` names), tagged by the app's contents.
 async fn image() -> &'static str {
     static IMAGE: OnceCell<String> = OnceCell::const_new();
     IMAGE.get_or_init(build_image).await
@@ -55,56 +57,22 @@ async fn image() -> &'static str {
 
 async fn build_image() -> String {
     let app = env!("CARGO_BIN_EXE_flame-test-docker-app");
-    let sleep = "/usr/bin/sleep";
-    let mut tar = tar::Builder::new(Vec::new());
-    // Contents, not paths: the tar crate would write a debug binary with holes as a GNU sparse
-    // file, which the engine refuses.
-    let mut add = |path: &str, name: &str| {
-        let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
-        let mut header = tar::Header::new_gnu();
-        header.set_size(bytes.len() as u64);
-        header.set_mode(0o755);
-        header.set_cksum();
-        tar.append_data(&mut header, name.trim_start_matches('/'), bytes.as_slice())
-            .unwrap_or_else(|e| panic!("adding {path} to the image: {e}"));
-    };
-    add(app, "app");
-    add(sleep, "sleep");
-    let mut libraries: Vec<String> = [app, sleep].iter().flat_map(|p| ldd(p)).collect();
-    libraries.sort();
-    libraries.dedup();
-    for library in &libraries {
-        add(library, library);
-    }
-    let dockerfile = "FROM scratch\nCOPY . /\nENTRYPOINT [\"/app\"]\n";
-    let mut header = tar::Header::new_gnu();
-    header.set_size(dockerfile.len() as u64);
-    header.set_mode(0o644);
-    header.set_cksum();
-    tar.append_data(&mut header, "Dockerfile", dockerfile.as_bytes())
-        .unwrap();
-    let context = tar.into_inner().unwrap();
-
-    let tag = format!("flame-test-docker-app:{:016x}", fnv(&context));
-    let docker = engine().await;
-    let options = BuildImageOptions {
-        dockerfile: "Dockerfile".into(),
-        t: Some(tag.clone()),
-        rm: true,
-        labels: Some(HashMap::from([(
-            LABEL_RUN.to_string(),
-            "image".to_string(),
-        )])),
-        ..Default::default()
-    };
-    let mut build = docker.build_image(options, None, Some(bollard::body_full(context.into())));
-    while let Some(step) = build.next().await {
-        let step = step.unwrap_or_else(|e| panic!("building {tag}: {e}"));
-        if let Some(error) = step.error_detail.and_then(|d| d.message) {
-            panic!("building {tag}: {error}");
-        }
-    }
+    let contents = std::fs::read(app).unwrap_or_else(|e| panic!("reading {app}: {e}"));
+    let tag = format!("flame-test-docker-app:{:016x}", fnv(&contents));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/docker-image.sh");
+    let built = tokio::process::Command::new(script)
+        .args([tag.as_str(), app, "sleep"])
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("running {script}: {e}"));
+    assert!(
+        built.status.success(),
+        "{script} failed ({}): {}",
+        built.status,
+        String::from_utf8_lossy(&built.stderr)
+    );
     // Earlier builds of the app are of no further use.
+    let docker = engine().await;
     let filters = HashMap::from([(
         "reference".to_string(),
         vec!["flame-test-docker-app".to_string()],
@@ -128,19 +96,6 @@ async fn build_image() -> String {
         }
     }
     tag
-}
-
-/// The absolute paths of the shared libraries `path` loads.
-fn ldd(path: &str) -> Vec<String> {
-    let output = std::process::Command::new("ldd")
-        .arg(path)
-        .output()
-        .unwrap_or_else(|e| panic!("running ldd (from libc-bin) on {path}: {e}"));
-    String::from_utf8_lossy(&output.stdout)
-        .split_whitespace()
-        .filter(|word| word.starts_with('/'))
-        .map(str::to_string)
-        .collect()
 }
 
 fn fnv(bytes: &[u8]) -> u64 {
@@ -309,6 +264,15 @@ impl Scenario {
         }
     }
 
+    /// Awaits the call held as `name`, which must have failed with `RunnerLost`.
+    async fn expect_lost(&mut self, name: &str) {
+        let (kind, message) = self
+            .command(&format!("await {name}"))
+            .await
+            .expect_err("the call survived");
+        assert_eq!(kind, "RunnerLost", "{message}");
+    }
+
     async fn ok(&mut self, line: &str) -> Value {
         match self.command(line).await {
             Ok(value) => value,
@@ -393,46 +357,46 @@ async fn hostname(docker: &Docker, id: &str) -> String {
         .unwrap_or_default()
 }
 
-/// Connects to the parent's control port once it listens; if the parent exits first, fails
-/// with its output.
+/// Connects to the parent's control port once the parent says it listens (following its
+/// output); if it exits first, or stays silent, fails with what it printed.
 async fn connect_control(docker: &Docker, id: &str, ip: IpAddr) -> TcpStream {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(stream) = TcpStream::connect((ip, 7000)).await {
-            return stream;
+    let mut output = logs(docker, id, true);
+    let mut printed = String::new();
+    let ready = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(chunk) = output.next().await {
+            printed.push_str(&chunk);
+            if printed.contains("ready on port") {
+                return true;
+            }
         }
-        let state = docker
-            .inspect_container(
-                id,
-                None::<bollard::query_parameters::InspectContainerOptions>,
-            )
+        false
+    })
+    .await;
+    match ready {
+        Ok(true) => TcpStream::connect((ip, 7000))
             .await
-            .unwrap()
-            .state
-            .unwrap_or_default();
-        if state.running != Some(true) || Instant::now() > deadline {
-            panic!(
-                "the parent container never took commands (state {:?}); its output:\n{}",
-                state.status,
-                logs(docker, id).await
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+            .unwrap_or_else(|e| panic!("the parent is ready but refuses commands: {e}")),
+        _ => panic!("the parent container never took commands; its output:\n{printed}"),
     }
 }
 
-async fn logs(docker: &Docker, id: &str) -> String {
+/// The container's output: what it printed so far, and, with `follow`, until it exits.
+fn logs(docker: &Docker, id: &str, follow: bool) -> impl futures::Stream<Item = String> + use<> {
     let options = bollard::query_parameters::LogsOptions {
+        follow,
         stdout: true,
         stderr: true,
         ..Default::default()
     };
-    let mut out = String::new();
-    let mut logs = docker.logs(id, Some(options));
-    while let Some(Ok(chunk)) = logs.next().await {
-        out.push_str(&chunk.to_string());
-    }
-    out
+    docker
+        .logs(id, Some(options))
+        .take_while(|chunk| std::future::ready(chunk.is_ok()))
+        .filter_map(|chunk| std::future::ready(chunk.ok().map(|c| c.to_string())))
+}
+
+/// What the container printed so far.
+async fn output(docker: &Docker, id: &str) -> String {
+    logs(docker, id, false).collect().await
 }
 
 /// Polls the engine until `check` holds, for at most `limit`; returns how long it took.
@@ -478,14 +442,15 @@ fn events(docker: &Docker, ids: &[String]) -> impl futures::Stream<Item = EventM
 }
 
 /// Collects `events` as (action, exit code) until `containers` of them were destroyed; `Err`
-/// with what came if that takes 30 s.
+/// with what came if that takes longer than `limit`.
 async fn until_destroyed(
     events: impl futures::Stream<Item = EventMessage>,
     containers: usize,
+    limit: Duration,
 ) -> Result<Vec<(String, Option<String>)>, Vec<(String, Option<String>)>> {
     let mut events = Box::pin(events);
     let mut seen = Vec::new();
-    let all = tokio::time::timeout(Duration::from_secs(30), async {
+    let all = tokio::time::timeout(limit, async {
         let mut destroyed = 0;
         while let Some(event) = events.next().await {
             let action = event.action.clone().unwrap_or_default();
@@ -655,11 +620,7 @@ async fn a_killed_runner_fails_its_callers_and_is_replaced() {
             .kill_container(&killed, None::<KillContainerOptions>)
             .await
             .unwrap();
-        let (kind, message) = scenario
-            .command("await a")
-            .await
-            .expect_err("the call survived");
-        assert_eq!(kind, "RunnerLost", "{message}");
+        scenario.expect_lost("a").await;
 
         let host = scenario.ok("whoami").await;
         let replacement = scenario.only_runner().await;
@@ -690,19 +651,15 @@ async fn a_partitioned_runner_is_lost_and_exits_by_itself() {
             .await
             .unwrap();
         let cut = Instant::now();
-        let (kind, message) = scenario
-            .command("await a")
-            .await
-            .expect_err("the call survived");
-        assert_eq!(kind, "RunnerLost", "{message}");
+        scenario.expect_lost("a").await;
         let detected = cut.elapsed();
 
         // The container ends by itself (the backend waits its stop grace before forcing).
-        let seen = match until_destroyed(events, 1).await {
+        let seen = match until_destroyed(events, 1, Duration::from_secs(30)).await {
             Ok(seen) => seen,
             Err(seen) => panic!(
                 "the runner container is still there; events: {seen:?}; its output:\n{}",
-                logs(&docker, &runner).await
+                output(&docker, &runner).await
             ),
         };
         let exited = cut.elapsed();
@@ -741,17 +698,14 @@ async fn a_killed_parent_takes_its_runners_with_it() {
             .kill_container(&parent, None::<KillContainerOptions>)
             .await
             .unwrap();
-        let took = until(
-            "every runner container gone",
-            FAILSAFE_WINDOW + Duration::from_secs(10),
-            || async { labelled(&docker, LABEL_PARENT, &parent).await.is_empty() },
-        )
-        .await;
-        // No one is left to remove them: they ended by themselves.
-        let seen = until_destroyed(events, 2)
+        let killed = Instant::now();
+        // No one is left to remove them: they end by themselves.
+        let seen = until_destroyed(events, 2, FAILSAFE_WINDOW + Duration::from_secs(10))
             .await
-            .unwrap_or_else(|seen| panic!("not both destroyed: {seen:?}"));
+            .unwrap_or_else(|seen| panic!("not both runner containers gone: {seen:?}"));
+        let took = killed.elapsed();
         assert_ended_by_failsafe(&seen);
+        assert!(labelled(&docker, LABEL_PARENT, &parent).await.is_empty());
         eprintln!("runners gone {took:?} after the parent was killed");
     })
     .await;
@@ -805,7 +759,7 @@ async fn a_runner_that_never_dials_back_is_removed() {
         // A container that never becomes a runner: `sleep` instead of the app.
         let backend = DockerBackend::builder()
             .image(image().await)
-            .entrypoint(["/sleep"])
+            .entrypoint(["/usr/bin/sleep"])
             .cmd(["600"])
             .stop_grace(Duration::from_millis(200))
             .build()
@@ -874,7 +828,7 @@ async fn the_sweep_removes_runners_whose_parent_is_gone_only() {
                         None::<CreateContainerOptions>,
                         ContainerCreateBody {
                             image: Some(image.to_string()),
-                            entrypoint: Some(vec!["/sleep".into(), "60".into()]),
+                            entrypoint: Some(vec!["/usr/bin/sleep".into(), "60".into()]),
                             labels: Some(labels),
                             ..Default::default()
                         },

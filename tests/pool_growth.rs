@@ -477,12 +477,12 @@ async fn pools_resize_at_run_time() {
 
 /// Models an API backend (a machine or container per runner): what it booted exists at the
 /// "provider" until its handle is destroyed; dropping a handle deletes nothing. Boot `n`
-/// returns `delays[n]` (or at once) after its runner was started.
+/// returns `delays[n]` (or at once) after its runner was started. Tests watch `existing`.
 struct Provider {
     inner: ProcessBackend,
     delays: Vec<Duration>,
     boots: std::sync::atomic::AtomicUsize,
-    existing: std::sync::Arc<std::sync::Mutex<HashSet<String>>>,
+    existing: std::sync::Arc<tokio::sync::watch::Sender<HashSet<String>>>,
 }
 
 impl Provider {
@@ -491,7 +491,7 @@ impl Provider {
             inner,
             delays,
             boots: Default::default(),
-            existing: Default::default(),
+            existing: std::sync::Arc::new(tokio::sync::watch::Sender::new(HashSet::new())),
         }
     }
 }
@@ -499,7 +499,7 @@ impl Provider {
 struct Provisioned {
     inner: Box<dyn RunnerHandle>,
     id: String,
-    existing: std::sync::Arc<std::sync::Mutex<HashSet<String>>>,
+    existing: std::sync::Arc<tokio::sync::watch::Sender<HashSet<String>>>,
 }
 
 impl RunnerHandle for Provisioned {
@@ -514,7 +514,9 @@ impl RunnerHandle for Provisioned {
     fn destroy(self: Box<Self>) -> BoxFuture<'static, ()> {
         Box::pin(async move {
             self.inner.destroy().await;
-            self.existing.lock().unwrap().remove(&self.id);
+            self.existing.send_modify(|existing| {
+                existing.remove(&self.id);
+            });
         })
     }
 }
@@ -535,7 +537,9 @@ impl Backend for Provider {
         Box::pin(async move {
             let inner = boot.await?;
             let id = inner.describe();
-            existing.lock().unwrap().insert(id.clone());
+            existing.send_modify(|existing| {
+                existing.insert(id.clone());
+            });
             tokio::time::sleep(delay).await;
             let handle: Box<dyn RunnerHandle> = Box::new(Provisioned {
                 inner,
@@ -551,7 +555,7 @@ impl Backend for Provider {
 async fn a_boot_that_returns_after_its_deadline_is_destroyed() {
     bounded(BOUND, async {
         let provider = Provider::new(runner(), vec![Duration::from_millis(2500)]);
-        let existing = provider.existing.clone();
+        let mut existing = provider.existing.subscribe();
         let pool = Pool::builder("late")
             .backend(provider)
             .boot_timeout(Duration::from_secs(2))
@@ -560,22 +564,24 @@ async fn a_boot_that_returns_after_its_deadline_is_destroyed() {
             .unwrap();
         let err = flame::call(&pool, add(1, 2)).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::TimedOut, "{err}");
-        let late = existing.lock().unwrap().clone();
+        let late = existing.borrow().clone();
         assert_eq!(late.len(), 1, "the late boot's runner was started");
         // The late runner holds the only place (max 1) until it is destroyed; then the pool
         // boots for the caller waiting meanwhile.
         let waiting = flame::spawn_on(&pool, add(2, 3));
         assert_eq!(waiting.await.unwrap(), 5);
         // The boot's own future was past its deadline: the runner it returns late is destroyed.
-        let started = std::time::Instant::now();
-        while late.iter().any(|id| existing.lock().unwrap().contains(id)) {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "a runner booted past its deadline was never destroyed: {:?}",
-                existing.lock().unwrap()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let destroyed = tokio::time::timeout(
+            Duration::from_secs(10),
+            existing.wait_for(|now| !late.iter().any(|id| now.contains(id))),
+        )
+        .await
+        .is_ok();
+        assert!(
+            destroyed,
+            "a runner booted past its deadline was never destroyed: {:?}",
+            *existing.borrow()
+        );
         pool.shutdown().await;
     })
     .await;
@@ -589,7 +595,7 @@ async fn shut_down_while_booting(delay: Duration) {
         ProcessBackend::new().program("sleep").args(["600"]),
         vec![delay],
     );
-    let existing = provider.existing.clone();
+    let mut existing = provider.existing.subscribe();
     let pool = Pool::builder("booting")
         .backend(provider)
         .boot_timeout(Duration::from_secs(120))
@@ -597,14 +603,12 @@ async fn shut_down_while_booting(delay: Duration) {
         .await
         .unwrap();
     let call = flame::spawn_on(&pool, add(1, 2));
-    while existing.lock().unwrap().is_empty() {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    existing.wait_for(|now| !now.is_empty()).await.unwrap();
     pool.shutdown().await;
     assert!(
-        existing.lock().unwrap().is_empty(),
+        existing.borrow().is_empty(),
         "shutdown returned with a runner still booting: {:?}",
-        existing.lock().unwrap()
+        *existing.borrow()
     );
     assert_eq!(call.await.unwrap_err().kind(), ErrorKind::PoolClosed);
 }

@@ -267,11 +267,17 @@ impl Runner {
     }
 }
 
-/// One call's claim on one runner. Released when dropped, which the runner connection does
-/// when the runner reports the call over.
-/// One runner counted in `exiting` (already counted when this is made): when dropped — its
-/// destroy done, or panicked — it is taken off the count and the pool may grow into the room.
+/// A runner on its way out, counted in `exiting` (so against `max`, and waited for by
+/// shutdown) from when this is made until it is dropped — its destroy done, or panicked — when
+/// the pool may grow into the room.
 struct Exiting(Arc<Shared>);
+
+impl Exiting {
+    fn new(shared: &Arc<Shared>, state: &mut State) -> Exiting {
+        state.exiting += 1;
+        Exiting(shared.clone())
+    }
+}
 
 impl Drop for Exiting {
     fn drop(&mut self) {
@@ -283,6 +289,8 @@ impl Drop for Exiting {
     }
 }
 
+/// One call's claim on one runner. Released when dropped, which the runner connection does
+/// when the runner reports the call over.
 pub(crate) struct Slot {
     shared: Arc<Shared>,
     key: u64,
@@ -618,9 +626,7 @@ impl Shared {
             state.booting -= 1;
             match booted {
                 Ok(runner) if state.closed.is_some() => {
-                    // Counted until destroyed, so shutdown waits for it.
-                    state.exiting += 1;
-                    orphan = Some(runner);
+                    orphan = Some((runner, Exiting::new(&self, &mut state)));
                 }
                 Ok(runner) => {
                     state.runners.push(runner);
@@ -643,8 +649,7 @@ impl Shared {
             duration: started.elapsed(),
             error,
         });
-        if let Some(runner) = orphan {
-            let _exiting = Exiting(self.clone());
+        if let Some((runner, _exiting)) = orphan {
             runner.conn.shutdown(Duration::ZERO);
             if let Some(handle) = runner.handle {
                 handle.destroy().await;
@@ -834,13 +839,13 @@ impl Shared {
 
     /// The runner's connection ended, for `reason`.
     pub(crate) fn runner_gone(self: &Arc<Self>, key: u64, reason: &Error) {
-        let (runner, shrink) = {
+        let (runner, shrink, exiting) = {
             let mut state = self.lock();
             let Some(at) = state.runners.iter().position(|r| r.key == key) else {
                 return;
             };
             let runner = state.runners.swap_remove(at);
-            state.exiting += 1;
+            let exiting = Exiting::new(self, &mut state);
             let shrink = runner.drain.unwrap_or(ShrinkReason::Lost);
             if shrink == ShrinkReason::Lost {
                 tracing::warn!(pool = %self.name, runner = %runner.conn.id, %reason, "flame: runner lost");
@@ -852,14 +857,13 @@ impl Shared {
                 // Keep `min` alive and serve whoever is waiting.
                 self.grow(&mut state, None);
             }
-            (runner, shrink)
+            (runner, shrink, exiting)
         };
         self.hooks.shrink(Shrink {
             pool: self.name.to_string(),
             runner_id: runner.conn.id.clone(),
             reason: shrink,
         });
-        let exiting = Exiting(self.clone());
         tokio::spawn(async move {
             let _exiting = exiting;
             if let Some(handle) = runner.handle {
@@ -877,17 +881,15 @@ impl Shared {
         self: &Arc<Self>,
         boot: tokio::task::JoinHandle<Result<Box<dyn RunnerHandle>, Error>>,
     ) {
-        self.lock().exiting += 1;
-        let exiting = Exiting(self.clone());
+        let exiting = Exiting::new(self, &mut self.lock());
         let limit = self.config.boot_timeout;
         tokio::spawn(async move {
-            let _exiting = exiting;
             match tokio::time::timeout(limit, boot).await {
                 Ok(Ok(Ok(late))) => late.destroy().await,
                 // It failed or panicked: nothing to destroy.
                 Ok(_) => {}
                 Err(_) => tracing::warn!(
-                    pool = %_exiting.0.name,
+                    pool = %exiting.0.name,
                     "flame: a backend boot has not returned a boot window after it was given up; \
                      whatever it starts is left to the runner's own failsafe"
                 ),

@@ -4,7 +4,7 @@
 //! that pool from the same image) it serves the tasks below.
 //!
 //! Commands: `id` (the backend's parent id), `whoami` (a call: the runner's hostname),
-//! `hold NAME` (spawn a task that runs `/sleep 600` in its container, keep its handle),
+//! `hold NAME` (spawn a task that runs `sleep 600` in its container, keep its handle),
 //! `await NAME`, `drop NAME`, `shutdown` (the pool; then the app exits).
 
 use std::collections::HashMap;
@@ -29,13 +29,13 @@ async fn whoami() -> Result<String, String> {
 /// Runs a child process in the runner's container until cancelled (`kill_on_drop`).
 #[flame::task]
 async fn sleep_child(secs: u64) -> Result<(), String> {
-    let status = tokio::process::Command::new("/sleep")
+    let status = tokio::process::Command::new("sleep")
         .arg(secs.to_string())
         .kill_on_drop(true)
         .status()
         .await
-        .map_err(|e| format!("running /sleep: {e}"))?;
-    Err(format!("/sleep ended by itself: {status}"))
+        .map_err(|e| format!("running sleep: {e}"))?;
+    Err(format!("sleep ended by itself: {status}"))
 }
 
 type Held = Arc<Mutex<HashMap<String, JoinHandle<Result<(), String>>>>>;

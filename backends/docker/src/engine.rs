@@ -19,6 +19,11 @@ pub(crate) struct Own {
     pub(crate) networks: Vec<(String, Option<IpAddr>)>,
 }
 
+/// Whether `id` is a full container id (64 hex digits), not a name or a prefix.
+fn is_container_id(id: &str) -> bool {
+    id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 pub(crate) fn is_status(error: &EngineError, status: u16) -> bool {
     matches!(error, EngineError::DockerResponseServerError { status_code, .. } if *status_code == status)
 }
@@ -146,7 +151,7 @@ fn own_id_candidates() -> (Vec<String>, Option<String>) {
                 .split("/containers/")
                 .nth(1)
                 .and_then(|rest| rest.split('/').next())
-                .filter(|id| id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()));
+                .filter(|id| is_container_id(id));
             if let Some(id) = id
                 && !ids.iter().any(|known| known == id)
             {
@@ -208,8 +213,7 @@ pub(crate) async fn gateway(docker: &Docker, network: &str) -> Result<IpAddr, Er
 /// Whether the container a runner names as its parent has stopped or is gone. A parent id that
 /// is not a container id (a parent outside a container) is not judged.
 pub(crate) async fn parent_gone(docker: &Docker, parent: &str) -> Result<bool, Error> {
-    let is_container_id = parent.len() == 64 && parent.bytes().all(|b| b.is_ascii_hexdigit());
-    if !is_container_id {
+    if !is_container_id(parent) {
         return Ok(false);
     }
     match docker

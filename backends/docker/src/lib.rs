@@ -80,8 +80,10 @@ struct Inner {
     /// The address runners dial (with the listener's port).
     advertise: IpAddr,
     parent_id: String,
-    env: BTreeMap<String, String>,
-    labels: BTreeMap<String, String>,
+    /// The builder's env as `KEY=value`, ready for each create.
+    env: Vec<String>,
+    /// The builder's labels and this parent's: each runner adds its pool and id.
+    labels: HashMap<String, String>,
     memory_bytes: Option<i64>,
     nano_cpus: Option<i64>,
     stop_grace: Duration,
@@ -291,13 +293,19 @@ impl DockerBackendBuilder {
                     listen: SocketAddr::from(([127, 0, 0, 1], 0)),
                     advertise: IpAddr::from([127, 0, 0, 1]),
                     parent_id: String::new(),
-                    env: BTreeMap::new(),
-                    labels: BTreeMap::new(),
+                    env: Vec::new(),
+                    labels: HashMap::new(),
                     memory_bytes: None,
                     nano_cpus: None,
                     stop_grace: self.stop_grace,
                 }),
             });
+        }
+        if let Some(cpus) = self.cpus.filter(|cpus| !cpus.is_finite() || *cpus <= 0.0) {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!("cpus must be above zero, not {cpus}"),
+            ));
         }
         let docker = match self.docker {
             Some(docker) => docker,
@@ -314,16 +322,10 @@ impl DockerBackendBuilder {
             .await
             .map_err(|e| engine::unreachable(&e))?;
         let own = engine::own_container(&docker).await?;
-        if let Some(cpus) = self.cpus.filter(|cpus| !cpus.is_finite() || *cpus <= 0.0) {
-            return Err(Error::new(
-                ErrorKind::Config,
-                format!("cpus must be above zero, not {cpus}"),
-            ));
-        }
 
-        let (image, cmd) = match (self.image, &own) {
-            (Some(image), _) => (image, self.cmd),
-            (None, Some(own)) => (own.image.clone(), self.cmd.or_else(|| own.cmd.clone())),
+        let image = match (self.image, &own) {
+            (Some(image), _) => image,
+            (None, Some(own)) => own.image.clone(),
             (None, None) => {
                 return Err(Error::new(
                     ErrorKind::Config,
@@ -332,12 +334,15 @@ impl DockerBackendBuilder {
                 ));
             }
         };
-        // Runners of the parent's own image run its entrypoint; another image, its own.
-        let entrypoint = match (&own, image == own.as_ref().map_or("", |o| &o.image)) {
-            _ if self.entrypoint.is_some() => self.entrypoint,
-            (Some(own), true) => own.entrypoint.clone(),
-            _ => None,
-        };
+        // Runners of the parent's own image run its entrypoint and command; of another image,
+        // that image's.
+        let own_image = own.as_ref().filter(|own| own.image == image);
+        let entrypoint = self
+            .entrypoint
+            .or_else(|| own_image.and_then(|own| own.entrypoint.clone()));
+        let cmd = self
+            .cmd
+            .or_else(|| own_image.and_then(|own| own.cmd.clone()));
         let network = match (self.network, &own) {
             (Some(network), _) => network,
             (None, Some(own)) => match own.networks.as_slice() {
@@ -395,6 +400,9 @@ impl DockerBackendBuilder {
             .parent_id
             .or_else(|| own.as_ref().map(|own| own.id.clone()))
             .unwrap_or_else(random_id);
+        let env = self.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut labels: HashMap<String, String> = self.labels.into_iter().collect();
+        labels.insert(LABEL_PARENT.into(), parent_id.clone());
         let memory_bytes = self.memory_mb.map(|mb| (mb * 1024 * 1024) as i64);
         let nano_cpus = self.cpus.map(|cpus| (cpus * 1e9) as i64);
         Ok(DockerBackend {
@@ -407,8 +415,8 @@ impl DockerBackendBuilder {
                 listen,
                 advertise,
                 parent_id,
-                env: self.env,
-                labels: self.labels,
+                env,
+                labels,
                 memory_bytes,
                 nano_cpus,
                 stop_grace: self.stop_grace,
@@ -465,11 +473,10 @@ impl Inner {
     async fn create(&self, spec: &BootSpec) -> Result<String, Error> {
         let docker = self.docker()?;
         let (key, value) = spec.handoff_env();
-        let mut env = vec![format!("{key}={value}")];
-        env.extend(self.env.iter().map(|(k, v)| format!("{k}={v}")));
-        let mut labels: HashMap<String, String> = self.labels.clone().into_iter().collect();
+        let mut env = self.env.clone();
+        env.push(format!("{key}={value}"));
+        let mut labels = self.labels.clone();
         labels.insert(LABEL_POOL.into(), spec.pool().into());
-        labels.insert(LABEL_PARENT.into(), self.parent_id.clone());
         labels.insert(LABEL_RUNNER.into(), spec.runner_id().into());
         let body = ContainerCreateBody {
             image: Some(self.image.clone()),
