@@ -1,5 +1,6 @@
 //! Cancel on drop: a dropped or aborted JoinHandle makes the runner drop the task's future, and
-//! the task's `kill_on_drop` child process dies with it.
+//! the task's `kill_on_drop` child process dies with it. A task that can't be dropped (it never
+//! reaches an `.await`) gets its runner recycled after `cancel_grace`.
 
 use std::time::{Duration, Instant};
 
@@ -169,6 +170,72 @@ async fn awaiting_a_mutable_reference_is_cancel_safe() {
         assert!(!handle.is_finished());
         let there = handle.await.expect("the call survived the dropped await");
         assert!(there.runner.is_some());
+        pool.shutdown().await;
+    })
+    .await;
+}
+
+const GRACE: Duration = Duration::from_millis(500);
+
+async fn recycling_pool(name: &str) -> Pool {
+    Pool::builder(name)
+        .backend(ProcessBackend::new().program(RUNNER))
+        .max(1)
+        .max_concurrency(3)
+        .cancel_grace(GRACE)
+        .start()
+        .await
+        .expect("pool starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_tasks_that_never_yield_get_their_runner_recycled() {
+    bounded(BOUND, async {
+        let pool = recycling_pool("recycled").await;
+        let runner = flame::call(&pool, whereabouts()).await.unwrap().pid;
+        // One spins, one sleeps its thread: neither reaches an `.await` for an hour.
+        let marker = scratch_dir("recycled").join("spinning");
+        let spinning = flame::spawn_on(&pool, spin_after_marking(marker.clone(), 3_600_000));
+        let blocked =
+            flame::spawn_on(&pool, block_thread_ms(3_600_000).timeout(Duration::from_secs(1)));
+        wait_for_file(&marker, BOUND).await.expect("the task spins");
+        drop(spinning);
+        let err = blocked.await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::TimedOut, "{err}");
+        let last_cancel = Instant::now();
+
+        // Meanwhile the pool serves: this call gets the replacement runner.
+        let next = flame::call(&pool, whereabouts()).await.unwrap();
+        assert_ne!(next.pid, runner, "a call went to the recycled runner");
+        assert!(
+            wait_gone(runner, GRACE + Duration::from_secs(1)).await,
+            "the recycled runner still runs"
+        );
+        println!(
+            "a runner whose cancelled calls never stopped was gone {:?} after the last cancel (grace {GRACE:?})",
+            last_cancel.elapsed()
+        );
+        let stats = pool.stats();
+        assert_eq!((stats.recycled, stats.in_flight, stats.booted), (1, 0, 2));
+        pool.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recycled_runners_other_calls_finish_before_it_stops() {
+    bounded(BOUND, async {
+        let pool = recycling_pool("recycled-others").await;
+        let marker = scratch_dir("recycled-others").join("spinning");
+        let stuck = flame::spawn_on(&pool, spin_after_marking(marker.clone(), 3_600_000));
+        let other = flame::spawn_on(&pool, sleep_ms(2_000));
+        wait_for_file(&marker, BOUND).await.expect("the task spins");
+        drop(stuck);
+        // The other call outlives the grace: it finishes (within `shutdown_timeout`) on the
+        // runner being recycled, which then stops.
+        let there = other.await.unwrap();
+        assert!(wait_gone(there.pid, Duration::from_secs(2)).await);
+        assert_eq!(pool.stats().recycled, 1);
         pool.shutdown().await;
     })
     .await;

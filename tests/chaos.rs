@@ -41,31 +41,7 @@ async fn chaos() {
     let known: Arc<Mutex<HashSet<u32>>> = Arc::default();
     let every_pid: Arc<Mutex<HashSet<u32>>> = Arc::default();
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let killer = tokio::spawn({
-        let (known, done) = (known.clone(), done.clone());
-        async move {
-            let (mut kills, mut stops, mut tick) = (0u32, 0u32, 0u64);
-            while !done.load(SeqCst) {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                tick += 1;
-                let victims: Vec<u32> = known.lock().unwrap().iter().copied().collect();
-                if victims.is_empty() {
-                    continue;
-                }
-                let victim = victims[(tick as usize * 7919) % victims.len()];
-                known.lock().unwrap().remove(&victim);
-                if tick % 5 == 0 {
-                    // SAFETY: kill(2) on a runner pid this test's pool started.
-                    unsafe { libc::kill(victim as libc::pid_t, libc::SIGSTOP) };
-                    stops += 1;
-                } else {
-                    kill(victim);
-                    kills += 1;
-                }
-            }
-            (kills, stops)
-        }
-    });
+    let killer = spawn_killer(known.clone(), done.clone(), Duration::from_millis(200));
 
     let started = Instant::now();
     let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();

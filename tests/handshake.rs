@@ -86,26 +86,6 @@ async fn another_builds_manifest_is_rejected_by_name() {
     .await;
 }
 
-/// Records where the parent listens, then boots normally.
-struct Spy {
-    inner: ProcessBackend,
-    addr: Arc<Mutex<Option<String>>>,
-}
-
-impl Backend for Spy {
-    fn name(&self) -> &str {
-        "spy"
-    }
-
-    fn boot(
-        &self,
-        spec: BootSpec,
-    ) -> BoxFuture<'static, Result<Box<dyn RunnerHandle>, flame::Error>> {
-        *self.addr.lock().unwrap() = Some(spec.parent_addr().to_string());
-        self.inner.boot(spec)
-    }
-}
-
 /// The runner → parent messages as they look on the wire (mirrors of flame-rt's private types:
 /// the point is to write bytes a real runner never would).
 #[derive(serde::Serialize)]
@@ -149,12 +129,17 @@ fn frame(payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A stranger's hello: it can't know the runner's token.
 fn hello(protocol: u32, runner_id: &str) -> Vec<u8> {
+    hello_with_token(protocol, runner_id, [7; 16])
+}
+
+fn hello_with_token(protocol: u32, runner_id: &str, token: [u8; 16]) -> Vec<u8> {
     frame(
         &postcard::to_stdvec(&ToParentWire::Hello(HelloWire {
             protocol,
             runner_id: runner_id.into(),
-            token: [7; 16],
+            token,
             fingerprint: "attacker".into(),
             manifest_hash: 0,
             manifest: vec![],
@@ -230,10 +215,19 @@ async fn bad_input_on_the_listener_harms_nothing() {
                 "the parent answered an unauthenticated peer: {answer:?}"
             );
         }
-        let reason = refusal(&throw(&addr, &hello(99, "badinput-1"), false).await);
-        assert!(reason.contains("protocol version mismatch"), "{reason}");
-        let reason = refusal(&throw(&addr, &hello(2, "nobody-9"), false).await);
-        assert!(reason.contains("unknown runner id"), "{reason}");
+        // A stranger learns nothing, not even whether the runner id it names exists: a hello
+        // without the runner's token gets no answer, whatever its version.
+        for stranger in [
+            hello(99, "badinput-1"),
+            hello(2, "badinput-1"),
+            hello(2, "nobody-9"),
+        ] {
+            let answer = throw(&addr, &stranger, false).await;
+            assert!(
+                answer.is_empty(),
+                "the parent answered a stranger's hello: {answer:?}"
+            );
+        }
         // A peer that never finishes its hello is cut off (slowloris).
         let started = std::time::Instant::now();
         throw(&addr, b"\x00\x00", false).await;
@@ -268,4 +262,125 @@ fn a_binary_without_tasks_is_told_how_to_link_them() {
         "{text}"
     );
     assert!(text.contains("use my_tasks as _;"), "{text}");
+}
+
+/// Boots nothing: records the boot's hand-off and where the parent listens, so the test can play
+/// the runner (or a stranger); its runner never exits by itself.
+#[derive(Clone, Default)]
+struct Puppet {
+    /// `(parent address, runner id, hand-off)` of the boot in progress.
+    booting: Arc<Mutex<Option<(String, String, String)>>>,
+    booted: Arc<tokio::sync::Notify>,
+    /// Boots a real runner after this long, if set.
+    then_boot: Option<(ProcessBackend, Duration)>,
+}
+
+struct Puppeteered;
+
+impl RunnerHandle for Puppeteered {
+    fn describe(&self) -> String {
+        "a runner played by the test".into()
+    }
+    fn exited(&mut self) -> BoxFuture<'_, String> {
+        Box::pin(std::future::pending())
+    }
+    fn destroy(self: Box<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
+}
+
+impl Backend for Puppet {
+    fn name(&self) -> &str {
+        "puppet"
+    }
+
+    fn boot(
+        &self,
+        spec: BootSpec,
+    ) -> BoxFuture<'static, Result<Box<dyn RunnerHandle>, flame::Error>> {
+        *self.booting.lock().unwrap() = Some((
+            spec.parent_addr().to_string(),
+            spec.runner_id().to_string(),
+            spec.handoff_env().1.to_string(),
+        ));
+        self.booted.notify_one();
+        match &self.then_boot {
+            Some((backend, after)) => {
+                let (boot, after) = (backend.boot(spec), *after);
+                Box::pin(async move {
+                    tokio::time::sleep(after).await;
+                    boot.await
+                })
+            }
+            None => Box::pin(async { Ok(Box::new(Puppeteered) as Box<dyn RunnerHandle>) }),
+        }
+    }
+}
+
+impl Puppet {
+    async fn pool(&self, name: &str) -> Pool {
+        Pool::builder(name)
+            .backend(self.clone())
+            .max(1)
+            .start()
+            .await
+            .unwrap()
+    }
+
+    async fn booting(&self) -> (String, String, String) {
+        self.booted.notified().await;
+        self.booting.lock().unwrap().clone().unwrap()
+    }
+}
+
+fn unhex(hex: &str) -> [u8; 16] {
+    let mut out = [0; 16];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap();
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strangers_hello_for_a_booting_runner_changes_nothing() {
+    bounded(BOUND, async {
+        // The real runner dials back 1.5 s into its boot; a stranger gets in first, naming it.
+        let puppet = Puppet {
+            then_boot: Some((
+                ProcessBackend::new().program(RUNNER),
+                Duration::from_millis(1500),
+            )),
+            ..Puppet::default()
+        };
+        let pool = puppet.pool("victim").await;
+        let call = flame::spawn_on(&pool, add(1, 2));
+        let (addr, runner_id, _) = puppet.booting().await;
+        for _ in 0..3 {
+            let answer = throw(&addr, &hello(2, &runner_id), false).await;
+            assert!(answer.is_empty(), "the stranger was answered: {answer:?}");
+        }
+        assert_eq!(call.await.unwrap(), 3, "the boot waited for its runner");
+        let stats = pool.stats();
+        assert_eq!((stats.booted, stats.failed_boots), (1, 0));
+        pool.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_with_its_token_but_another_protocol_is_told_why() {
+    bounded(BOUND, async {
+        let puppet = Puppet::default();
+        let pool = puppet.pool("oldrelease").await;
+        let call = flame::spawn_on(&pool, add(1, 2));
+        let (addr, runner_id, handoff) = puppet.booting().await;
+        let token = unhex(field(&handoff, "token").unwrap());
+        let reason = refusal(&throw(&addr, &hello_with_token(99, &runner_id, token), false).await);
+        assert!(reason.contains("protocol version mismatch"), "{reason}");
+        let err = call.await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Rejected, "{err}");
+        assert!(err.message().contains("protocol version mismatch"), "{err}");
+        pool.shutdown().await;
+    })
+    .await;
 }

@@ -61,36 +61,37 @@ fn samples(snapshot: &Snapshot, name: &str, labels: &[(&str, &str)]) -> Vec<f64>
 
 #[test]
 fn calls_waits_boots_and_runners_add_up() {
+    // Global, as an app installs its exporter: outcomes are recorded on the thread that
+    // resolves a call (the connection's), not the caller's. This binary has no other test.
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
+    metrics::set_global_recorder(recorder).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    metrics::with_local_recorder(&recorder, || {
-        runtime.block_on(bounded(BOUND, async {
-            let pool = Pool::builder("metered")
-                .backend(ProcessBackend::new().program(RUNNER))
-                .max(1)
-                .max_concurrency(1)
-                .start()
-                .await
-                .unwrap();
-            for i in 0..5 {
-                assert_eq!(flame::call(&pool, add(i, 1)).await.unwrap(), i + 1);
-            }
-            let err = flame::call(&pool, panic_with("on purpose".into()))
-                .await
-                .unwrap_err();
-            assert_eq!(err.kind(), ErrorKind::Panicked);
-            // One call waits for the slot the other holds.
-            let busy = flame::spawn_on(&pool, sleep_ms(100));
-            let waiting = flame::spawn_on(&pool, add(1, 1));
-            busy.await.unwrap();
-            assert_eq!(waiting.await.unwrap(), 2);
-            pool.shutdown().await;
-        }))
-    });
+    runtime.block_on(bounded(BOUND, async {
+        let pool = Pool::builder("metered")
+            .backend(ProcessBackend::new().program(RUNNER))
+            .max(1)
+            .max_concurrency(1)
+            .start()
+            .await
+            .unwrap();
+        for i in 0..5 {
+            assert_eq!(flame::call(&pool, add(i, 1)).await.unwrap(), i + 1);
+        }
+        let err = flame::call(&pool, panic_with("on purpose".into()))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Panicked);
+        // One call waits for the slot the other holds.
+        let busy = flame::spawn_on(&pool, sleep_ms(100));
+        let waiting = flame::spawn_on(&pool, add(1, 1));
+        busy.await.unwrap();
+        assert_eq!(waiting.await.unwrap(), 2);
+        pool.shutdown().await;
+    }));
 
     // One snapshot: taking one resets every value.
     let snapshot = snapshotter.snapshot().into_vec();

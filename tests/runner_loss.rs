@@ -40,11 +40,45 @@ async fn killing_a_runner_fails_its_calls_with_runner_lost() {
             noticed < Duration::from_secs(1),
             "in-flight calls failed only after {noticed:?}"
         );
-        kill(child_pid); // SIGKILL of the runner leaves its child to init: not ours to judge here.
+        // Its process group goes with it: the task's child too.
+        assert!(
+            wait_gone(child_pid, Duration::from_secs(1)).await,
+            "the killed runner's task child outlived it"
+        );
 
         // The pool heals: the next call boots a fresh runner.
         let there = flame::call(&pool, whereabouts()).await.unwrap();
         assert_ne!(there.pid, runner_pid);
+        pool.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_runner_takes_every_child_of_its_tasks_with_it() {
+    bounded(BOUND, async {
+        let pool = Pool::builder("killed-group")
+            .backend(ProcessBackend::new().program(RUNNER))
+            .max(1)
+            .start()
+            .await
+            .unwrap();
+        let dir = scratch_dir("killed-group");
+        let held = flame::spawn_on(&pool, hold_children(dir.clone()));
+        let pids = held_all_pids(&dir).await;
+        let (runner, children) = (pids[0], &pids[1..]);
+        kill(runner);
+        assert!(held.await.unwrap_err().is_runner_lost());
+        for &child in children {
+            let gone = wait_gone(child, Duration::from_secs(1)).await;
+            if !gone {
+                kill(child);
+            }
+            assert!(
+                gone,
+                "child {child} of the killed runner's task outlived it"
+            );
+        }
         pool.shutdown().await;
     })
     .await;
@@ -70,8 +104,7 @@ async fn parent_killed_leaves_nothing(pdeathsig: &str) {
     }
     let mut pids = Vec::new();
     for i in 0..3 {
-        let (runner, child) = held_pids(&dir.join(i.to_string())).await;
-        pids.extend([runner, child]);
+        pids.extend(held_all_pids(&dir.join(i.to_string())).await);
     }
     assert!(
         pids.iter().all(|&p| !is_gone(p)),

@@ -50,10 +50,11 @@ pub fn main(attr: TokenStream, item: TokenStream) -> TokenStream {
     }
 }
 
-/// `crate = "..."`, plus the options only `main` takes.
+/// `crate = "..."`, `blocking` (task only), plus the options only `main` takes.
 #[derive(Default)]
 struct Options {
     krate: Option<syn::Path>,
+    blocking: bool,
     flavor: Option<LitStr>,
     worker_threads: Option<LitInt>,
     graceful_shutdown: Option<syn::LitBool>,
@@ -65,6 +66,9 @@ fn parse_options(attr: TokenStream2, allow_runtime: bool) -> syn::Result<Options
         if meta.path.is_ident("crate") {
             let lit: LitStr = meta.value()?.parse()?;
             options.krate = Some(lit.parse()?);
+            Ok(())
+        } else if !allow_runtime && meta.path.is_ident("blocking") {
+            options.blocking = true;
             Ok(())
         } else if allow_runtime && meta.path.is_ident("flavor") {
             let lit: LitStr = meta.value()?.parse()?;
@@ -85,7 +89,7 @@ fn parse_options(attr: TokenStream2, allow_runtime: bool) -> syn::Result<Options
         } else if allow_runtime {
             Err(meta.error("unknown option: #[flame::main] takes crate, flavor, worker_threads and graceful_shutdown"))
         } else {
-            Err(meta.error("unknown option: #[flame::task] takes only crate = \"...\""))
+            Err(meta.error("unknown option: #[flame::task] takes `blocking` and `crate = \"...\"`"))
         }
     });
     parser.parse2(attr)?;
@@ -212,6 +216,15 @@ fn expand_task(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
     });
     let ret_assert = quote_spanned! {ret.span()=> #krate::__private::assert_ret::<#ret>(); };
     let private = quote!(#krate::__private);
+    // `blocking`: the body runs on Tokio's blocking pool, so heavy work holds no worker.
+    let run_body = |idents: &[syn::Ident]| {
+        if options.blocking {
+            quote!(#private::run_blocking(__flame_body(#(#idents),*)))
+        } else {
+            quote!(__flame_body(#(#idents),*))
+        }
+    };
+    let local_body = run_body(&idents);
     // Trait-bound errors on the argument tuple point at the argument list, not the attribute.
     let args_span = if sig.inputs.is_empty() {
         sig.ident.span()
@@ -254,7 +267,7 @@ fn expand_task(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
 
             fn __flame_local(args: (#(#types,)*)) -> #private::BoxFuture<'static, #ret> {
                 let (#(#idents,)*) = args;
-                ::std::boxed::Box::pin(__flame_body(#(#idents),*))
+                ::std::boxed::Box::pin(#local_body)
             }
 
             fn __flame_invoke(
@@ -262,7 +275,7 @@ fn expand_task(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
             ) -> ::core::result::Result<#private::RunningTask, ::std::string::String> {
                 let (#(#idents,)*): (#(#types,)*) = #decode;
                 ::core::result::Result::Ok(::std::boxed::Box::pin(async move {
-                    let output: #ret = __flame_body(#(#idents),*).await;
+                    let output: #ret = #local_body.await;
                     #private::encode_result(&output)
                 }))
             }

@@ -21,6 +21,7 @@ pub(crate) struct Config {
     pub(crate) timeout: Option<Duration>,
     pub(crate) single_use: bool,
     pub(crate) shutdown_timeout: Duration,
+    pub(crate) cancel_grace: Duration,
     pub(crate) heartbeat_interval: Duration,
     pub(crate) heartbeat_miss_limit: u32,
     pub(crate) prewarm_at: Option<f64>,
@@ -42,6 +43,7 @@ pub(crate) struct Config {
 /// | [`timeout`](Self::timeout) | none | default deadline of every call |
 /// | [`single_use`](Self::single_use) | false | each runner serves one call, then exits |
 /// | [`shutdown_timeout`](Self::shutdown_timeout) | 30 s | how long [`Pool::shutdown`] waits for calls in flight |
+/// | [`cancel_grace`](Self::cancel_grace) | 5 s | a cancelled call still running this long gets its runner recycled |
 /// | [`prewarm_at`](Self::prewarm_at) | off | boot the next runner early at this utilisation |
 /// | `tls` (feature `tls`) | off | encrypt runner connections, parent certificate pinned by fingerprint |
 /// | [`heartbeat_interval`](Self::heartbeat_interval) | 1 s | how often both sides say they are alive |
@@ -73,6 +75,7 @@ impl PoolBuilder {
                 timeout: None,
                 single_use: false,
                 shutdown_timeout: Duration::from_secs(30),
+                cancel_grace: Duration::from_secs(5),
                 heartbeat_interval: Duration::from_secs(1),
                 heartbeat_miss_limit: 5,
                 prewarm_at: None,
@@ -147,6 +150,22 @@ impl PoolBuilder {
     /// How long [`Pool::shutdown`] lets in-flight calls finish. Default 30 s.
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.config.shutdown_timeout = timeout;
+        self
+    }
+
+    /// How long a cancelled or timed-out call may go on running on its runner. Default 5 s.
+    ///
+    /// Cancelling drops the task's future on the runner, which stops it at its next `.await`;
+    /// a task that never gets there (a tight CPU loop, a blocking call, `spawn_blocking` work it
+    /// waits on) would hold its slot and a core for ever. When a cancelled call is still running
+    /// after `cancel_grace`, the pool recycles its runner: the call's slot is freed, no new call
+    /// goes to that runner, its other calls get [`shutdown_timeout`](Self::shutdown_timeout) to
+    /// finish (past it they fail with [`ErrorKind::RunnerLost`](crate::ErrorKind::RunnerLost)),
+    /// then the runner is stopped — its process, and the process group its tasks' children are
+    /// in, killed if need be — and a replacement boots when calls need one. Logged at `warn`
+    /// and counted in [`PoolStats::recycled`](crate::PoolStats::recycled).
+    pub fn cancel_grace(mut self, grace: Duration) -> Self {
+        self.config.cancel_grace = grace;
         self
     }
 

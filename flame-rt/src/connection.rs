@@ -31,6 +31,10 @@ pub(crate) struct RunnerConn {
     next_call: AtomicU64,
     /// The channels of the calls running here.
     routes: Routes,
+    /// How long a cancelled call may go on running before the runner is recycled.
+    cancel_grace: Duration,
+    /// Cancelled calls to look at again once their grace is over (the reader loop does).
+    overdue: tokio::sync::mpsc::UnboundedSender<u64>,
 }
 
 #[derive(Default)]
@@ -42,7 +46,8 @@ struct Pending {
 
 struct Running {
     call: QueuedCall,
-    slot: Slot,
+    /// Taken early from a cancelled call that did not stop in time, whose runner is recycled.
+    slot: Option<Slot>,
     /// How many channels the call carries.
     chans: u32,
 }
@@ -129,15 +134,28 @@ impl RunnerConn {
                 self.routes.arm(id, chan, pump);
             }
         }
-        pending.calls.insert(id, Running { call, slot, chans });
+        pending.calls.insert(
+            id,
+            Running {
+                call,
+                slot: Some(slot),
+                chans,
+            },
+        );
         Ok((self.clone(), id))
     }
 
-    /// Asks the runner to drop the call's future. Its slot comes back with the acknowledgement.
+    /// Asks the runner to drop the call's future. Its slot comes back with the acknowledgement,
+    /// or, if none comes within `cancel_grace`, when the runner is recycled.
     pub(crate) fn cancel(&self, call: u64) {
         let pending = self.lock();
         if pending.calls.contains_key(&call) {
             self.push(&ToRunner::Cancel { call });
+            let (overdue, grace) = (self.overdue.clone(), self.cancel_grace);
+            crate::io_runtime::spawn(async move {
+                tokio::time::sleep(grace).await;
+                let _ = overdue.send(call);
+            });
         }
     }
 
@@ -164,16 +182,29 @@ pub(crate) fn start(
     welcome: Welcome,
 ) -> Arc<RunnerConn> {
     let out = Outbox::new();
+    let (overdue, overdue_calls) = tokio::sync::mpsc::unbounded_channel();
     let conn = Arc::new(RunnerConn {
         id,
         out,
         pending: Mutex::new(Pending::default()),
         next_call: AtomicU64::new(1),
         routes: Routes::default(),
+        cancel_grace: shared.config.cancel_grace,
+        overdue,
     });
-    let writer = tokio::spawn(wire::write_loop(writer, conn.out.clone()));
+    // On the protocol's runtime: the runner must hear our heartbeats, and we its, whatever the
+    // app's tasks are doing with its workers.
+    let writer = crate::io_runtime::spawn(wire::write_loop(writer, conn.out.clone()));
     conn.push(&ToRunner::Welcome(welcome.clone()));
-    tokio::spawn(read(shared, key, conn.clone(), reader, writer, welcome));
+    crate::io_runtime::spawn(read(
+        shared,
+        key,
+        conn.clone(),
+        reader,
+        writer,
+        welcome,
+        overdue_calls,
+    ));
     conn
 }
 
@@ -184,6 +215,7 @@ async fn read(
     reader: BoxRead,
     writer: tokio::task::JoinHandle<()>,
     welcome: Welcome,
+    mut overdue: tokio::sync::mpsc::UnboundedReceiver<u64>,
 ) {
     let id = &conn.id;
     let heartbeat = Duration::from_millis(welcome.heartbeat_ms);
@@ -251,6 +283,14 @@ async fn read(
                     }
                     Some(Err(e)) => break Error::new(ErrorKind::RunnerLost, format!("runner {id}: {e}")),
                     None => break Error::new(ErrorKind::RunnerLost, format!("runner {id} closed its connection (it exited or crashed)")),
+                }
+            }
+            Some(call) = overdue.recv() => {
+                // Still running past its cancel's grace: it blocks its thread or never yields.
+                let stuck = conn.lock().calls.get_mut(&call).and_then(|r| Some((r.slot.take()?, r.call.def.id)));
+                if let Some((slot, task)) = stuck {
+                    shared.recycle(key, task, call);
+                    drop(slot);
                 }
             }
             _ = ticker.tick() => {

@@ -40,7 +40,8 @@ pub fn frames(data: &[u8]) {
         if let Ok(ToParent::Hello(hello)) = wire::decode::<ToParent>(&frame)
             && let Ok(registry) = crate::task::registry()
         {
-            let _ = crate::handshake::check(&hello, &[0; 16], registry);
+            let _ = crate::handshake::token_matches(&hello, &[0; 16]);
+            let _ = crate::handshake::check(&hello, registry);
         }
     }
 }

@@ -28,16 +28,17 @@ pub(crate) fn version_mismatch(version: u32) -> String {
     )
 }
 
-/// Why the parent refuses a runner that named a runner id it expected.
-pub(crate) fn check(hello: &Hello, token: &[u8; 16], registry: &Registry) -> Result<(), String> {
+/// Whether the hello carries the token of the runner it names, compared in constant time. The
+/// listener asks this first: nothing else about a hello counts until it holds.
+pub(crate) fn token_matches(hello: &Hello, token: &[u8; 16]) -> bool {
+    bool::from(hello.token.ct_eq(token))
+}
+
+/// Why the parent refuses a runner that proved its token: another protocol version, or another
+/// build's tasks.
+pub(crate) fn check(hello: &Hello, registry: &Registry) -> Result<(), String> {
     if hello.protocol != PROTOCOL_VERSION {
         return Err(version_mismatch(hello.protocol));
-    }
-    if !bool::from(hello.token.ct_eq(token)) {
-        return Err(format!(
-            "runner {} presented a wrong token; only a runner booted by this parent can join it",
-            hello.runner_id
-        ));
     }
     if hello.manifest_hash != registry.manifest_hash {
         return Err(format!(
@@ -49,11 +50,11 @@ pub(crate) fn check(hello: &Hello, token: &[u8; 16], registry: &Registry) -> Res
     Ok(())
 }
 
-/// Everything the parent checks on a hello whose runner id it expected: protocol, token,
-/// task manifest. A different build with the same tasks is allowed (and logged).
-pub(crate) fn verify(hello: &Hello, token: &[u8; 16]) -> Result<(), String> {
+/// Everything the parent checks on a hello that proved its token: protocol and task manifest.
+/// A different build with the same tasks is allowed (and logged).
+pub(crate) fn verify(hello: &Hello) -> Result<(), String> {
     let registry = registry().map_err(|e| e.to_string())?;
-    check(hello, token, registry)?;
+    check(hello, registry)?;
     if hello.fingerprint != fingerprint() {
         tracing::debug!(
             runner = %hello.runner_id,

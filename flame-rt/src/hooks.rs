@@ -35,6 +35,8 @@ pub enum ShrinkReason {
     Shutdown,
     /// It died, its connection ended, or its `main` failed.
     Lost,
+    /// A cancelled call on it did not stop within `cancel_grace`: it was stopped and replaced.
+    Recycled,
 }
 
 /// A runner boot has started: passed to [`on_grow_start`](crate::PoolBuilder::on_grow_start).

@@ -51,7 +51,7 @@
 //! | graceful shutdown on SIGTERM/SIGINT, [`shutdown_all`] | `shutdown.rs` |
 //! | [`Backend`]: [`ProcessBackend`], [`LocalBackend`] | `backend/` |
 //! | [`channel()`]: typed channels that cross to runners, streaming files | `channel/` (the halves; `bridge.rs`: pumps, credit, routes) |
-//! | the wire protocol | `wire.rs`, `handshake.rs` |
+//! | the wire protocol | `wire.rs`, `handshake.rs`; the thread it runs on, which tasks can't block: `io_runtime.rs` |
 //!
 //! # Semantics in brief
 //!
@@ -66,9 +66,14 @@
 //! - **Streams are arguments.** A [`channel()`] half passed to a task connects the caller and the
 //!   task over the runner's connection, with backpressure end to end; it ends with its call.
 //!   [`channel::stream_reader`] streams a file to a task in one line. See [`channel`](mod@channel).
-//! - **Strangers are refused.** Each runner proves itself with a one-time 128-bit token, and
-//!   parent and runner compare their task manifests, so a different build is refused with a
-//!   reason instead of mis-decoding arguments.
+//! - **Strangers are refused.** Each runner proves itself with a one-time 128-bit token before
+//!   anything it says counts (a stranger naming a booting runner changes nothing and is not
+//!   answered), and parent and runner compare their task manifests, so a different build is
+//!   refused with a reason instead of mis-decoding arguments.
+//! - **Heavy work is welcome.** The protocol runs on a thread of its own on both sides, so a task
+//!   that computes for minutes without an `.await` never gets its runner taken for lost; see
+//!   [`#[flame::task]`](task) for `blocking`, and [`PoolBuilder::cancel_grace`] for what happens
+//!   to a cancelled task that never yields.
 //!
 //! # Feature flags
 //!
@@ -132,6 +137,7 @@ mod error;
 pub mod fuzz;
 mod handshake;
 mod hooks;
+mod io_runtime;
 mod join;
 mod listener;
 mod metrics;
@@ -168,6 +174,23 @@ pub use shutdown::shutdown_all;
 /// so must the return type. The task is registered under `module_path!()::fn_name` with a hash
 /// of its signature. With a renamed dependency, say where flame is:
 /// `#[flame::task(crate = "my_flame")]`.
+///
+/// # Heavy work
+///
+/// A task may compute for minutes without yielding or call a blocking library: its runner keeps
+/// answering heartbeats and cancels regardless, since the protocol runs on a thread of its own.
+/// But such a body holds one of the app's worker threads while it runs, so the app's other async
+/// work on that runner (a web server, a DB pool's housekeeping) waits. Mark it
+/// `#[flame::task(blocking)]` and the body runs on Tokio's blocking pool instead (it may still
+/// `.await`); or wrap just the heavy part in [`tokio::task::spawn_blocking`]. Either way a
+/// cancel takes effect at the body's next `.await`: work that never awaits runs to its end.
+///
+/// ```
+/// #[flame::task(blocking)]
+/// async fn checksum(data: Vec<u8>) -> u64 {
+///     data.iter().fold(0u64, |h, b| h.rotate_left(5) ^ u64::from(*b)) // pure CPU, no .await
+/// }
+/// ```
 pub use flame_rt_macros::task;
 
 /// Like `#[tokio::main]`, plus runner mode: when the process was booted as a runner, it
@@ -212,7 +235,7 @@ pub mod __private {
     pub use crate::runtime::{MainOutput, run_main, run_test};
     pub use crate::task::{
         Registration, RunningTask, TaskDef, assert_arg, assert_ret, decode_args, encode_result,
-        encodes, sig_hash,
+        encodes, run_blocking, sig_hash,
     };
     pub use bytes::Bytes;
     pub use futures::future::BoxFuture;

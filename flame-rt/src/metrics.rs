@@ -1,5 +1,7 @@
 //! Metrics through the `metrics` crate's facade (feature `metrics`): whatever recorder the app
 //! installs (Prometheus, StatsD...) gets them. Without the feature these are empty and vanish.
+//! Install it globally: calls are resolved, and runners lost, on the protocol's own thread
+//! (`io_runtime`), which a thread-local recorder does not reach.
 //!
 //! | metric | kind | labels |
 //! |---|---|---|
@@ -9,6 +11,7 @@
 //! | `flame_boots_total` | counter | `pool`, `outcome` (`ok`, `failed`) |
 //! | `flame_boot_duration_seconds` | histogram | `pool` |
 //! | `flame_runners` | gauge | `pool`: runners up |
+//! | `flame_runners_recycled_total` | counter | `pool`: runners stopped because a cancelled call on them did not stop (`cancel_grace`) |
 
 #[cfg(feature = "metrics")]
 use crate::error::{Error, ErrorKind};
@@ -58,6 +61,14 @@ pub(crate) fn boot(pool: &str, ok: bool, took: Duration) {
     }
     #[cfg(not(feature = "metrics"))]
     let _ = (pool, ok, took);
+}
+
+/// A runner was recycled: a cancelled call on it did not stop within `cancel_grace`.
+pub(crate) fn runner_recycled(pool: &str) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("flame_runners_recycled_total", "pool" => pool.to_string()).increment(1);
+    #[cfg(not(feature = "metrics"))]
+    let _ = pool;
 }
 
 /// A runner that booted left the pool.

@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -21,16 +20,11 @@ use crate::connection::{self, RunnerConn, Unstarted};
 use crate::error::{Error, ErrorKind};
 use crate::handshake::new_token;
 use crate::hooks::{GrowEnd, GrowReason, GrowStart, Hooks, Shrink, ShrinkReason};
-use crate::listener::{Accepted, Listener, listener_for};
+use crate::listener::{Listener, listener_for};
 use crate::parent::Handoff;
 use crate::queue::{Queue, QueuedCall};
 use crate::task::{TaskDef, registry};
-use crate::wire::{BoxRead, BoxWrite, MAX_FRAME, Welcome};
-#[cfg(feature = "tls")]
-use crate::{
-    handshake,
-    wire::{MAX_HELLO_FRAME, Reader, ToParent},
-};
+use crate::wire::{MAX_FRAME, Welcome};
 
 /// A pool of runners that calls are sent to. Cheap to clone; every clone is the same pool.
 ///
@@ -74,6 +68,9 @@ pub struct PoolStats {
     pub failed_boots: u64,
     /// Calls that got an outcome from a runner since the pool started.
     pub served: u64,
+    /// Runners recycled because a cancelled call on them did not stop (see
+    /// [`PoolBuilder::cancel_grace`]).
+    pub recycled: u64,
     /// The current `min`.
     pub min: usize,
     /// The current `max`.
@@ -111,6 +108,7 @@ impl Pool {
             booted: state.booted,
             failed_boots: state.failed_boots,
             served: self.shared.served.load(Ordering::Relaxed),
+            recycled: state.recycled,
             min: state.min,
             max: state.max,
         }
@@ -215,6 +213,9 @@ pub(crate) struct Shared {
     /// How many are waiting on `changed`: a finished call wakes nobody when nobody waits.
     watchers: AtomicUsize,
     served: AtomicU64,
+    /// The app's runtime the pool was started on: its own work (boots, destroys, retries,
+    /// hooks) runs there, also when a runner connection on the protocol's runtime triggers it.
+    runtime: tokio::runtime::Handle,
 }
 
 pub(crate) struct State {
@@ -236,6 +237,7 @@ pub(crate) struct State {
     retry_pending: bool,
     booted: u64,
     failed_boots: u64,
+    recycled: u64,
 }
 
 impl State {
@@ -334,50 +336,6 @@ fn start_call(call: QueuedCall, slot: Slot) -> Start {
     }
 }
 
-/// Takes over a runner's connection from the listener. A TLS runner's handshake happens here,
-/// on the pool's runtime: the TLS handshake, then its hello, checked as the listener checks a
-/// plaintext one.
-async fn adopt(accepted: Accepted, token: &[u8; 16]) -> Result<(BoxRead, BoxWrite), Error> {
-    let (stream, tls) = match accepted {
-        Accepted::Plain(stream) => (stream, false),
-        Accepted::Tls(stream) => (stream, true),
-    };
-    let stream =
-        TcpStream::from_std(stream).map_err(|e| Error::io("adopting a runner connection", e))?;
-    if !tls {
-        let (reader, writer) = stream.into_split();
-        return Ok((Box::new(reader), Box::new(writer)));
-    }
-    #[cfg(feature = "tls")]
-    {
-        let rejected = |why: String| Error::new(ErrorKind::Rejected, why);
-        let stream = crate::tls::parent_tls()?
-            .acceptor
-            .accept(stream)
-            .await
-            .map_err(|e| rejected(format!("the TLS handshake with the runner failed: {e}")))?;
-        let (reader, mut writer) = tokio::io::split(stream);
-        let mut reader = Reader::with_max_frame(reader, MAX_HELLO_FRAME);
-        let hello = match reader.next::<ToParent>().await {
-            Some(Ok(ToParent::Hello(hello))) => hello,
-            _ => return Err(rejected("the runner sent no hello inside TLS".into())),
-        };
-        if let Err(reason) = handshake::verify(&hello, token) {
-            handshake::refuse(&mut writer, &reason).await;
-            return Err(rejected(reason));
-        }
-        Ok((Box::new(reader.into_inner()), Box::new(writer)))
-    }
-    #[cfg(not(feature = "tls"))]
-    {
-        let _ = token;
-        Err(Error::new(
-            ErrorKind::Config,
-            "a runner asked for TLS, and this build of flame-rt has no `tls` feature",
-        ))
-    }
-}
-
 /// Boots tried for waiting callers before they are told the pool cannot boot.
 const BOOT_ATTEMPTS: u32 = 3;
 
@@ -416,13 +374,23 @@ impl Shared {
                 retry_pending: false,
                 booted: 0,
                 failed_boots: 0,
+                recycled: 0,
             }),
             changed: Notify::new(),
             closing: CancellationToken::new(),
             watchers: AtomicUsize::new(0),
             test_runner_args: crate::runtime::test_runner_args(),
             served: AtomicU64::new(0),
+            runtime: tokio::runtime::Handle::current(),
         })
+    }
+
+    fn spawn<F>(&self, future: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.runtime.spawn(future)
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
@@ -584,7 +552,7 @@ impl Shared {
                 return;
             };
             state.booting += 1;
-            tokio::spawn(self.clone().boot_one(retry.take().unwrap_or(reason)));
+            self.spawn(self.clone().boot_one(retry.take().unwrap_or(reason)));
         }
     }
 
@@ -676,7 +644,7 @@ impl Shared {
             state.retry_pending = true;
             let pause = retry_pause(state.boot_failures);
             let shared = self.clone();
-            tokio::spawn(async move {
+            self.spawn(async move {
                 tokio::time::sleep(pause).await;
                 let mut state = shared.lock();
                 state.retry_pending = false;
@@ -723,7 +691,7 @@ impl Shared {
             // Spawned so that a boot past its deadline still hands its runner over, to be
             // destroyed: a create request cut off mid-flight would leave a container or machine
             // nobody knows of.
-            let mut boot = tokio::spawn(self.backend.boot(spec));
+            let mut boot = self.spawn(self.backend.boot(spec));
             let first = tokio::select! {
                 biased;
                 () = self.closing.cancelled() => None,
@@ -765,11 +733,19 @@ impl Shared {
                 // is just an id).
                 () = tokio::time::sleep_until(deadline) => Err(timed_out()),
             };
-            let adopted = match accepted {
-                Ok(accepted) => adopt(accepted, &token).await,
-                Err(e) => Err(e),
-            };
-            match adopted {
+            // A boot that failed while peers claiming its runner were refused most likely failed
+            // because its runner could not prove itself (wrong token, TLS): say so.
+            let accepted = accepted.map_err(|e| match expectation.refused_claims() {
+                Some(claims) if e.kind() == ErrorKind::BootFailed => Error::new(
+                    ErrorKind::Rejected,
+                    format!(
+                        "{}; the listener refused whoever claimed to be it: {claims}",
+                        e.message()
+                    ),
+                ),
+                _ => e,
+            });
+            match accepted {
                 Ok(halves) => Ok((halves, handle)),
                 Err(e) => {
                     handle.destroy().await;
@@ -837,6 +813,31 @@ impl Shared {
         }
     }
 
+    /// A cancelled call on the runner did not stop within `cancel_grace`: no more calls go
+    /// there, its others get the shutdown grace to finish, then it stops. The caller frees the
+    /// stuck call's slot right after, which stops the runner at once if nothing else runs.
+    pub(crate) fn recycle(&self, key: u64, task: &str, call: u64) {
+        let mut state = self.lock();
+        let Some(runner) = state.runners.iter_mut().find(|r| r.key == key) else {
+            return;
+        };
+        if runner.drain.is_none() {
+            tracing::warn!(
+                pool = %self.name,
+                runner = %runner.conn.id,
+                task,
+                call,
+                grace = ?self.config.cancel_grace,
+                "flame: runner recycled: a cancelled call did not stop within cancel_grace (it blocks \
+                 its thread or never yields)"
+            );
+            runner.drain = Some(ShrinkReason::Recycled);
+            runner.conn.shutdown(self.config.shutdown_timeout);
+            state.recycled += 1;
+            crate::metrics::runner_recycled(&self.name);
+        }
+    }
+
     /// The runner's connection ended, for `reason`.
     pub(crate) fn runner_gone(self: &Arc<Self>, key: u64, reason: &Error) {
         let (runner, shrink, exiting) = {
@@ -864,7 +865,7 @@ impl Shared {
             runner_id: runner.conn.id.clone(),
             reason: shrink,
         });
-        tokio::spawn(async move {
+        self.spawn(async move {
             let _exiting = exiting;
             if let Some(handle) = runner.handle {
                 handle.destroy().await;
@@ -883,7 +884,7 @@ impl Shared {
     ) {
         let exiting = Exiting::new(self, &mut self.lock());
         let limit = self.config.boot_timeout;
-        tokio::spawn(async move {
+        self.spawn(async move {
             match tokio::time::timeout(limit, boot).await {
                 Ok(Ok(Ok(late))) => late.destroy().await,
                 // It failed or panicked: nothing to destroy.

@@ -1,6 +1,10 @@
 //! The runner side: dial the parent, prove who we are, then run the calls it sends until it
 //! lets us go. One Tokio task per call, so a panic or a slow task never blocks the others; each
 //! call's task sends its own result.
+//!
+//! The service itself (reading frames, heartbeats, cancels, the failsafe) runs on the protocol's
+//! runtime (`io_runtime`); the calls run on the app's runtime, so a task that never yields
+//! cannot silence its runner.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -32,13 +36,19 @@ pub(crate) enum Control {
     Terminate,
 }
 
-/// Serves one runner's connection to its parent until it ends, then drops every task.
+/// How long a stopping runner waits for its dropped tasks to be gone: a task blocking its thread
+/// can't be dropped until it yields, and must not keep the process alive.
+const DROP_WAIT: Duration = Duration::from_millis(250);
+
+/// Serves one runner's connection to its parent until it ends, then drops every task. Call it on
+/// the protocol's runtime; the calls run on `app`.
 pub(crate) async fn serve(
     handoff: Arc<Handoff>,
     control: mpsc::UnboundedReceiver<Control>,
+    app: tokio::runtime::Handle,
 ) -> Exit {
     let exit = match registry() {
-        Ok(reg) => Service::run(handoff.clone(), reg, control).await,
+        Ok(reg) => Service::run(handoff.clone(), reg, control, app).await,
         Err(e) => Exit::Unreachable(e.to_string()),
     };
     if !matches!(exit, Exit::Stopped | Exit::Terminated) {
@@ -55,6 +65,8 @@ struct Service {
     registry: &'static Registry,
     out: Arc<Outbox>,
     calls: Arc<Calls>,
+    /// Where the calls run: the app's runtime.
+    app: tokio::runtime::Handle,
 }
 
 /// The calls running on this runner. Each runs in its own task, which sends its own result and
@@ -142,6 +154,7 @@ impl Service {
         handoff: Arc<Handoff>,
         registry: &'static Registry,
         mut control: mpsc::UnboundedReceiver<Control>,
+        app: tokio::runtime::Handle,
     ) -> Exit {
         let boot_deadline = Instant::now() + handoff.boot_timeout;
         let (rd, wr) = match terminator::connect(&handoff).await {
@@ -164,6 +177,7 @@ impl Service {
                 out,
                 routes: Routes::default(),
             }),
+            app,
         };
         service.send(&ToParent::Hello(Hello {
             protocol: PROTOCOL_VERSION,
@@ -308,7 +322,16 @@ impl Service {
         for task in service.calls.lock().values() {
             task.abort();
         }
-        service.calls.wait_empty().await;
+        if tokio::time::timeout(DROP_WAIT, service.calls.wait_empty())
+            .await
+            .is_err()
+        {
+            eprintln!(
+                "flame runner {}: a task did not stop within {DROP_WAIT:?} of being dropped \
+                 (it blocks its thread); exiting without it",
+                handoff.runner_id
+            );
+        }
         service.out.close();
         let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
         exit
@@ -429,12 +452,12 @@ impl Service {
         // Registered under the lock, so the task cannot take itself off the list before it is on.
         let mut running = self.calls.lock();
         let handle = match (&self.in_process, span.is_disabled()) {
-            (Some(parent), _) => {
-                tokio::spawn(TASK_PARENT.scope(parent.clone(), work.instrument(span)))
-            }
+            (Some(parent), _) => self
+                .app
+                .spawn(TASK_PARENT.scope(parent.clone(), work.instrument(span))),
             // No subscriber wants the span: skip the instrumentation on the hot path.
-            (None, true) => tokio::spawn(work),
-            (None, false) => tokio::spawn(work.instrument(span)),
+            (None, true) => self.app.spawn(work),
+            (None, false) => self.app.spawn(work.instrument(span)),
         };
         running.insert(call, handle.abort_handle());
     }

@@ -148,8 +148,10 @@ where
         .expect("failed to build the Tokio runtime");
     let code = runtime.block_on(async move {
         let (control, control_rx) = mpsc::unbounded_channel();
-        let mut service = tokio::spawn(runner::serve(handoff, control_rx));
-        forward_sigterm(control.clone());
+        let app = tokio::runtime::Handle::current();
+        let mut service = crate::io_runtime::spawn(runner::serve(handoff, control_rx, app));
+        // Heard on the protocol's runtime too: a stop must not wait for a busy worker.
+        crate::io_runtime::spawn(forward_sigterm(control.clone()));
         tokio::pin!(body);
         tokio::select! {
             output = &mut body => {
@@ -165,8 +167,11 @@ where
             exit = &mut service => exit.map_or(1, |e| e.code()),
         }
     });
-    // Drop whatever else the app spawned, but don't wait long for blocking threads.
-    runtime.shutdown_timeout(Duration::from_millis(500));
+    // Drop whatever else the app spawned, but don't wait long for blocking threads (or for a
+    // worker a task holds: the process is going anyway).
+    runtime.shutdown_timeout(Duration::from_millis(250));
+    // Children its tasks started without `kill_on_drop` go with it.
+    crate::backend::kill_own_group_but_me();
     std::process::exit(code);
 }
 
@@ -213,16 +218,14 @@ async fn parent_main<F: Future>(body: F) -> F::Output {
 
 /// SIGTERM (also the parent-death signal of process runners) stops the runner cleanly: its
 /// tasks are dropped, so their `kill_on_drop` children die too.
-fn forward_sigterm(control: mpsc::UnboundedSender<Control>) {
+async fn forward_sigterm(control: mpsc::UnboundedSender<Control>) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::spawn(async move {
-                if term.recv().await.is_some() {
-                    let _ = control.send(Control::Terminate);
-                }
-            });
+        if let Ok(mut term) = signal(SignalKind::terminate())
+            && term.recv().await.is_some()
+        {
+            let _ = control.send(Control::Terminate);
         }
     }
     #[cfg(not(unix))]

@@ -210,6 +210,39 @@ pub fn encodes<T: serde::Serialize>(value: &T) -> bool {
     postcard::to_stdvec(value).is_ok()
 }
 
+/// Runs a `#[flame::task(blocking)]` body on Tokio's blocking pool, driven by the current
+/// runtime, so heavy work holds a blocking thread instead of one of the app's workers. Dropping
+/// the returned future (a cancel) stops the body at its next `.await`; a body that never awaits
+/// runs to its end. A panic in the body resumes here. Not public API.
+pub async fn run_blocking<F>(body: F) -> F::Output
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    use futures::future::{AbortHandle, Abortable};
+    struct AbortOnDrop(AbortHandle);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let runtime = tokio::runtime::Handle::current();
+    let (abort, registration) = AbortHandle::new_pair();
+    let _abort_on_drop = AbortOnDrop(abort);
+    let blocking =
+        tokio::task::spawn_blocking(move || runtime.block_on(Abortable::new(body, registration)));
+    match blocking.await {
+        Ok(Ok(output)) => output,
+        // Aborted only once this future is dropped, so never seen here.
+        Ok(Err(futures::future::Aborted)) => std::future::pending().await,
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            // The runtime is shutting down: nothing will poll this future again.
+            Err(_) => std::future::pending().await,
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

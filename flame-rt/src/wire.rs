@@ -309,6 +309,9 @@ pub(crate) fn decode<T: DeserializeOwned>(frame: &[u8]) -> Result<T, Error> {
     postcard::from_bytes(frame).map_err(|e| Error::new(ErrorKind::Protocol, e.to_string()))
 }
 
+/// How much `read_one_frame` allocates ahead of the bytes that arrived.
+const READ_STEP: usize = 16 * 1024;
+
 /// Reads exactly one frame and not a byte more: what follows it may not be for us (a runner of a
 /// TLS pool sends its TLS handshake right behind its first frame). `None` at a clean end of
 /// stream before the frame.
@@ -330,9 +333,16 @@ pub(crate) async fn read_one_frame<R: AsyncRead + Unpin>(
             format!("a {len}-byte frame, above the {max_frame}-byte limit"),
         ));
     }
-    let mut frame = vec![0u8; len];
-    io.read_exact(&mut frame).await?;
-    Ok(Some(Bytes::from(frame)))
+    // Grown as the bytes arrive: a peer announcing a big frame and sending nothing costs nothing.
+    let mut frame = BytesMut::with_capacity(len.min(READ_STEP));
+    while frame.len() < len {
+        frame.reserve((len - frame.len()).min(READ_STEP));
+        let room = len - frame.len();
+        if (&mut *io).take(room as u64).read_buf(&mut frame).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(Some(frame.freeze()))
 }
 
 /// Calls by id. Ids are a counter each side hands out, so they need no DoS-resistant hash: this
@@ -378,13 +388,6 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         Reader {
             inner: FramedRead::new(io, codec_with_max(max_frame)),
         }
-    }
-
-    #[cfg(feature = "tls")]
-    /// The underlying reader. Bytes read ahead are lost: only call this when the peer is
-    /// waiting for an answer, as after a `Hello`.
-    pub(crate) fn into_inner(self) -> R {
-        self.inner.into_inner()
     }
 
     /// The next frame, undecoded; `None` at a clean end of stream.

@@ -1,7 +1,8 @@
 //! A parent process for the tests that kill, freeze or signal a parent. The mode says what it
 //! sets up before it prints `READY` (or `DRAINING`) and waits for the test:
 //!
-//! - `orphans <pdeathsig: on|off>`: three runners, each holding a `sleep 1000` child;
+//! - `orphans <pdeathsig: on|off>`: three runners, each holding two `sleep 1000` children, one
+//!   of them started without `kill_on_drop`;
 //! - `deadline`: one runner holding a `sleep 1000` child in a call with a 1.5 s timeout;
 //! - `grace`: one runner writing `<dir>/marker` after 1.5 s, then the pool's shutdown begins;
 //! - `graceful`: a cast and an awaited call in flight; it prints `RESULT ok` when the awaited
@@ -40,8 +41,8 @@ async fn main() -> anyhow::Result<()> {
             for i in 0..3 {
                 let sub = dir.join(i.to_string());
                 std::fs::create_dir_all(&sub)?;
-                keep.push(flame::spawn_on(&pool, hold_child(sub.clone())));
-                held_pids(&sub).await;
+                keep.push(flame::spawn_on(&pool, hold_children(sub.clone())));
+                held_all_pids(&sub).await;
             }
             println!("READY");
             pool

@@ -51,6 +51,39 @@ pub async fn sleep_ms(ms: u64) -> Whereabouts {
     here()
 }
 
+/// Holds its thread for `ms` without yielding, as a blocking library call does, then says where
+/// it ran.
+#[flame::task]
+pub async fn block_thread_ms(ms: u64) -> Whereabouts {
+    std::thread::sleep(Duration::from_millis(ms));
+    here()
+}
+
+/// Computes on the CPU for `ms` without yielding; returns how many rounds it made and where.
+#[flame::task]
+pub async fn spin_ms(ms: u64) -> (u64, Whereabouts) {
+    let start = std::time::Instant::now();
+    let mut rounds = 0u64;
+    while start.elapsed() < Duration::from_millis(ms) {
+        rounds = std::hint::black_box(rounds + 1);
+    }
+    (rounds, here())
+}
+
+/// Writes `marker`, then computes on the CPU for `ms` without yielding: a test can cancel it once
+/// it is sure the body runs.
+#[flame::task]
+pub async fn spin_after_marking(marker: PathBuf, ms: u64) -> u64 {
+    write_atomically(&marker, b"spinning");
+    spin_ms(ms).await.0
+}
+
+/// `spin_ms` on the blocking pool: it holds none of the app's workers.
+#[flame::task(blocking)]
+pub async fn spin_blocking_ms(ms: u64) -> (u64, Whereabouts) {
+    spin_ms(ms).await
+}
+
 /// Returns its input.
 #[flame::task]
 pub async fn echo(data: Vec<u8>) -> Vec<u8> {
@@ -88,6 +121,30 @@ pub async fn hold_child(dir: PathBuf) {
         .spawn()
         .expect("spawning sleep");
     let pids = format!("{} {}", std::process::id(), child.id().expect("child pid"));
+    write_atomically(&dir.join("pids"), pids.as_bytes());
+    let _ = child.wait().await;
+}
+
+/// Like `hold_child`, plus a second `sleep 1000` started the plain way, without `kill_on_drop`:
+/// dropping the task leaves it running, so only its runner's process group can take it down.
+/// Writes `<runner pid> <child pid> <plain child pid>` to `dir/pids`.
+#[flame::task]
+pub async fn hold_children(dir: PathBuf) {
+    let plain = std::process::Command::new("sleep")
+        .arg("1000")
+        .spawn()
+        .expect("spawning sleep");
+    let mut child = tokio::process::Command::new("sleep")
+        .arg("1000")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawning sleep");
+    let pids = format!(
+        "{} {} {}",
+        std::process::id(),
+        child.id().expect("child pid"),
+        plain.id()
+    );
     write_atomically(&dir.join("pids"), pids.as_bytes());
     let _ = child.wait().await;
 }
@@ -205,6 +262,59 @@ pub async fn held_pids(dir: &Path) -> (u32, u32) {
         .expect("hold_child never started");
     let mut it = text.split_whitespace().map(|s| s.parse::<u32>().unwrap());
     (it.next().unwrap(), it.next().unwrap())
+}
+
+/// Reads the `<runner pid> <child pid> <plain child pid>` a `hold_children` task wrote.
+pub async fn held_all_pids(dir: &Path) -> Vec<u32> {
+    let text = wait_for_file(&dir.join("pids"), Duration::from_secs(20))
+        .await
+        .expect("hold_children never started");
+    text.split_whitespace()
+        .map(|s| s.parse().unwrap())
+        .collect()
+}
+
+/// How many descriptors this process has open.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// This process's resident set, in KiB.
+pub fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// The chaos tests' killer: every `every`, takes a runner pid out of `victims` and SIGKILLs it,
+/// or SIGSTOPs it one time in five, until `done`. Returns how many it killed and stopped.
+pub fn spawn_killer(
+    victims: std::sync::Arc<Mutex<std::collections::HashSet<u32>>>,
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    every: Duration,
+) -> tokio::task::JoinHandle<(u32, u32)> {
+    tokio::spawn(async move {
+        let (mut kills, mut stops, mut tick) = (0u32, 0u32, 0u64);
+        while !done.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(every).await;
+            tick += 1;
+            let known: Vec<u32> = victims.lock().unwrap().iter().copied().collect();
+            if known.is_empty() {
+                continue;
+            }
+            let victim = known[(tick as usize * 7919) % known.len()];
+            victims.lock().unwrap().remove(&victim);
+            if tick.is_multiple_of(5) {
+                // SAFETY: kill(2) on a runner pid the test's pool started.
+                unsafe { libc::kill(victim as libc::pid_t, libc::SIGSTOP) };
+                stops += 1;
+            } else {
+                kill(victim);
+                kills += 1;
+            }
+        }
+        (kills, stops)
+    })
 }
 
 /// Whether a process is gone (a zombie nobody reaped yet counts as gone).
@@ -491,6 +601,29 @@ impl flame::Backend for Doctored {
         self.pids.lock().unwrap().push(child.id().unwrap());
         let handle: Box<dyn flame::RunnerHandle> = Box::new(ChildHandle(child));
         Box::pin(async move { Ok(handle) })
+    }
+}
+
+/// Records where the parent listens, then boots with `inner`.
+pub struct Spy {
+    /// The backend that boots the runners.
+    pub inner: flame::ProcessBackend,
+    /// The parent's listener address, once a boot has started.
+    pub addr: std::sync::Arc<Mutex<Option<String>>>,
+}
+
+impl flame::Backend for Spy {
+    fn name(&self) -> &str {
+        "spy"
+    }
+
+    fn boot(
+        &self,
+        spec: flame::BootSpec,
+    ) -> futures::future::BoxFuture<'static, Result<Box<dyn flame::RunnerHandle>, flame::Error>>
+    {
+        *self.addr.lock().unwrap() = Some(spec.parent_addr().to_string());
+        self.inner.boot(spec)
     }
 }
 

@@ -54,6 +54,16 @@ pub struct Recorder {
 }
 
 impl Recorder {
+    /// How many events with this message were recorded.
+    pub fn count(&self, message: &str) -> usize {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.message == message)
+            .count()
+    }
+
     /// Waits (up to `bound`) for an event whose message is `message`, and returns it.
     pub async fn wait_for(&self, message: &str, bound: Duration) -> Recorded {
         self.wait_for_where(message, |_| true, bound).await

@@ -37,7 +37,10 @@ impl Backend for LocalBackend {
     fn boot(&self, spec: BootSpec) -> BoxFuture<'static, Result<Box<dyn RunnerHandle>, Error>> {
         // The runner's control channel stays open as long as the handle lives.
         let (control, control_rx) = mpsc::unbounded_channel();
-        let service = tokio::spawn(runner::serve(Arc::new(spec.handoff), control_rx));
+        // Its calls run on the pool's runtime, its protocol on the protocol's, as in a process.
+        let app = tokio::runtime::Handle::current();
+        let service =
+            crate::io_runtime::spawn(runner::serve(Arc::new(spec.handoff), control_rx, app));
         let handle: Box<dyn RunnerHandle> = Box::new(LocalRunner {
             service,
             _control: control,

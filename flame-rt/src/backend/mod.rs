@@ -11,8 +11,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 use futures::future::BoxFuture;
 
 pub use local::LocalBackend;
-pub(crate) use process::PARENT_PID_ENV;
 pub use process::ProcessBackend;
+pub(crate) use process::{PARENT_PID_ENV, kill_own_group_but_me};
 
 use crate::error::Error;
 use crate::parent::{HANDOFF_ENV, Handoff};

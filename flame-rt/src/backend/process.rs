@@ -29,6 +29,13 @@ pub(crate) const PARENT_PID_ENV: &str = "FLAME_PARENT_PID";
 /// On Linux each runner also gets a parent-death signal (SIGTERM), so it stops even when the
 /// parent is killed with SIGKILL. The protocol's own failsafe does not depend on it: a runner
 /// whose parent connection ends stops by itself.
+///
+/// Each runner leads a process group of its own, which the processes its tasks start join. When
+/// the runner goes — destroyed, killed, or stopping by itself because its parent is gone — what
+/// is left of its group is killed with it, so a task's children never outlive their runner, even
+/// those not started with `kill_on_drop`. (A child that starts a group or session of its own,
+/// like a daemon, is out of reach.) It also keeps a terminal's Ctrl-C, which goes to the
+/// parent's group, away from runners: the parent drains them gracefully instead.
 #[derive(Debug, Clone)]
 pub struct ProcessBackend {
     program: Option<PathBuf>,
@@ -126,7 +133,8 @@ impl ProcessBackend {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true);
+            .kill_on_drop(true)
+            .process_group(0);
         // The runner sets its own parent-death signal first thing (see `runtime.rs`): a
         // `pre_exec` hook here would force a full fork of this process instead of
         // `posix_spawn`, which costs milliseconds once the parent has grown.
@@ -300,7 +308,65 @@ impl RunnerHandle for ProcessRunner {
                 let _ = self.child.start_kill();
                 let _ = self.child.wait().await;
             }
+            // Dropping `self` kills what is left of its group.
         }
         .boxed()
+    }
+}
+
+impl Drop for ProcessRunner {
+    fn drop(&mut self) {
+        kill_group(self.pid);
+    }
+}
+
+/// Kills every process left in the group `pgid` (a runner's, whose id is its pid). A group with
+/// members left can't have its id reused, so this reaches only what the runner left behind.
+fn kill_group(pgid: u32) {
+    #[cfg(unix)]
+    if let Ok(pgid) = libc::pid_t::try_from(pgid)
+        && pgid > 1
+    {
+        // SAFETY: killpg takes no pointers; ESRCH (no such group left) is the common case.
+        unsafe {
+            libc::killpg(pgid, libc::SIGKILL);
+        }
+    }
+}
+
+/// In a runner leading its own group (a Process runner, or a container's first process): kills
+/// the other members of the group, the processes its tasks started, before it exits.
+pub(crate) fn kill_own_group_but_me() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: getpid and getpgrp take no arguments.
+        let (me, group) = unsafe { (libc::getpid(), libc::getpgrp()) };
+        if me != group {
+            return;
+        }
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for pid in procs.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<libc::pid_t>().ok()) {
+            // The group is the third field after the command name, which is in parentheses and
+            // may itself hold spaces and parentheses.
+            let in_group = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let (_, fields) = stat.rsplit_once(')')?;
+                    fields
+                        .split_whitespace()
+                        .nth(2)?
+                        .parse::<libc::pid_t>()
+                        .ok()
+                })
+                == Some(me);
+            if in_group && pid != me {
+                // SAFETY: kill takes no pointers.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
     }
 }

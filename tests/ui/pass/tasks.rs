@@ -20,7 +20,14 @@ async fn patterns(mut count: u32, (a, b): (u8, u8), _: String) -> u32 {
     count
 }
 
+/// Heavy work on the blocking pool.
+#[flame::task(blocking)]
+async fn crunch(data: Vec<u8>) -> u64 {
+    data.iter().map(|b| u64::from(*b)).sum()
+}
+
 fn main() {
+    let _ = crunch(vec![1]);
     let call: flame::Call<Result<Vec<String>, String>> =
         generate_thumbnails(Video { path: "a.mp4".into() }, 5);
     assert!(call.task_id().ends_with("::generate_thumbnails"));
