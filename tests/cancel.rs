@@ -183,6 +183,8 @@ async fn recycling_pool(name: &str) -> Pool {
         .max(1)
         .max_concurrency(3)
         .cancel_grace(GRACE)
+        // An overdue cancel is noticed within a heartbeat interval.
+        .heartbeat_interval(Duration::from_millis(100))
         .start()
         .await
         .expect("pool starts")

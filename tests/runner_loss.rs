@@ -68,6 +68,7 @@ async fn a_killed_runner_takes_every_child_of_its_tasks_with_it() {
         let pids = held_all_pids(&dir).await;
         let (runner, children) = (pids[0], &pids[1..]);
         kill(runner);
+        let killed_at = Instant::now();
         assert!(held.await.unwrap_err().is_runner_lost());
         for &child in children {
             let gone = wait_gone(child, Duration::from_secs(1)).await;

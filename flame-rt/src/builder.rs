@@ -156,14 +156,17 @@ impl PoolBuilder {
     /// How long a cancelled or timed-out call may go on running on its runner. Default 5 s.
     ///
     /// Cancelling drops the task's future on the runner, which stops it at its next `.await`;
-    /// a task that never gets there (a tight CPU loop, a blocking call, `spawn_blocking` work it
-    /// waits on) would hold its slot and a core for ever. When a cancelled call is still running
-    /// after `cancel_grace`, the pool recycles its runner: the call's slot is freed, no new call
-    /// goes to that runner, its other calls get [`shutdown_timeout`](Self::shutdown_timeout) to
-    /// finish (past it they fail with [`ErrorKind::RunnerLost`](crate::ErrorKind::RunnerLost)),
-    /// then the runner is stopped — its process, and the process group its tasks' children are
-    /// in, killed if need be — and a replacement boots when calls need one. Logged at `warn`
-    /// and counted in [`PoolStats::recycled`](crate::PoolStats::recycled).
+    /// a task that never gets there (a tight CPU loop, a blocking call) would hold its slot and
+    /// a core for ever. When a cancelled call is still running after `cancel_grace` (noticed
+    /// within a heartbeat interval), the pool recycles its runner: the call's slot is freed, no
+    /// new call goes to that runner, its other calls get
+    /// [`shutdown_timeout`](Self::shutdown_timeout) to finish (past it they fail with
+    /// [`ErrorKind::RunnerLost`](crate::ErrorKind::RunnerLost)), then the runner is stopped —
+    /// its process, and the process group its tasks' children are in, killed if need be — and a
+    /// replacement boots when calls need one. Logged at `warn` and counted in
+    /// [`PoolStats::recycled`](crate::PoolStats::recycled). (Work a task handed to
+    /// `spawn_blocking` is another matter: the task's future drops at once, and the blocking
+    /// thread runs on until its closure returns.)
     pub fn cancel_grace(mut self, grace: Duration) -> Self {
         self.config.cancel_grace = grace;
         self

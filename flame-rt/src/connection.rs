@@ -33,8 +33,10 @@ pub(crate) struct RunnerConn {
     routes: Routes,
     /// How long a cancelled call may go on running before the runner is recycled.
     cancel_grace: Duration,
-    /// Cancelled calls to look at again once their grace is over (the reader loop does).
-    overdue: tokio::sync::mpsc::UnboundedSender<u64>,
+    /// Cancelled calls to look at again once their grace is over, by the reader loop, which
+    /// arms a timer for the first: a cancel wakes no thread for it.
+    overdue: Mutex<std::collections::VecDeque<(Instant, u64)>>,
+    any_overdue: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -151,12 +153,37 @@ impl RunnerConn {
         let pending = self.lock();
         if pending.calls.contains_key(&call) {
             self.push(&ToRunner::Cancel { call });
-            let (overdue, grace) = (self.overdue.clone(), self.cancel_grace);
-            crate::io_runtime::spawn(async move {
-                tokio::time::sleep(grace).await;
-                let _ = overdue.send(call);
-            });
+            let due = Instant::now() + self.cancel_grace;
+            self.overdue
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push_back((due, call));
+            self.any_overdue.store(true, Ordering::Release);
         }
+    }
+
+    /// When the first cancelled call's grace ends, if any waits.
+    fn first_overdue(&self) -> Option<Instant> {
+        if !self.any_overdue.load(Ordering::Acquire) {
+            return None;
+        }
+        let overdue = self.overdue.lock().unwrap_or_else(|e| e.into_inner());
+        overdue.front().map(|(due, _)| *due)
+    }
+
+    /// The cancelled calls whose grace has ended.
+    fn take_overdue(&self, now: Instant) -> Vec<u64> {
+        let mut overdue = self.overdue.lock().unwrap_or_else(|e| e.into_inner());
+        let mut due = Vec::new();
+        while let Some(&(at, call)) = overdue.front()
+            && at <= now
+        {
+            overdue.pop_front();
+            due.push(call);
+        }
+        self.any_overdue
+            .store(!overdue.is_empty(), Ordering::Release);
+        due
     }
 
     /// Tells the runner to stop taking calls and to finish its own within `grace`.
@@ -182,7 +209,6 @@ pub(crate) fn start(
     welcome: Welcome,
 ) -> Arc<RunnerConn> {
     let out = Outbox::new();
-    let (overdue, overdue_calls) = tokio::sync::mpsc::unbounded_channel();
     let conn = Arc::new(RunnerConn {
         id,
         out,
@@ -190,21 +216,14 @@ pub(crate) fn start(
         next_call: AtomicU64::new(1),
         routes: Routes::default(),
         cancel_grace: shared.config.cancel_grace,
-        overdue,
+        overdue: Mutex::default(),
+        any_overdue: std::sync::atomic::AtomicBool::new(false),
     });
     // On the protocol's runtime: the runner must hear our heartbeats, and we its, whatever the
     // app's tasks are doing with its workers.
     let writer = crate::io_runtime::spawn(wire::write_loop(writer, conn.out.clone()));
     conn.push(&ToRunner::Welcome(welcome.clone()));
-    crate::io_runtime::spawn(read(
-        shared,
-        key,
-        conn.clone(),
-        reader,
-        writer,
-        welcome,
-        overdue_calls,
-    ));
+    crate::io_runtime::spawn(read(shared, key, conn.clone(), reader, writer, welcome));
     conn
 }
 
@@ -215,7 +234,6 @@ async fn read(
     reader: BoxRead,
     writer: tokio::task::JoinHandle<()>,
     welcome: Welcome,
-    mut overdue: tokio::sync::mpsc::UnboundedReceiver<u64>,
 ) {
     let id = &conn.id;
     let heartbeat = Duration::from_millis(welcome.heartbeat_ms);
@@ -225,7 +243,17 @@ async fn read(
     let mut ticker = tokio::time::interval(heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+    let far_future = Instant::now() + Duration::from_secs(86400 * 365);
+    let overdue_timer = tokio::time::sleep_until(far_future);
+    tokio::pin!(overdue_timer);
+    let mut armed = far_future;
+
     let reason: Error = loop {
+        let due = conn.first_overdue().unwrap_or(far_future);
+        if due != armed {
+            overdue_timer.as_mut().reset(due);
+            armed = due;
+        }
         tokio::select! {
             biased;
             frame = reader.next_frame() => {
@@ -285,12 +313,14 @@ async fn read(
                     None => break Error::new(ErrorKind::RunnerLost, format!("runner {id} closed its connection (it exited or crashed)")),
                 }
             }
-            Some(call) = overdue.recv() => {
-                // Still running past its cancel's grace: it blocks its thread or never yields.
-                let stuck = conn.lock().calls.get_mut(&call).and_then(|r| Some((r.slot.take()?, r.call.def.id)));
-                if let Some((slot, task)) = stuck {
-                    shared.recycle(key, task, call);
-                    drop(slot);
+            () = &mut overdue_timer, if armed != far_future => {
+                for call in conn.take_overdue(Instant::now()) {
+                    // Still running past its cancel's grace: it blocks its thread or never yields.
+                    let stuck = conn.lock().calls.get_mut(&call).and_then(|r| Some((r.slot.take()?, r.call.def.id)));
+                    if let Some((slot, task)) = stuck {
+                        shared.recycle(key, task, call);
+                        drop(slot);
+                    }
                 }
             }
             _ = ticker.tick() => {

@@ -412,12 +412,25 @@ impl<R: AsyncRead + Unpin> Reader<R> {
 /// The frames one side has to send, encoded straight into one buffer that the writer task takes
 /// whole: every frame queued while the previous write was in flight goes out in one syscall,
 /// and queueing a frame allocates nothing and copies it once.
+///
+/// A frame sent when the connection is quiet is written at once by its sender, from its own
+/// thread, if the socket takes it without waiting: the connection is served on the protocol's
+/// own thread (`io_runtime`), and waking that thread for every lone frame would cost a call a
+/// cross-thread wake-up each way. Under load (a frame within [`WRITE_THROUGH_GAP`] of the last
+/// one written that way) frames are left to the writer task, which batches them.
 pub(crate) struct Outbox {
     inner: Mutex<OutboxInner>,
+    /// The connection's write half while the writer task is not writing with it; `None` before
+    /// the writer starts and while it writes.
+    io: Mutex<Option<BoxWrite>>,
     ready: Notify,
     /// Woken after each write, for senders of big messages waiting for the queue to go down.
     drained: Notify,
 }
+
+/// Frames closer together than this are batched by the writer task rather than written by
+/// their senders one syscall each.
+const WRITE_THROUGH_GAP: Duration = Duration::from_micros(50);
 
 #[derive(Default)]
 struct OutboxInner {
@@ -427,11 +440,28 @@ struct OutboxInner {
     segment_bytes: usize,
     buf: BytesMut,
     closed: bool,
+    /// When a sender last wrote through.
+    last_write_through: Option<Instant>,
 }
 
 impl OutboxInner {
     fn queued(&self) -> usize {
         self.segment_bytes + self.buf.len()
+    }
+
+    /// Everything queued, in order.
+    fn take(&mut self) -> (Vec<Bytes>, Bytes) {
+        self.segment_bytes = 0;
+        (
+            std::mem::take(&mut self.segments),
+            self.buf.split().freeze(),
+        )
+    }
+
+    /// Puts back, in front of anything queued since, what a write left unwritten.
+    fn put_back(&mut self, rest: Vec<Bytes>) {
+        self.segment_bytes += rest.iter().map(Bytes::len).sum::<usize>();
+        self.segments.splice(0..0, rest);
     }
 }
 
@@ -439,6 +469,7 @@ impl Outbox {
     pub(crate) fn new() -> Arc<Outbox> {
         Arc::new(Outbox {
             inner: Mutex::new(OutboxInner::default()),
+            io: Mutex::new(None),
             ready: Notify::new(),
             drained: Notify::new(),
         })
@@ -481,9 +512,47 @@ impl Outbox {
             inner.segments.push(inner.buf.split().freeze());
             inner.segments.push(tail);
         }
+        let now = Instant::now();
+        let quiet = inner
+            .last_write_through
+            .is_none_or(|last| now.saturating_duration_since(last) >= WRITE_THROUGH_GAP);
+        if quiet {
+            inner.last_write_through = Some(now);
+        }
         drop(guard);
-        self.ready.notify_one();
+        if !(quiet && self.write_through()) {
+            self.ready.notify_one();
+        }
         true
+    }
+
+    /// Writes what is queued from this thread, if the writer task is not writing and the socket
+    /// takes it all without waiting. `false` if something is left for the writer task.
+    fn write_through(&self) -> bool {
+        let Ok(mut io) = self.io.try_lock() else {
+            return false;
+        };
+        let Some(writer) = io.as_mut() else {
+            return false;
+        };
+        let (segments, last) = self.lock().take();
+        match write_now(writer, segments, last) {
+            Ok(None) => {
+                self.drained.notify_waiters();
+                true
+            }
+            Ok(Some(rest)) => {
+                self.lock().put_back(rest);
+                false
+            }
+            Err(_) => {
+                drop(io);
+                self.lock().closed = true;
+                self.drained.notify_waiters();
+                // The writer task ends on the closed outbox.
+                false
+            }
+        }
     }
 
     /// No more frames: the writer sends what is queued, then shuts the connection's write side.
@@ -567,34 +636,86 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// Writes without waiting as much of `segments` then `last` as the socket takes, and flushes.
+/// `Some(rest)` if the socket would block (or a flush is pending: then `rest` is empty).
+fn write_now(
+    io: &mut BoxWrite,
+    mut segments: Vec<Bytes>,
+    last: Bytes,
+) -> std::io::Result<Option<Vec<Bytes>>> {
+    use std::io::IoSlice;
+    use std::task::{Context, Poll, Waker};
+    // A Pending poll registers this no-op waker in place of the writer task's; the writer task
+    // is woken to write the rest and registers its own again.
+    let mut cx = Context::from_waker(Waker::noop());
+    segments.push(last);
+    segments.retain(|b| !b.is_empty());
+    let mut done = 0;
+    while done < segments.len() {
+        let slices: Vec<IoSlice<'_>> = segments[done..]
+            .iter()
+            .take(512)
+            .map(|b| IoSlice::new(b))
+            .collect();
+        match std::pin::Pin::new(&mut *io).poll_write_vectored(&mut cx, &slices) {
+            Poll::Ready(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Poll::Ready(Ok(mut n)) => {
+                while n > 0 {
+                    let first = &mut segments[done];
+                    if n >= first.len() {
+                        n -= first.len();
+                        done += 1;
+                    } else {
+                        let _ = first.split_to(n);
+                        n = 0;
+                    }
+                }
+            }
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => return Ok(Some(segments.split_off(done))),
+        }
+    }
+    match std::pin::Pin::new(&mut *io).poll_flush(&mut cx) {
+        Poll::Ready(Ok(())) => Ok(None),
+        Poll::Ready(Err(e)) => Err(e),
+        Poll::Pending => Ok(Some(Vec::new())),
+    }
+}
+
 /// Writes what the outbox holds until it is closed and drained, or the connection fails.
-pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(mut io: W, outbox: Arc<Outbox>) {
+/// Between its own writes it lends the write half to the outbox, for senders to write through.
+pub(crate) async fn write_loop(io: BoxWrite, outbox: Arc<Outbox>) {
     use tokio::io::AsyncWriteExt;
+    *outbox.io.lock().unwrap_or_else(|e| e.into_inner()) = Some(io);
     loop {
         let ready = outbox.ready.notified();
-        let (segments, chunk, closed) = {
-            let mut inner = outbox.lock();
-            inner.segment_bytes = 0;
-            (
-                std::mem::take(&mut inner.segments),
-                inner.buf.split().freeze(),
-                inner.closed,
-            )
+        // Taken back from the outbox: a sender writing through holds it only for its syscall.
+        let Some(mut io) = outbox.io.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return;
         };
-        if !chunk.is_empty() || !segments.is_empty() {
-            if write_all_vectored(&mut io, &segments, &chunk)
-                .await
-                .is_err()
-            {
+        let ((segments, chunk), closed) = {
+            let mut inner = outbox.lock();
+            (inner.take(), inner.closed)
+        };
+        if !chunk.is_empty() || !segments.is_empty() || closed {
+            let written = async {
+                write_all_vectored(&mut io, &segments, &chunk).await?;
+                // A TLS stream may keep records back until flushed; a socket's flush is free.
+                io.flush().await
+            };
+            if written.await.is_err() {
                 outbox.lock().closed = true;
                 outbox.drained.notify_waiters();
                 return;
             }
             outbox.drained.notify_waiters();
-        } else if closed {
-            let _ = io.shutdown().await;
-            return;
+            if closed && outbox.lock().queued() == 0 {
+                let _ = io.shutdown().await;
+                return;
+            }
+            *outbox.io.lock().unwrap_or_else(|e| e.into_inner()) = Some(io);
         } else {
+            *outbox.io.lock().unwrap_or_else(|e| e.into_inner()) = Some(io);
             ready.await;
         }
     }
