@@ -82,20 +82,24 @@ async fn soak() {
                         };
                         let drain = async { while back_rx.recv().await.is_some() {} };
                         let (result, (), ()) = futures::join!(call, feed, drain);
-                        result.map(|_| ())
+                        result.map(|_| None)
                     }
                     // Heavy work that never yields for a moment.
-                    2 => flame::call(&pool, spin_ms(100)).await.map(|(_, w)| {
-                        every_pid.lock().unwrap().insert(w.pid);
-                    }),
+                    2 => flame::call(&pool, spin_ms(100))
+                        .await
+                        .map(|(_, w)| Some(w.pid)),
                     _ => flame::call(&pool, located_probe(5 + next % 30))
                         .await
-                        .map(|(_, pid)| {
-                            if every_pid.lock().unwrap().insert(pid) {
-                                known.lock().unwrap().insert(pid);
-                            }
-                        }),
-                };
+                        .map(|(_, pid)| Some(pid)),
+                }
+                .map(|pid| {
+                    // Every runner seen becomes a victim, however it was first seen.
+                    if let Some(pid) = pid
+                        && every_pid.lock().unwrap().insert(pid)
+                    {
+                        known.lock().unwrap().insert(pid);
+                    }
+                });
                 match outcome {
                     Ok(()) => "ok".to_string(),
                     Err(e) => format!("{:?}", e.kind()),

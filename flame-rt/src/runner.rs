@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures::FutureExt;
+use futures::future::{AbortHandle, Abortable, BoxFuture};
 use tokio::sync::Notify;
 use tokio::sync::mpsc;
-use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -65,8 +65,8 @@ struct Service {
     registry: &'static Registry,
     out: Arc<Outbox>,
     calls: Arc<Calls>,
-    /// Where the calls run: the app's runtime.
-    app: tokio::runtime::Handle,
+    /// Hands calls to the dispatcher on the app's runtime, where they run.
+    dispatch: mpsc::UnboundedSender<BoxFuture<'static, ()>>,
 }
 
 /// The calls running on this runner. Each runs in its own task, which sends its own result and
@@ -177,7 +177,7 @@ impl Service {
                 out,
                 routes: Routes::default(),
             }),
-            app,
+            dispatch: dispatcher(&app),
         };
         service.send(&ToParent::Hello(Hello {
             protocol: PROTOCOL_VERSION,
@@ -449,18 +449,34 @@ impl Service {
             &self.handoff.runner_id,
             trace,
         );
-        // Registered under the lock, so the task cannot take itself off the list before it is on.
-        let mut running = self.calls.lock();
-        let handle = match (&self.in_process, span.is_disabled()) {
-            (Some(parent), _) => self
-                .app
-                .spawn(TASK_PARENT.scope(parent.clone(), work.instrument(span))),
+        let work: BoxFuture<'static, ()> = match (&self.in_process, span.is_disabled()) {
+            (Some(parent), _) => Box::pin(TASK_PARENT.scope(parent.clone(), work.instrument(span))),
             // No subscriber wants the span: skip the instrumentation on the hot path.
-            (None, true) => self.app.spawn(work),
-            (None, false) => self.app.spawn(work.instrument(span)),
+            (None, true) => Box::pin(work),
+            (None, false) => Box::pin(work.instrument(span)),
         };
-        running.insert(call, handle.abort_handle());
+        // Cancellable from the moment it is on the list, before the dispatcher has spawned it.
+        let (abort, registration) = AbortHandle::new_pair();
+        self.calls.lock().insert(call, abort);
+        let work = Abortable::new(work, registration);
+        // A dispatcher that is gone (the app's runtime shut down) drops the call, which ends it.
+        let _ = self.dispatch.send(Box::pin(async move {
+            let _ = work.await;
+        }));
     }
+}
+
+/// The app-runtime end of the hand-off: spawns the calls the protocol thread sends, from a
+/// worker, so a batch of calls costs one cross-thread wake-up rather than one each (a spawn from
+/// outside the runtime wakes a parked worker every time).
+fn dispatcher(app: &tokio::runtime::Handle) -> mpsc::UnboundedSender<BoxFuture<'static, ()>> {
+    let (dispatch, mut calls) = mpsc::unbounded_channel::<BoxFuture<'static, ()>>();
+    app.spawn(async move {
+        while let Some(call) = calls.recv().await {
+            tokio::spawn(call);
+        }
+    });
+    dispatch
 }
 
 /// A `Run` frame decoded in place: `None` if the frame is another message.
