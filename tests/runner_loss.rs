@@ -80,13 +80,17 @@ async fn a_killed_runner_takes_every_child_of_its_tasks_with_it() {
                 "child {child} of the killed runner's task outlived it"
             );
         }
+        println!(
+            "SIGKILL of a runner: both children of its task (one without kill_on_drop) gone after {:?}",
+            killed_at.elapsed()
+        );
         pool.shutdown().await;
     })
     .await;
 }
 
-/// Starts `flame-test-parent`, kills it with SIGKILL once its three runners each hold a
-/// `sleep` child, and checks that no runner and no child survives the failsafe window.
+/// Starts `flame-test-parent`, kills it with SIGKILL once its three runners each hold two
+/// `sleep` children (one without `kill_on_drop`), and checks that no runner and no child survives the failsafe window.
 async fn parent_killed_leaves_nothing(pdeathsig: &str) {
     let dir = scratch_dir(&format!("orphans-{pdeathsig}"));
     let mut parent = tokio::process::Command::new(PARENT)
