@@ -40,6 +40,11 @@ pub(crate) enum Control {
 /// can't be dropped until it yields, and must not keep the process alive.
 const DROP_WAIT: Duration = Duration::from_millis(250);
 
+/// Set when a stopping runner left a task behind that would not drop: the process then exits
+/// without waiting for the app's runtime to shut down, since a worker is known to be held.
+pub(crate) static LEFT_A_TASK_BEHIND: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// Serves one runner's connection to its parent until it ends, then drops every task. Call it on
 /// the protocol's runtime; the calls run on `app`.
 pub(crate) async fn serve(
@@ -326,6 +331,7 @@ impl Service {
             .await
             .is_err()
         {
+            LEFT_A_TASK_BEHIND.store(true, std::sync::atomic::Ordering::Relaxed);
             eprintln!(
                 "flame runner {}: a task did not stop within {DROP_WAIT:?} of being dropped \
                  (it blocks its thread); exiting without it",

@@ -169,7 +169,11 @@ where
     });
     // Drop whatever else the app spawned, but don't wait long for blocking threads (or for a
     // worker a task holds: the process is going anyway).
-    runtime.shutdown_timeout(Duration::from_millis(250));
+    if runner::LEFT_A_TASK_BEHIND.load(std::sync::atomic::Ordering::Relaxed) {
+        runtime.shutdown_background();
+    } else {
+        runtime.shutdown_timeout(Duration::from_millis(250));
+    }
     // Children its tasks started without `kill_on_drop` go with it.
     crate::backend::kill_own_group_but_me();
     std::process::exit(code);
