@@ -16,10 +16,14 @@ const BOUND: Duration = Duration::from_secs(120);
 /// A pool with the default heartbeats and one runner of two slots; the runner program has the
 /// default `#[flame::main]` runtime, two workers on this machine.
 async fn heavy_pool(name: &str) -> Pool {
+    pool_of_slots(name, 2).await
+}
+
+async fn pool_of_slots(name: &str, slots: usize) -> Pool {
     Pool::builder(name)
         .backend(ProcessBackend::new().program(RUNNER))
         .max(1)
-        .max_concurrency(2)
+        .max_concurrency(slots)
         .start()
         .await
         .unwrap()
@@ -111,13 +115,7 @@ async fn a_parent_whose_workers_are_all_blocked_for_10_s_keeps_its_runners() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocking_tasks_leave_the_runners_workers_to_its_async_work() {
     bounded(BOUND, async {
-        let pool = Pool::builder("blocking-option")
-            .backend(ProcessBackend::new().program(RUNNER))
-            .max(1)
-            .max_concurrency(3)
-            .start()
-            .await
-            .unwrap();
+        let pool = pool_of_slots("blocking-option", 3).await;
         // As many heavy bodies as the runner has workers; marked `blocking`, they hold none.
         let heavy: Vec<_> = (0..2)
             .map(|_| flame::spawn_on(&pool, spin_blocking_ms(5_000)))

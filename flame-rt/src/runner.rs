@@ -71,7 +71,7 @@ struct Service {
     out: Arc<Outbox>,
     calls: Arc<Calls>,
     /// Hands calls to the dispatcher on the app's runtime, where they run.
-    dispatch: mpsc::UnboundedSender<BoxFuture<'static, ()>>,
+    dispatch: mpsc::UnboundedSender<Abortable<BoxFuture<'static, ()>>>,
 }
 
 /// The calls running on this runner. Each runs in its own task, which sends its own result and
@@ -464,19 +464,18 @@ impl Service {
         // Cancellable from the moment it is on the list, before the dispatcher has spawned it.
         let (abort, registration) = AbortHandle::new_pair();
         self.calls.lock().insert(call, abort);
-        let work = Abortable::new(work, registration);
         // A dispatcher that is gone (the app's runtime shut down) drops the call, which ends it.
-        let _ = self.dispatch.send(Box::pin(async move {
-            let _ = work.await;
-        }));
+        let _ = self.dispatch.send(Abortable::new(work, registration));
     }
 }
 
 /// The app-runtime end of the hand-off: spawns the calls the protocol thread sends, from a
 /// worker, so a batch of calls costs one cross-thread wake-up rather than one each (a spawn from
 /// outside the runtime wakes a parked worker every time).
-fn dispatcher(app: &tokio::runtime::Handle) -> mpsc::UnboundedSender<BoxFuture<'static, ()>> {
-    let (dispatch, mut calls) = mpsc::unbounded_channel::<BoxFuture<'static, ()>>();
+fn dispatcher(
+    app: &tokio::runtime::Handle,
+) -> mpsc::UnboundedSender<Abortable<BoxFuture<'static, ()>>> {
+    let (dispatch, mut calls) = mpsc::unbounded_channel::<Abortable<BoxFuture<'static, ()>>>();
     app.spawn(async move {
         while let Some(call) = calls.recv().await {
             tokio::spawn(call);
