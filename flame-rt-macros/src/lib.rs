@@ -143,6 +143,56 @@ fn check_type(ty: &Type) -> syn::Result<()> {
     forbidden.0.map_or(Ok(()), Err)
 }
 
+/// The single generic argument of `ty` if it is the path type `name<..>` (by last segment).
+fn generic_arg<'a>(ty: &'a Type, name: &str) -> Option<&'a Type> {
+    let Type::Path(path) = ty else { return None };
+    let last = path.path.segments.last()?;
+    if last.ident != name {
+        return None;
+    }
+    let syn::PathArguments::AngleBracketed(args) = &last.arguments else {
+        return None;
+    };
+    args.args.iter().find_map(|arg| match arg {
+        syn::GenericArgument::Type(ty) => Some(ty),
+        _ => None,
+    })
+}
+
+fn is_u8(ty: &Type) -> bool {
+    matches!(ty, Type::Path(p) if p.qself.is_none() && p.path.is_ident("u8"))
+}
+
+/// `Vec<u8>`, `Box<[u8]>`, or one of them in an `Option`: types serde writes byte by byte, which
+/// the generated code encodes as one byte string instead (the same bytes on the wire).
+fn is_byte_vec(ty: &Type) -> bool {
+    if let Some(inner) = generic_arg(ty, "Option") {
+        return is_byte_vec(inner);
+    }
+    if let Some(elem) = generic_arg(ty, "Vec") {
+        return is_u8(elem);
+    }
+    matches!(generic_arg(ty, "Box"), Some(Type::Slice(slice)) if is_u8(&slice.elem))
+}
+
+/// `(T, E)` of a return type `Result<T, E>` whose `T` is a byte vector.
+fn byte_vec_result(ty: &Type) -> Option<(&Type, &Type)> {
+    let Type::Path(path) = ty else { return None };
+    let last = path.path.segments.last()?;
+    if last.ident != "Result" {
+        return None;
+    }
+    let syn::PathArguments::AngleBracketed(args) = &last.arguments else {
+        return None;
+    };
+    let mut types = args.args.iter().filter_map(|arg| match arg {
+        syn::GenericArgument::Type(ty) => Some(ty),
+        _ => None,
+    });
+    let (ok, err) = (types.next()?, types.next()?);
+    is_byte_vec(ok).then_some((ok, err))
+}
+
 fn expand_task(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
     let options = parse_options(attr, false)?;
     let krate = krate(&options);
@@ -232,10 +282,57 @@ fn expand_task(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
         sig.inputs.span()
     };
     let new_call = respan(
-        quote!(#krate::Call::__new(&__FLAME_TASK, (#(#idents,)*), __flame_local, __flame_culprit)),
+        quote!(#krate::Call::__new(&__FLAME_TASK, (#(#idents,)*), __flame_local, __flame_encode, __flame_decode, __flame_culprit)),
         args_span,
     );
     let decode = respan(quote!(#private::decode_args(bytes)?), args_span);
+    // Byte vectors cross as one byte string (see flame-rt's payload.rs).
+    let encoded_args = types.iter().enumerate().map(|(i, ty)| {
+        let index = syn::Index::from(i);
+        if is_byte_vec(ty) {
+            quote!(#private::AsBytes(&args.#index))
+        } else {
+            quote!(&args.#index)
+        }
+    });
+    let wire_types: Vec<TokenStream2> = types
+        .iter()
+        .map(|ty| {
+            if is_byte_vec(ty) {
+                quote!(#private::FromBytes<#ty>)
+            } else {
+                quote!(#ty)
+            }
+        })
+        .collect();
+    let unwrap_args = idents
+        .iter()
+        .zip(&types)
+        .filter(|(_, ty)| is_byte_vec(ty))
+        .map(|(ident, _)| quote!(let #ident = #ident.0;));
+    let encode_args = respan(
+        quote!(#private::encode_args(&(#(#encoded_args,)*))),
+        args_span,
+    );
+    let (encode_output, decode_output) = if is_byte_vec(&ret) {
+        (
+            quote!(#private::encode_result(&#private::AsBytes(&output))),
+            quote!(#private::decode_value::<#private::FromBytes<#ret>>(bytes).map(|b| b.0)),
+        )
+    } else if let Some((ok, err)) = byte_vec_result(&ret) {
+        (
+            quote!(#private::encode_result(&output.as_ref().map(#private::AsBytes))),
+            quote!(
+                #private::decode_value::<::core::result::Result<#private::FromBytes<#ok>, #err>>(bytes)
+                    .map(|r| r.map(|b| b.0))
+            ),
+        )
+    } else {
+        (
+            quote!(#private::encode_result(&output)),
+            quote!(#private::decode_value::<#ret>(bytes)),
+        )
+    };
     let culprit_checks = idents
         .iter()
         .zip(&types)
@@ -273,11 +370,25 @@ fn expand_task(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
             fn __flame_invoke(
                 bytes: &[u8],
             ) -> ::core::result::Result<#private::RunningTask, ::std::string::String> {
-                let (#(#idents,)*): (#(#types,)*) = #decode;
+                let (#(#idents,)*): (#(#wire_types,)*) = #decode;
+                #(#unwrap_args)*
                 ::core::result::Result::Ok(::std::boxed::Box::pin(async move {
                     let output: #ret = #local_body.await;
-                    #private::encode_result(&output)
+                    #encode_output
                 }))
+            }
+
+            #[allow(unused_variables)]
+            fn __flame_encode(
+                args: &(#(#types,)*),
+            ) -> ::core::result::Result<::std::vec::Vec<u8>, #private::PostcardError> {
+                #encode_args
+            }
+
+            fn __flame_decode(
+                bytes: &[u8],
+            ) -> ::core::result::Result<#ret, #private::PostcardError> {
+                #decode_output
             }
 
             fn __flame_culprit(args: &(#(#types,)*)) -> &'static str {

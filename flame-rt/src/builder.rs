@@ -15,6 +15,7 @@ use crate::task::registry;
 #[derive(Clone, Debug)]
 pub(crate) struct Config {
     pub(crate) max_concurrency: usize,
+    pub(crate) max_payload: usize,
     pub(crate) idle_shutdown_after: Option<Duration>,
     pub(crate) min_idle_shutdown_after: Option<Duration>,
     pub(crate) boot_timeout: Duration,
@@ -44,6 +45,7 @@ pub(crate) struct Config {
 /// | [`single_use`](Self::single_use) | false | each runner serves one call, then exits |
 /// | [`shutdown_timeout`](Self::shutdown_timeout) | 30 s | how long [`Pool::shutdown`] waits for calls in flight |
 /// | [`cancel_grace`](Self::cancel_grace) | 5 s | a cancelled call still running this long gets its runner recycled |
+/// | [`max_payload`](Self::max_payload) | 1 GiB | largest encoded argument list or result of one call |
 /// | [`prewarm_at`](Self::prewarm_at) | off | boot the next runner early at this utilisation |
 /// | `tls` (feature `tls`) | off | encrypt runner connections, parent certificate pinned by fingerprint |
 /// | [`heartbeat_interval`](Self::heartbeat_interval) | 1 s | how often both sides say they are alive |
@@ -69,6 +71,7 @@ impl PoolBuilder {
             max: 1,
             config: Config {
                 max_concurrency: 100,
+                max_payload: 1 << 30,
                 idle_shutdown_after: Some(Duration::from_secs(30)),
                 min_idle_shutdown_after: None,
                 boot_timeout: Duration::from_secs(30),
@@ -169,6 +172,19 @@ impl PoolBuilder {
     /// thread runs on until its closure returns.)
     pub fn cancel_grace(mut self, grace: Duration) -> Self {
         self.config.cancel_grace = grace;
+        self
+    }
+
+    /// The largest a call's encoded arguments, or its encoded result, may be. Default 1 GiB.
+    ///
+    /// A payload above 256 KiB crosses in pieces that take turns with other calls' frames, so a
+    /// big upload holds up the small calls beside it by about a millisecond, not its whole
+    /// transfer; each side allocates the whole payload once (a payload costs about twice its
+    /// size at peak on each side: the encoded bytes and the decoded value). Over the limit, the
+    /// call fails with [`ErrorKind::Codec`](crate::ErrorKind::Codec) naming both sizes; data
+    /// larger than memory belongs in a [`channel`](crate::channel()), which streams it.
+    pub fn max_payload(mut self, bytes: usize) -> Self {
+        self.config.max_payload = bytes;
         self
     }
 

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::cancel::Ticket;
@@ -41,6 +40,8 @@ use crate::task::TaskDef;
 pub struct Call<R> {
     def: &'static TaskDef,
     args: Box<dyn CallArgs<R>>,
+    /// Decodes the result: generated with the task, so byte vectors take the fast path.
+    decode: Decode<R>,
     timeout: Option<Duration>,
     retries: u32,
 }
@@ -54,19 +55,23 @@ trait CallArgs<R>: Send {
     fn run_local(self: Box<Self>) -> BoxFuture<'static, R>;
 }
 
+/// How a call's result is decoded from its bytes.
+pub(crate) type Decode<R> = fn(&[u8]) -> Result<R, postcard::Error>;
+
 struct TypedArgs<A, R> {
     args: A,
     body: fn(A) -> BoxFuture<'static, R>,
+    encode: fn(&A) -> Result<Vec<u8>, postcard::Error>,
     culprit: fn(&A) -> &'static str,
 }
 
 impl<A, R> CallArgs<R> for TypedArgs<A, R>
 where
-    A: Serialize + Send + 'static,
+    A: Send + 'static,
     R: 'static,
 {
     fn encode(&self) -> Result<Bytes, postcard::Error> {
-        postcard::to_stdvec(&self.args).map(Bytes::from)
+        (self.encode)(&self.args).map(Bytes::from)
     }
 
     fn culprit(&self) -> &'static str {
@@ -85,18 +90,22 @@ impl<R: 'static> Call<R> {
         def: &'static TaskDef,
         args: A,
         body: fn(A) -> BoxFuture<'static, R>,
+        encode: fn(&A) -> Result<Vec<u8>, postcard::Error>,
+        decode: fn(&[u8]) -> Result<R, postcard::Error>,
         culprit: fn(&A) -> &'static str,
     ) -> Call<R>
     where
-        A: Serialize + Send + 'static,
+        A: Send + 'static,
     {
         Call {
             def,
             args: Box::new(TypedArgs {
                 args,
                 body,
+                encode,
                 culprit,
             }),
+            decode,
             timeout: None,
             retries: 0,
         }
@@ -221,7 +230,7 @@ where
             ticket.resolve(Err(error));
         }
     }
-    JoinHandle::new(ticket)
+    JoinHandle::new(ticket, call.decode)
 }
 
 /// Runs `call` on `pool` and waits for its result: `spawn_on(pool, call).await`.

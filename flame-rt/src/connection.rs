@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
 use tokio::time::Instant;
 
@@ -19,8 +20,8 @@ use crate::pool::{Shared, Slot};
 use crate::queue::QueuedCall;
 use crate::trace::TraceParent;
 use crate::wire::{
-    self, BoxRead, BoxWrite, CallMap, Outbox, Reader, TO_PARENT_CHAN, ToParent, ToRunner, Watchdog,
-    Welcome,
+    self, BoxRead, BoxWrite, CallMap, HIGH_WATER, Outbox, Outcome, PIECE, Reader, TO_PARENT_CHAN,
+    TO_PARENT_PART, ToParent, ToRunner, Watchdog, Welcome,
 };
 
 /// A handle to a runner connection, shared by the pool and the calls running on it.
@@ -52,6 +53,10 @@ struct Running {
     slot: Option<Slot>,
     /// How many channels the call carries.
     chans: u32,
+    /// Set once its cancel is queued: an upload of its arguments stops there.
+    cancelled: bool,
+    /// The pieces of a big result received so far.
+    result: Option<BytesMut>,
 }
 
 /// A call that could not start on this connection because it has ended.
@@ -67,15 +72,15 @@ struct RunFrame<'a> {
     variant: u32,
     call: u64,
     task: &'a str,
-    #[serde(serialize_with = "wire::as_bytes")]
-    args: &'a [u8],
     deadline_ms: Option<u64>,
     trace: Option<TraceParent>,
+    /// The length of the arguments, which follow as the frame's tail.
+    args_len: usize,
 }
 
 const RUN_VARIANT: u32 = 2;
 
-fn run_frame(call: u64, queued: &QueuedCall) -> RunFrame<'_> {
+fn run_frame(call: u64, queued: &QueuedCall, args_len: usize) -> RunFrame<'_> {
     let deadline_ms = queued
         .ticket
         .deadline
@@ -85,9 +90,18 @@ fn run_frame(call: u64, queued: &QueuedCall) -> RunFrame<'_> {
         variant: RUN_VARIANT,
         call,
         task: queued.def.id,
-        args: &queued.args,
         deadline_ms,
         trace: queued.trace.as_deref().copied(),
+        args_len,
+    }
+}
+
+impl Outbox {
+    /// Queues a call's `Run` frame ending with `args` (all of its arguments, or the last piece
+    /// of them), shared rather than copied.
+    fn send_run(&self, call: u64, queued: &QueuedCall, args: Bytes) {
+        let head = run_frame(call, queued, args.len());
+        self.send_with_tail(|buf| postcard::to_io(&head, buf.writer()).map(drop), args);
     }
 }
 
@@ -113,45 +127,91 @@ impl RunnerConn {
             return Err(Unstarted { call, slot });
         }
         let chans = call.chans.len() as u32;
-        if chans == 0 {
-            // Under the lock, so a cancel for this call can only be queued after its run.
-            self.out.send(&run_frame(id, &call));
+        // Routes first, so the runner's first channel frames find them; pumps after the run, so
+        // no channel frame overtakes it.
+        let pumps: Vec<_> = (0..)
+            .zip(std::mem::take(&mut call.chans))
+            .map(|(chan, attached)| {
+                let port = Port {
+                    out: self.out.clone(),
+                    side: Side::Parent,
+                    call: id,
+                    chan,
+                };
+                attached.open(&self.routes, port)
+            })
+            .collect();
+        // Big arguments go in pieces, from a task, so they take turns with other calls' frames.
+        let upload = if call.args.len() > PIECE {
+            Some((call.args.clone(), pumps))
         } else {
-            // Routes first, so the runner's first channel frames find them; pumps after the
-            // run, so no channel frame overtakes it.
-            let pumps: Vec<_> = (0..)
-                .zip(std::mem::take(&mut call.chans))
-                .map(|(chan, attached)| {
-                    let port = Port {
-                        out: self.out.clone(),
-                        side: Side::Parent,
-                        call: id,
-                        chan,
-                    };
-                    attached.open(&self.routes, port)
-                })
-                .collect();
-            self.out.send(&run_frame(id, &call));
-            for (chan, pump) in (0..).zip(pumps) {
-                self.routes.arm(id, chan, pump);
-            }
-        }
+            // Under the lock, so a cancel for this call can only be queued after its run.
+            self.out.send_run(id, &call, call.args.clone());
+            self.arm(id, pumps);
+            None
+        };
         pending.calls.insert(
             id,
             Running {
                 call,
                 slot: Some(slot),
                 chans,
+                cancelled: false,
+                result: None,
             },
         );
+        drop(pending);
+        if let Some((args, pumps)) = upload {
+            crate::io_runtime::spawn(self.clone().upload(id, args, pumps));
+        }
         Ok((self.clone(), id))
+    }
+
+    fn arm(&self, call: u64, pumps: Vec<futures::future::BoxFuture<'static, ()>>) {
+        for (chan, pump) in (0..).zip(pumps) {
+            self.routes.arm(call, chan, pump);
+        }
+    }
+
+    /// Sends a call's big arguments in pieces, each once the outbox is low, then its `Run` with
+    /// the last piece. Stops at a cancel (the runner drops what it got and acknowledges) or
+    /// when the connection ends.
+    async fn upload(
+        self: Arc<Self>,
+        id: u64,
+        args: Bytes,
+        pumps: Vec<futures::future::BoxFuture<'static, ()>>,
+    ) {
+        let total = args.len();
+        let mut sent = 0;
+        loop {
+            self.out.wait_below(HIGH_WATER).await;
+            // Under the lock: once a cancel is queued, nothing more of the call is.
+            let pending = self.lock();
+            let Some(running) = pending.calls.get(&id).filter(|r| !r.cancelled) else {
+                return;
+            };
+            if total - sent <= PIECE {
+                self.out.send_run(id, &running.call, args.slice(sent..));
+                drop(pending);
+                return self.arm(id, pumps);
+            }
+            self.out.send_part(
+                wire::TO_RUNNER_PART,
+                id,
+                total,
+                args.slice(sent..sent + PIECE),
+            );
+            sent += PIECE;
+        }
     }
 
     /// Asks the runner to drop the call's future. Its slot comes back with the acknowledgement,
     /// or, if none comes within `cancel_grace`, when the runner is recycled.
     pub(crate) fn cancel(&self, call: u64) {
-        let pending = self.lock();
-        if pending.calls.contains_key(&call) {
+        let mut pending = self.lock();
+        if let Some(running) = pending.calls.get_mut(&call) {
+            running.cancelled = true;
             self.push(&ToRunner::Cancel { call });
             let due = Instant::now() + self.cancel_grace;
             self.overdue
@@ -191,6 +251,29 @@ impl RunnerConn {
         self.push(&ToRunner::Shutdown {
             grace_ms: grace.as_millis() as u64,
         });
+    }
+
+    /// Adds a piece of a big result to its call's; a piece of a call that is over (cancelled
+    /// meanwhile) is dropped.
+    fn add_result_part(&self, part: &wire::PartRef<'_>, max_payload: usize) -> Result<(), Error> {
+        let mut pending = self.lock();
+        let Some(running) = pending.calls.get_mut(&part.call) else {
+            return Ok(());
+        };
+        let total = usize::try_from(part.total).unwrap_or(usize::MAX);
+        let whole = running
+            .result
+            .get_or_insert_with(|| BytesMut::with_capacity(total.min(max_payload)));
+        if total > max_payload || whole.len() + part.data.len() > total {
+            return Err(Error::new(
+                ErrorKind::Protocol,
+                format!(
+                    "a result of {total} bytes in pieces overflows (max_payload is {max_payload})"
+                ),
+            ));
+        }
+        whole.extend_from_slice(part.data);
+        Ok(())
     }
 
     /// Takes the call's registration: its slot and what to resolve.
@@ -261,6 +344,12 @@ async fn read(
                 let msg = match frame {
                     Some(Ok(frame)) => {
                         let frame = frame.freeze();
+                        if let Some(part) = wire::part_frame(&frame, TO_PARENT_PART) {
+                            match part.and_then(|part| conn.add_result_part(&part, shared.config.max_payload)) {
+                                Ok(()) => continue,
+                                Err(e) => break Error::new(ErrorKind::RunnerLost, format!("runner {id}: {e}")),
+                            }
+                        }
                         match wire::chan_frame(&frame, TO_PARENT_CHAN) {
                             Some(Ok(chan)) => {
                                 conn.routes.deliver(chan, &frame);
@@ -277,7 +366,15 @@ async fn read(
                 match msg {
                     Some(Ok(ToParent::Done { call: id, outcome })) => {
                         shared.note_served();
-                        if let Some(Running { call, slot, chans }) = conn.finish(id) {
+                        if let Some(Running { call, slot, chans, result: parts, .. }) = conn.finish(id) {
+                            // A big result: its last piece came with the `Done`.
+                            let outcome = match (outcome, parts) {
+                                (Outcome::Ok(last), Some(mut whole)) => {
+                                    whole.extend_from_slice(&last);
+                                    Outcome::Ok(whole.freeze())
+                                }
+                                (outcome, _) => outcome,
+                            };
                             let result = outcome.into_result();
                             if chans > 0 {
                                 // A task that failed may have cut its streams short: say so.
@@ -299,8 +396,8 @@ async fn read(
                             conn.routes.end_call(id, chans, End::Cancelled, true);
                         }
                     }
-                    // Channel frames were handled above.
-                    Some(Ok(ToParent::Chan(_))) => {}
+                    // Channel frames and pieces were handled above.
+                    Some(Ok(ToParent::Chan(_) | ToParent::Part(_))) => {}
                     Some(Ok(ToParent::Heartbeat)) => {}
                     Some(Ok(ToParent::Idle { idle_ms })) => shared.runner_idle(key, Duration::from_millis(idle_ms)),
                     Some(Ok(ToParent::BootFailed { reason })) => {
@@ -353,6 +450,7 @@ async fn read(
             mut call,
             slot,
             chans,
+            ..
         },
     ) in running
     {
@@ -378,18 +476,21 @@ mod tests {
 
     #[test]
     fn the_borrowed_run_frame_encodes_as_the_message() {
-        let frame = RunFrame {
+        let args = [1, 2, 3, 250];
+        let head = RunFrame {
             variant: RUN_VARIANT,
             call: 300,
             task: "app::thumbnails",
-            args: &[1, 2, 3, 250],
             deadline_ms: Some(1500),
             trace: Some(TraceParent {
                 trace_id: [9; 16],
                 span_id: [4; 8],
                 flags: 1,
             }),
+            args_len: args.len(),
         };
+        let mut frame = postcard::to_stdvec(&head).unwrap();
+        frame.extend_from_slice(&args);
         let message = ToRunner::Run {
             call: 300,
             task: "app::thumbnails".into(),
@@ -401,9 +502,6 @@ mod tests {
                 flags: 1,
             }),
         };
-        assert_eq!(
-            postcard::to_stdvec(&frame).unwrap(),
-            wire::encode(&message).unwrap().to_vec()
-        );
+        assert_eq!(frame, wire::encode(&message).unwrap().to_vec());
     }
 }

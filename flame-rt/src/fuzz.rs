@@ -37,6 +37,8 @@ pub fn frames(data: &[u8]) {
         let _ = wire::chan_frame(&frame, wire::TO_RUNNER_CHAN);
         let _ = wire::chan_frame(&frame, wire::TO_PARENT_CHAN);
         let _ = wire::done_frame(&frame.clone().freeze());
+        let _ = wire::part_frame(&frame, wire::TO_RUNNER_PART);
+        let _ = wire::part_frame(&frame, wire::TO_PARENT_PART);
         if let Ok(ToParent::Hello(hello)) = wire::decode::<ToParent>(&frame)
             && let Ok(registry) = crate::task::registry()
         {

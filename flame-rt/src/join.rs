@@ -3,7 +3,6 @@
 
 use std::fmt;
 use std::future::Future;
-use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -11,6 +10,7 @@ use std::task::{Context, Poll};
 use serde::de::DeserializeOwned;
 use tokio::time::{Instant, Sleep};
 
+use crate::call::Decode;
 use crate::cancel::{Outcome, Ticket};
 use crate::error::{Error, ErrorKind};
 
@@ -34,17 +34,17 @@ pub struct JoinHandle<R> {
     waiting: bool,
     timer: Option<Pin<Box<Sleep>>>,
     detached: bool,
-    _result: PhantomData<fn() -> R>,
+    decode: Decode<R>,
 }
 
 impl<R> JoinHandle<R> {
-    pub(crate) fn new(ticket: Arc<Ticket>) -> JoinHandle<R> {
+    pub(crate) fn new(ticket: Arc<Ticket>, decode: Decode<R>) -> JoinHandle<R> {
         JoinHandle {
             ticket,
             waiting: true,
             timer: None,
             detached: false,
-            _result: PhantomData,
+            decode,
         }
     }
 
@@ -102,7 +102,7 @@ impl<R: DeserializeOwned> Future for JoinHandle<R> {
             if let Poll::Ready(outcome) = this.ticket.poll_outcome(cx) {
                 this.waiting = false;
                 this.timer = None;
-                return Poll::Ready(decode(outcome));
+                return Poll::Ready(decode(outcome, this.decode));
             }
             let Some(bound) = this.next_bound() else {
                 this.timer = None;
@@ -121,9 +121,9 @@ impl<R: DeserializeOwned> Future for JoinHandle<R> {
     }
 }
 
-fn decode<R: DeserializeOwned>(outcome: Outcome) -> Result<R, Error> {
+fn decode<R>(outcome: Outcome, decode: Decode<R>) -> Result<R, Error> {
     match outcome {
-        Ok(bytes) => postcard::from_bytes(&bytes).map_err(|e| {
+        Ok(bytes) => decode(&bytes).map_err(|e| {
             Error::new(
                 ErrorKind::Codec,
                 format!(

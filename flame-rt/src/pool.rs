@@ -24,7 +24,7 @@ use crate::listener::{Listener, listener_for};
 use crate::parent::Handoff;
 use crate::queue::{Queue, QueuedCall};
 use crate::task::{TaskDef, registry};
-use crate::wire::{MAX_FRAME, Welcome};
+use crate::wire::Welcome;
 
 /// A pool of runners that calls are sent to. Cheap to clone; every clone is the same pool.
 ///
@@ -399,17 +399,19 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// What must hold before a call is sent: its arguments fit in a frame, and its task is in
-    /// this binary's registry.
+    /// What must hold before a call is sent: its arguments are within `max_payload`, and its
+    /// task is in this binary's registry.
     pub(crate) fn check(&self, def: &'static TaskDef, args: &Bytes) -> Result<(), Error> {
-        if args.len() > MAX_FRAME - 4096 {
+        if args.len() > self.config.max_payload {
             return Err(Error::new(
                 ErrorKind::Codec,
                 format!(
-                    "the arguments of {} are {} bytes, more than the {MAX_FRAME}-byte frame limit; \
-                     stream large data through a flame channel instead",
+                    "the arguments of {} are {} bytes encoded, more than the pool's max_payload \
+                     of {} bytes; raise it with PoolBuilder::max_payload, or stream the data \
+                     through a flame channel",
                     def.id,
-                    args.len()
+                    args.len(),
+                    self.config.max_payload
                 ),
             ));
         }
@@ -765,6 +767,7 @@ impl Shared {
             heartbeat_ms: self.config.heartbeat_interval.as_millis() as u64,
             miss_limit: self.config.heartbeat_miss_limit,
             idle_ms: idle.map(|d| d.as_millis() as u64),
+            max_payload: self.config.max_payload as u64,
         };
         let conn = connection::start(self.clone(), key, runner_id.to_string(), halves, welcome);
         Ok(Runner {

@@ -7,11 +7,14 @@
 //! cannot silence its runner.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
 use std::time::Duration;
 
 use futures::FutureExt;
-use futures::future::{AbortHandle, Abortable, BoxFuture};
+use futures::task::AtomicWaker;
+use std::future::Future;
 use tokio::sync::Notify;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -23,8 +26,8 @@ use crate::task::{Registry, registry};
 use crate::terminator::{self, Exit};
 use crate::trace::TraceParent;
 use crate::wire::{
-    self, CallMap, Hello, MAX_FRAME, Outbox, Outcome, PROTOCOL_VERSION, Reader, TO_RUNNER_CHAN,
-    ToParent, ToRunner, Watchdog, WireErrorKind,
+    self, CallMap, HIGH_WATER, Hello, Outbox, Outcome, PIECE, PROTOCOL_VERSION, Reader,
+    TO_PARENT_PART, TO_RUNNER_CHAN, TO_RUNNER_PART, ToParent, ToRunner, Watchdog, WireErrorKind,
 };
 
 /// Told to a running service by the process hosting it.
@@ -71,13 +74,15 @@ struct Service {
     out: Arc<Outbox>,
     calls: Arc<Calls>,
     /// Hands calls to the dispatcher on the app's runtime, where they run.
-    dispatch: mpsc::UnboundedSender<Abortable<BoxFuture<'static, ()>>>,
+    dispatch: mpsc::UnboundedSender<CallTask>,
+    /// The largest result a call may return, from the parent's welcome.
+    max_payload: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// The calls running on this runner. Each runs in its own task, which sends its own result and
 /// takes itself off this list: the service loop is not woken per call.
 struct Calls {
-    running: Mutex<CallMap<AbortHandle>>,
+    running: Mutex<CallMap<Arc<dyn RunningCall>>>,
     /// Woken when the last running call ends.
     emptied: Notify,
     /// When the last call ended, to tell how long the runner has been idle.
@@ -89,7 +94,7 @@ struct Calls {
 }
 
 impl Calls {
-    fn lock(&self) -> MutexGuard<'_, CallMap<AbortHandle>> {
+    fn lock(&self) -> MutexGuard<'_, CallMap<Arc<dyn RunningCall>>> {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -183,6 +188,7 @@ impl Service {
                 routes: Routes::default(),
             }),
             dispatch: dispatcher(&app),
+            max_payload: Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX)),
         };
         service.send(&ToParent::Hello(Hello {
             protocol: PROTOCOL_VERSION,
@@ -211,6 +217,13 @@ impl Service {
                 );
             }
         };
+        service.max_payload.store(
+            usize::try_from(welcome.max_payload).unwrap_or(usize::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        // The pieces of big arguments received so far, by call: each call's `Run` brings the
+        // last one.
+        let mut uploads: CallMap<bytes::BytesMut> = CallMap::default();
         let heartbeat = Duration::from_millis(welcome.heartbeat_ms.max(1));
         let mut watchdog = Watchdog::new(heartbeat * welcome.miss_limit.max(1));
         let idle_after = welcome.idle_ms.map(Duration::from_millis);
@@ -251,6 +264,12 @@ impl Service {
                     let frame = frame.map(|frame| frame.map(bytes::BytesMut::freeze));
                     let msg = match frame {
                         Some(Ok(frame)) => match run_ref(&frame) {
+                            None if let Some(part) = wire::part_frame(&frame, TO_RUNNER_PART) => {
+                                match part.and_then(|part| service.add_part(&mut uploads, &part)) {
+                                    Ok(()) => continue,
+                                    Err(e) => Some(Err(e)),
+                                }
+                            }
                             None if let Some(chan) = wire::chan_frame(&frame, TO_RUNNER_CHAN) => match chan {
                                 Ok(chan) => {
                                     service.calls.routes.deliver(chan, &frame);
@@ -259,7 +278,13 @@ impl Service {
                                 Err(e) => Some(Err(e)),
                             },
                             // The hot path: a call, decoded without copying its arguments.
-                            Some(Ok(run)) => {
+                            Some(Ok(mut run)) => {
+                                let whole;
+                                if let Some(mut pieces) = uploads.remove(&run.call) {
+                                    pieces.extend_from_slice(run.args);
+                                    whole = pieces;
+                                    run.args = &whole;
+                                }
                                 if draining {
                                     service.done(run.call, Outcome::Failed {
                                         kind: WireErrorKind::ShuttingDown,
@@ -278,8 +303,15 @@ impl Service {
                     };
                     match msg {
                         Some(Ok(ToRunner::Cancel { call })) => {
-                            if let Some(task) = service.calls.lock().get(&call) {
-                                task.abort();
+                            let task = service.calls.lock().get(&call).cloned();
+                            match task {
+                                Some(task) => task.cancel(),
+                                // Cancelled while its arguments were on their way, or just after
+                                // it ended: nothing runs, which the parent waits to hear.
+                                None => {
+                                    uploads.remove(&call);
+                                    service.send(&ToParent::Cancelled { call });
+                                }
                             }
                         }
                         Some(Ok(ToRunner::Heartbeat)) => {}
@@ -324,8 +356,9 @@ impl Service {
             }
         };
         // Drop every task before going away, so their kill_on_drop children die with them.
-        for task in service.calls.lock().values() {
-            task.abort();
+        let tasks: Vec<_> = service.calls.lock().values().cloned().collect();
+        for task in tasks {
+            task.cancel();
         }
         if tokio::time::timeout(DROP_WAIT, service.calls.wait_empty())
             .await
@@ -347,8 +380,29 @@ impl Service {
         self.out.send(msg);
     }
 
+    /// Adds a piece of a call's big arguments to the others.
+    fn add_part(
+        &self,
+        uploads: &mut CallMap<bytes::BytesMut>,
+        part: &wire::PartRef<'_>,
+    ) -> Result<(), crate::error::Error> {
+        let max = self.max_payload.load(Ordering::Relaxed);
+        let total = usize::try_from(part.total).unwrap_or(usize::MAX);
+        let whole = uploads
+            .entry(part.call)
+            .or_insert_with(|| bytes::BytesMut::with_capacity(total.min(max)));
+        if total > max || whole.len() + part.data.len() > total {
+            return Err(crate::error::Error::new(
+                crate::error::ErrorKind::Protocol,
+                format!("arguments of {total} bytes in pieces overflow (max_payload is {max})"),
+            ));
+        }
+        whole.extend_from_slice(part.data);
+        Ok(())
+    }
+
     fn done(&self, call: u64, outcome: Outcome) {
-        self.send(&ToParent::Done { call, outcome });
+        self.out.send_done(call, outcome);
     }
 
     fn start(&self, run: RunRef<'_>) {
@@ -395,6 +449,7 @@ impl Service {
             }
         };
         let deadline = deadline_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
+        let max_payload = self.max_payload.load(Ordering::Relaxed);
         let task_id = def.id;
         let guard = CallGuard {
             call,
@@ -422,11 +477,12 @@ impl Service {
                     ),
                 },
                 Ok(Err(panic)) => Outcome::Panicked(panic_message(panic)),
-                Ok(Ok(Ok(bytes))) if bytes.len() > MAX_FRAME - 1024 => Outcome::Failed {
+                Ok(Ok(Ok(bytes))) if bytes.len() > max_payload => Outcome::Failed {
                     kind: WireErrorKind::Codec,
                     message: format!(
-                        "the result of {task_id} is {} bytes, more than the {MAX_FRAME}-byte frame limit; \
-                         stream large data through a flame channel instead",
+                        "the result of {task_id} is {} bytes encoded, more than the pool's \
+                         max_payload of {max_payload} bytes; raise it with PoolBuilder::max_payload, \
+                         or stream the data through a flame channel",
                         bytes.len()
                     ),
                 },
@@ -445,7 +501,24 @@ impl Service {
                     .routes
                     .end_call(call, guard.chans, End::Finished, false);
             }
-            guard.calls.out.send(&ToParent::Done { call, outcome });
+            let out = &guard.calls.out;
+            let outcome = match outcome {
+                // A big result goes in pieces that take turns with other calls' frames; the
+                // last one comes with the `Done`.
+                Outcome::Ok(result) if result.len() > PIECE => {
+                    let mut sent = 0;
+                    while result.len() - sent > PIECE {
+                        out.wait_below(HIGH_WATER).await;
+                        let piece = result.slice(sent..sent + PIECE);
+                        out.send_part(TO_PARENT_PART, call, result.len(), piece);
+                        sent += PIECE;
+                    }
+                    out.wait_below(HIGH_WATER).await;
+                    Outcome::Ok(result.slice(sent..))
+                }
+                outcome => outcome,
+            };
+            out.send_done(call, outcome);
             guard.finished.set(true);
         };
         let span = crate::trace::task_span(
@@ -455,27 +528,96 @@ impl Service {
             &self.handoff.runner_id,
             trace,
         );
-        let work: BoxFuture<'static, ()> = match (&self.in_process, span.is_disabled()) {
-            (Some(parent), _) => Box::pin(TASK_PARENT.scope(parent.clone(), work.instrument(span))),
+        let cell = match (&self.in_process, span.is_disabled()) {
+            (Some(parent), _) => {
+                call_cell(TASK_PARENT.scope(parent.clone(), work.instrument(span)))
+            }
             // No subscriber wants the span: skip the instrumentation on the hot path.
-            (None, true) => Box::pin(work),
-            (None, false) => Box::pin(work.instrument(span)),
+            (None, true) => call_cell(work),
+            (None, false) => call_cell(work.instrument(span)),
         };
         // Cancellable from the moment it is on the list, before the dispatcher has spawned it.
-        let (abort, registration) = AbortHandle::new_pair();
-        self.calls.lock().insert(call, abort);
+        self.calls.lock().insert(call, cell.clone());
         // A dispatcher that is gone (the app's runtime shut down) drops the call, which ends it.
-        let _ = self.dispatch.send(Abortable::new(work, registration));
+        let _ = self.dispatch.send(CallTask(cell));
+    }
+}
+
+/// A call's future and what cancels it, in one allocation: the list of running calls holds it
+/// to cancel the call, the task on the app's runtime to run it. A cancel marks it and wakes the
+/// task, which drops the future on the app's runtime, where the task's destructors expect to run
+/// (a call's channel halves end there, for one).
+///
+/// The future lives inside the cell, not boxed beside it: one allocation per call, not two.
+struct CallCell<F> {
+    /// `None` once the call has finished or been dropped. Pinned: never moved, dropped in place.
+    /// Locked only by the task that polls it.
+    future: Mutex<Option<F>>,
+    cancelled: AtomicBool,
+    waker: AtomicWaker,
+}
+
+/// A [`CallCell`] of any future, as the list of running calls and the app's task hold it.
+trait RunningCall: Send + Sync {
+    /// Has the call's future dropped at its task's next poll (at once if it is not running).
+    fn cancel(&self);
+    fn poll_call(&self, cx: &mut std::task::Context<'_>) -> Poll<()>;
+}
+
+impl<F: Future<Output = ()> + Send> RunningCall for CallCell<F> {
+    fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    fn poll_call(&self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        self.waker.register(cx.waker());
+        let mut slot = self.future.lock().unwrap_or_else(|e| e.into_inner());
+        if self.cancelled.load(Ordering::Acquire) {
+            *slot = None;
+            return Poll::Ready(());
+        }
+        let Some(future) = slot.as_mut() else {
+            return Poll::Ready(());
+        };
+        // SAFETY: the future is never moved out of its cell, which an `Arc` keeps in place; it
+        // is only ever dropped there, by setting the slot to `None`.
+        let future = unsafe { std::pin::Pin::new_unchecked(future) };
+        match future.poll(cx) {
+            Poll::Ready(()) => {
+                *slot = None;
+                Poll::Ready(())
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+fn call_cell(future: impl Future<Output = ()> + Send + 'static) -> Arc<dyn RunningCall> {
+    Arc::new(CallCell {
+        future: Mutex::new(Some(future)),
+        cancelled: AtomicBool::new(false),
+        waker: AtomicWaker::new(),
+    })
+}
+
+/// What the app's runtime spawns for a call: polls the call's future until it ends or is
+/// cancelled.
+struct CallTask(Arc<dyn RunningCall>);
+
+impl Future for CallTask {
+    type Output = ();
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        self.0.poll_call(cx)
     }
 }
 
 /// The app-runtime end of the hand-off: spawns the calls the protocol thread sends, from a
 /// worker, so a batch of calls costs one cross-thread wake-up rather than one each (a spawn from
 /// outside the runtime wakes a parked worker every time).
-fn dispatcher(
-    app: &tokio::runtime::Handle,
-) -> mpsc::UnboundedSender<Abortable<BoxFuture<'static, ()>>> {
-    let (dispatch, mut calls) = mpsc::unbounded_channel::<Abortable<BoxFuture<'static, ()>>>();
+fn dispatcher(app: &tokio::runtime::Handle) -> mpsc::UnboundedSender<CallTask> {
+    let (dispatch, mut calls) = mpsc::unbounded_channel::<CallTask>();
     app.spawn(async move {
         while let Some(call) = calls.recv().await {
             tokio::spawn(call);
@@ -499,9 +641,9 @@ fn run_ref(frame: &[u8]) -> Option<Result<RunRef<'_>, crate::error::Error>> {
         variant: u32,
         call: u64,
         task: &'a str,
-        args: &'a [u8],
         deadline_ms: Option<u64>,
         trace: Option<TraceParent>,
+        args: &'a [u8],
     }
     // Postcard writes the variant index first, as a varint: `Run` is 2, one byte.
     if frame.first() != Some(&2) {

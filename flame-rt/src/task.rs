@@ -180,7 +180,7 @@ pub const fn sig_hash(signature: &str) -> u64 {
 /// Encodes a task's result (generated code calls this on the runner).
 #[doc(hidden)]
 pub fn encode_result<R: serde::Serialize>(value: &R) -> Result<Bytes, String> {
-    postcard::to_stdvec(value)
+    crate::payload::encode(value)
         .map(Bytes::from)
         .map_err(|e| format!("the task's return value could not be encoded: {e}"))
 }

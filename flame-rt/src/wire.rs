@@ -22,7 +22,7 @@ use crate::error::{Error, ErrorKind};
 use crate::trace::TraceParent;
 
 /// Bumped on any incompatible change of the messages below.
-pub(crate) const PROTOCOL_VERSION: u32 = 2;
+pub(crate) const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest frame either side accepts. A bigger call argument is a user error reported as
 /// [`ErrorKind::Codec`] before it is sent; streaming large data is what channels are for.
@@ -50,6 +50,8 @@ pub(crate) struct Welcome {
     pub(crate) heartbeat_ms: u64,
     pub(crate) miss_limit: u32,
     pub(crate) idle_ms: Option<u64>,
+    /// The largest result a call may return (the pool's `max_payload`).
+    pub(crate) max_payload: u64,
 }
 
 /// Parent → runner.
@@ -62,11 +64,12 @@ pub(crate) enum ToRunner {
     Run {
         call: u64,
         task: String,
-        args: Bytes,
         /// Time left until the call's deadline, relative because clocks differ between hosts.
         deadline_ms: Option<u64>,
         /// The caller's trace context.
         trace: Option<TraceParent>,
+        /// Last, so big arguments are written from where they are, not copied into the frame.
+        args: Bytes,
     },
     Cancel {
         call: u64,
@@ -78,6 +81,8 @@ pub(crate) enum ToRunner {
     },
     /// Traffic of a channel carried by a call (see `channel/bridge.rs`).
     Chan(ChanFrame),
+    /// A piece of a big call's arguments; the rest follow, the last one in its `Run`.
+    Part(Part),
 }
 
 /// Runner → parent.
@@ -109,6 +114,70 @@ pub(crate) enum ToParent {
     },
     /// Traffic of a channel carried by a call (see `channel/bridge.rs`).
     Chan(ChanFrame),
+    /// A piece of a big call's result; the rest follow, the last one in its `Done`.
+    Part(Part),
+}
+
+/// A piece of a payload too big for one frame, or big enough to hold the connection while other
+/// calls' frames wait: arguments and results above [`PIECE`] go out in pieces of that size,
+/// taking turns with other frames. `total` is the whole payload's size, so the receiver
+/// allocates it once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Part {
+    pub(crate) call: u64,
+    pub(crate) total: u64,
+    pub(crate) data: Bytes,
+}
+
+/// Variant indices of `ToRunner::Part` and `ToParent::Part`, the first byte of their frames.
+pub(crate) const TO_RUNNER_PART: u8 = 7;
+pub(crate) const TO_PARENT_PART: u8 = 8;
+
+/// Big messages (channel messages, arguments, results) go out in pieces of this size.
+pub(crate) const PIECE: usize = 256 * 1024;
+/// A piece waits for the connection's outbox to go below this first, so a small frame queued
+/// meanwhile waits behind at most this much.
+pub(crate) const HIGH_WATER: usize = 1024 * 1024;
+
+impl Outbox {
+    /// Queues `data`, a piece of call `call`'s payload of `total` bytes, without copying it.
+    pub(crate) fn send_part(&self, variant: u8, call: u64, total: usize, data: Bytes) -> bool {
+        #[derive(Serialize)]
+        struct PartHead {
+            variant: u8,
+            call: u64,
+            total: u64,
+            len: usize,
+        }
+        let head = PartHead {
+            variant,
+            call,
+            total: total as u64,
+            len: data.len(),
+        };
+        self.send_with_tail(|buf| postcard::to_io(&head, buf.writer()).map(drop), data)
+    }
+}
+
+/// Decodes a `Part` frame of `variant` in place; `None` if the frame is another message.
+pub(crate) fn part_frame(frame: &[u8], variant: u8) -> Option<Result<PartRef<'_>, Error>> {
+    if frame.first() != Some(&variant) {
+        return None;
+    }
+    Some(
+        postcard::from_bytes::<PartRef<'_>>(frame)
+            .map_err(|e| Error::new(ErrorKind::Protocol, e.to_string())),
+    )
+}
+
+/// A `Part` frame with its data borrowed from the frame.
+#[derive(Debug, Deserialize)]
+pub(crate) struct PartRef<'a> {
+    #[allow(dead_code)]
+    variant: u8,
+    pub(crate) call: u64,
+    pub(crate) total: u64,
+    pub(crate) data: &'a [u8],
 }
 
 /// One frame of a channel: channels are numbered per call, in the order the call's arguments
@@ -526,6 +595,30 @@ impl Outbox {
         true
     }
 
+    /// Queues a call's `Done`: a result goes out from where it is, not copied into the frame,
+    /// since it is the frame's last field.
+    pub(crate) fn send_done(&self, call: u64, outcome: Outcome) -> bool {
+        #[derive(Serialize)]
+        struct DoneHead {
+            variant: u32,
+            call: u64,
+            outcome: u32,
+            len: usize,
+        }
+        match outcome {
+            Outcome::Ok(result) => {
+                let head = DoneHead {
+                    variant: 1,
+                    call,
+                    outcome: 0,
+                    len: result.len(),
+                };
+                self.send_with_tail(|buf| postcard::to_io(&head, buf.writer()).map(drop), result)
+            }
+            outcome => self.send(&ToParent::Done { call, outcome }),
+        }
+    }
+
     /// Writes what is queued from this thread, if the writer task is not writing and the socket
     /// takes it all without waiting. `false` if something is left for the writer task.
     fn write_through(&self) -> bool {
@@ -734,15 +827,21 @@ mod tests {
 
     fn to_runner() -> impl Strategy<Value = ToRunner> {
         prop_oneof![
-            (any::<u64>(), any::<u32>(), option::of(any::<u64>())).prop_map(
-                |(heartbeat_ms, miss_limit, idle_ms)| {
+            (
+                any::<u64>(),
+                any::<u32>(),
+                option::of(any::<u64>()),
+                any::<u64>()
+            )
+                .prop_map(|(heartbeat_ms, miss_limit, idle_ms, max_payload)| {
                     ToRunner::Welcome(Welcome {
                         heartbeat_ms,
                         miss_limit,
                         idle_ms,
+                        max_payload,
                     })
-                }
-            ),
+                }),
+            part().prop_map(ToRunner::Part),
             ".{0,80}".prop_map(|reason| ToRunner::Refused { reason }),
             (
                 any::<u64>(),
@@ -841,7 +940,34 @@ mod tests {
             any::<u64>().prop_map(|idle_ms| ToParent::Idle { idle_ms }),
             ".{0,80}".prop_map(|reason| ToParent::BootFailed { reason }),
             chan().prop_map(ToParent::Chan),
+            part().prop_map(ToParent::Part),
         ]
+    }
+
+    fn part() -> impl Strategy<Value = Part> {
+        (any::<u64>(), any::<u64>(), bytes()).prop_map(|(call, total, data)| Part {
+            call,
+            total,
+            data,
+        })
+    }
+
+    /// What an outbox holds, as the frames' bodies.
+    fn queued_frames(out: &Outbox) -> Vec<Vec<u8>> {
+        let (segments, last) = out.lock().take();
+        let all: Vec<u8> = segments
+            .iter()
+            .chain([&last])
+            .flat_map(|b| b.to_vec())
+            .collect();
+        let mut frames = Vec::new();
+        let mut rest = &all[..];
+        while !rest.is_empty() {
+            let len = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+            frames.push(rest[4..4 + len].to_vec());
+            rest = &rest[4 + len..];
+        }
+        frames
     }
 
     proptest! {
@@ -871,6 +997,26 @@ mod tests {
             let msg = ToParent::Done { call, outcome };
             let frame = encode(&msg).unwrap();
             prop_assert_eq!(done_frame(&frame).unwrap().unwrap(), msg);
+        }
+
+        #[test]
+        fn pieces_and_results_sent_from_where_they_are_encode_as_the_messages(
+            part in part(),
+            call in any::<u64>(),
+            outcome in outcome(),
+        ) {
+            let out = Outbox::new();
+            let total = part.total as usize;
+            out.send_part(TO_RUNNER_PART, part.call, total, part.data.clone());
+            out.send_part(TO_PARENT_PART, part.call, total, part.data.clone());
+            out.send_done(call, outcome.clone());
+            let frames = queued_frames(&out);
+            prop_assert_eq!(&frames[0], &encode(&ToRunner::Part(part.clone())).unwrap().to_vec());
+            prop_assert_eq!(&frames[1], &encode(&ToParent::Part(part.clone())).unwrap().to_vec());
+            prop_assert_eq!(&frames[2], &encode(&ToParent::Done { call, outcome }).unwrap().to_vec());
+            let back = part_frame(&frames[0], TO_RUNNER_PART).unwrap().unwrap();
+            prop_assert_eq!((back.call, back.total, back.data), (part.call, part.total, &part.data[..]));
+            prop_assert!(part_frame(&frames[0], TO_PARENT_PART).is_none());
         }
 
         #[test]

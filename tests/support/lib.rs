@@ -90,6 +90,50 @@ pub async fn echo(data: Vec<u8>) -> Vec<u8> {
     data
 }
 
+/// Byte vectors in each shape the task macro encodes as one byte string: joins them, or fails.
+#[flame::task]
+pub async fn join_bytes(
+    first: Option<Vec<u8>>,
+    second: Box<[u8]>,
+    fail: bool,
+) -> Result<Vec<u8>, String> {
+    if fail {
+        return Err(format!("refused {} bytes", second.len()));
+    }
+    let mut joined = first.unwrap_or_default();
+    joined.extend_from_slice(&second);
+    Ok(joined)
+}
+
+/// `len` bytes made on the runner: a result much bigger than its arguments.
+#[flame::task]
+pub async fn make_bytes(len: usize) -> Vec<u8> {
+    vec![0x5A; len]
+}
+
+/// A struct with byte fields of each kind a user's own type can hold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ByteFields {
+    /// Marked, so it is written as one byte string.
+    #[serde(with = "serde_bytes")]
+    pub marked: Vec<u8>,
+    /// Fast by itself.
+    pub shared: bytes::Bytes,
+    /// Fast by itself.
+    pub buf: serde_bytes::ByteBuf,
+    /// Not bytes.
+    pub name: String,
+}
+
+/// Returns the struct with each byte field reversed.
+#[flame::task]
+pub async fn reverse_byte_fields(mut blobs: ByteFields) -> ByteFields {
+    blobs.marked.reverse();
+    blobs.shared = blobs.shared.iter().rev().copied().collect();
+    blobs.buf.reverse();
+    blobs
+}
+
 /// A task whose own error type stays inside its result.
 #[flame::task]
 pub async fn checked_div(a: u64, b: u64) -> Result<u64, String> {
@@ -281,7 +325,12 @@ pub fn open_fds() -> usize {
 
 /// This process's resident set, in KiB.
 pub fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    rss_kib_of("self")
+}
+
+/// The resident memory of process `pid` (a number, or `self`), in KiB.
+pub fn rss_kib_of(pid: impl std::fmt::Display) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }

@@ -31,12 +31,9 @@ use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::error::{Error, ErrorKind};
-use crate::wire::{ChanBodyRef, ChanFrameRef, Outbox, TO_PARENT_CHAN, TO_RUNNER_CHAN};
-
-/// Messages bigger than this go out in chunks of this size.
-const CHUNK: usize = 256 * 1024;
-/// A chunked message waits for the connection's outbox to go below this before each chunk.
-const HIGH_WATER: usize = 1024 * 1024;
+use crate::wire::{
+    ChanBodyRef, ChanFrameRef, HIGH_WATER, Outbox, PIECE, TO_PARENT_CHAN, TO_RUNNER_CHAN,
+};
 
 /// What the two halves of one channel share in this process: why the channel ended, when it
 /// did not end because one side simply finished.
@@ -110,7 +107,7 @@ impl Port {
             len: usize,
         }
         let len = postcard::experimental::serialized_size(item)?;
-        if len > CHUNK {
+        if len > PIECE {
             return Ok(false);
         }
         let head = DataHead {
@@ -141,7 +138,7 @@ impl Port {
 
     /// Sends an encoded message in chunks that take turns with other frames.
     async fn send_chunks(&self, message: &[u8]) {
-        let mut chunks = message.chunks(CHUNK).peekable();
+        let mut chunks = message.chunks(PIECE).peekable();
         while let Some(chunk) = chunks.next() {
             self.out.wait_below(HIGH_WATER).await;
             self.send(match chunks.peek() {

@@ -1,0 +1,194 @@
+//! Big and byte-typed payloads on real runner processes: byte vectors in every shape the task
+//! macro encodes as one byte string, user structs holding bytes, and arguments and results of
+//! tens of MiB, checked byte for byte.
+
+use std::time::Duration;
+
+use flame::{Pool, ProcessBackend};
+use flame_tests::*;
+
+const RUNNER: &str = env!("CARGO_BIN_EXE_flame-test-runner");
+const BOUND: Duration = Duration::from_secs(60);
+
+async fn pool(name: &str) -> Pool {
+    Pool::builder(name)
+        .max(1)
+        .backend(ProcessBackend::new().program(RUNNER))
+        .start()
+        .await
+        .expect("pool starts")
+}
+
+/// Bytes no run of equal values hides a lost or shifted chunk in.
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_48_mib_vec_goes_and_comes_back_intact() {
+    bounded(BOUND, async {
+        let pool = pool("big-vec").await;
+        let data = pattern(48 << 20, 7);
+        let back = flame::call(&pool, echo(data.clone())).await.unwrap();
+        assert_eq!(back.len(), data.len());
+        assert!(back == data, "the echoed bytes differ");
+        pool.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_byte_vector_shape_round_trips() {
+    bounded(BOUND, async {
+        let pool = pool("byte-shapes").await;
+        let (first, second) = (pattern(3000, 1), pattern(70_000, 2));
+        let joined = flame::call(
+            &pool,
+            join_bytes(Some(first.clone()), second.clone().into(), false),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(joined, [first, second.clone()].concat());
+        let none = flame::call(&pool, join_bytes(None, second.clone().into(), false))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(none, second);
+        let refused = flame::call(&pool, join_bytes(None, vec![1, 2, 3].into(), true))
+            .await
+            .unwrap();
+        assert_eq!(refused, Err("refused 3 bytes".to_string()));
+        let empty = flame::call(&pool, join_bytes(Some(Vec::new()), Box::new([]), false))
+            .await
+            .unwrap();
+        assert_eq!(empty, Ok(Vec::new()));
+        pool.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_struct_with_byte_fields_round_trips() {
+    bounded(BOUND, async {
+        let pool = pool("blobs").await;
+        let blobs = ByteFields {
+            marked: pattern(5 << 20, 3),
+            shared: pattern(1 << 20, 4).into(),
+            buf: serde_bytes::ByteBuf::from(pattern(2 << 20, 5)),
+            name: "clip".into(),
+        };
+        let back = flame::call(&pool, reverse_byte_fields(blobs.clone()))
+            .await
+            .unwrap();
+        let mut expected = blobs;
+        expected.marked.reverse();
+        expected.shared = expected.shared.iter().rev().copied().collect();
+        expected.buf.reverse();
+        assert!(back == expected, "the struct came back changed");
+        pool.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_256_mib_argument_and_result_cross_in_pieces_intact() {
+    bounded(Duration::from_secs(120), async {
+        let pool = pool("huge").await;
+        let data = pattern(256 << 20, 11);
+        let back = flame::call(&pool, echo(data.clone())).await.unwrap();
+        assert_eq!(back.len(), data.len());
+        assert!(back == data, "the echoed bytes differ");
+        // The runner is still in a state to serve: nothing of the pieces is left over.
+        assert_eq!(flame::call(&pool, add(1, 2)).await.unwrap(), 3);
+        assert_eq!(pool.stats().booted, 1);
+        pool.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payloads_over_max_payload_fail_naming_the_size_and_the_knob() {
+    bounded(BOUND, async {
+        let pool = Pool::builder("capped")
+            .max(1)
+            .max_payload(1 << 20)
+            .backend(ProcessBackend::new().program(RUNNER))
+            .start()
+            .await
+            .unwrap();
+        let err = flame::call(&pool, echo(vec![7; 2 << 20]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), flame::ErrorKind::Codec, "{err}");
+        assert!(err.message().contains("2097156 bytes"), "{err}");
+        assert!(err.message().contains("max_payload"), "{err}");
+        // Under the limit going out, over it coming back: the runner refuses to send it.
+        let err = flame::call(&pool, make_bytes(2 << 20)).await.unwrap_err();
+        assert_eq!(err.kind(), flame::ErrorKind::Codec, "{err}");
+        assert!(err.message().contains("result"), "{err}");
+        assert!(
+            err.message().contains("max_payload of 1048576 bytes"),
+            "{err}"
+        );
+        // Nothing is lost: the pool serves the next call.
+        assert_eq!(
+            flame::call(&pool, echo(vec![5; 1000])).await.unwrap(),
+            vec![5; 1000]
+        );
+        pool.shutdown().await;
+    })
+    .await;
+}
+
+/// The resident memory of a process, in MiB.
+fn rss_mib(pid: u32) -> u64 {
+    rss_kib_of(pid) / 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_mid_upload_frees_the_slot_and_the_runners_memory() {
+    bounded(Duration::from_secs(120), async {
+        let pool = Pool::builder("upload-cancel")
+            .max(1)
+            .max_concurrency(1)
+            .backend(ProcessBackend::new().program(RUNNER))
+            .start()
+            .await
+            .unwrap();
+        let runner = flame::call(&pool, whereabouts()).await.unwrap().pid;
+        let before = rss_mib(runner);
+        let handle = flame::spawn_on(&pool, echo(vec![3; 768 << 20]));
+        // The pieces are arriving: the runner holds a good part of them.
+        while rss_mib(runner) < before + 128 {
+            assert!(
+                !handle.is_finished(),
+                "the upload ended before it could be cancelled"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        drop(handle);
+        while pool.stats().in_flight > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The slot is free: the next call runs at once, on the same runner.
+        let next = flame::call(&pool, whereabouts()).await.unwrap();
+        assert_eq!(next.pid, runner, "the same runner serves on");
+        let after = rss_mib(runner);
+        assert!(
+            after < before + 64,
+            "the runner still holds {after} MiB (it had {before} MiB before the upload)"
+        );
+        assert_eq!(pool.stats().booted, 1);
+        pool.shutdown().await;
+    })
+    .await;
+}
