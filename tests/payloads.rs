@@ -192,3 +192,21 @@ async fn cancelling_mid_upload_frees_the_slot_and_the_runners_memory() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_beside_a_big_argument_loses_nothing_while_it_decodes() {
+    bounded(BOUND, async {
+        let pool = pool("big-and-stream").await;
+        let (tx, rx) = flame::channel(1024);
+        let handle = flame::spawn_on(&pool, big_and_streamed(vec![9; 64 << 20], rx));
+        for n in 0..1000 {
+            tx.send(n).await.unwrap();
+        }
+        drop(tx);
+        let (len, got) = handle.await.unwrap();
+        assert_eq!(len, 64 << 20);
+        assert_eq!(got, (0..1000).collect::<Vec<u64>>());
+        pool.shutdown().await;
+    })
+    .await;
+}

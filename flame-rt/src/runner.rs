@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::FutureExt;
 use futures::task::AtomicWaker;
 use std::future::Future;
@@ -125,8 +126,9 @@ impl Calls {
 /// it finished (cancelled, or the runner is stopping), tells the parent so.
 struct CallGuard {
     call: u64,
-    /// How many channels the call carries: they end with it.
-    chans: u32,
+    /// How many channels the call carries: they end with it. Known once its arguments are
+    /// decoded.
+    chans: std::cell::Cell<u32>,
     calls: Arc<Calls>,
     finished: std::cell::Cell<bool>,
 }
@@ -135,11 +137,13 @@ impl Drop for CallGuard {
     fn drop(&mut self) {
         // A finished call ended its channels before sending its result; a dropped one ends them
         // here.
-        if self.chans > 0 && !self.finished.get() {
+        if self.chans.get() > 0 && !self.finished.get() {
             self.calls
                 .routes
-                .end_call(self.call, self.chans, End::Cancelled, false);
+                .end_call(self.call, self.chans.get(), End::Cancelled, false);
         }
+        // Dropped before its arguments were decoded: nothing waits for its frames.
+        self.calls.routes.release(self.call);
         let mut running = self.calls.lock();
         running.remove(&self.call);
         if running.is_empty() {
@@ -278,20 +282,18 @@ impl Service {
                                 Err(e) => Some(Err(e)),
                             },
                             // The hot path: a call, decoded without copying its arguments.
-                            Some(Ok(mut run)) => {
-                                let whole;
-                                if let Some(mut pieces) = uploads.remove(&run.call) {
+                            Some(Ok(run)) => {
+                                let pieces = uploads.remove(&run.call).map(|mut pieces| {
                                     pieces.extend_from_slice(run.args);
-                                    whole = pieces;
-                                    run.args = &whole;
-                                }
+                                    pieces.freeze()
+                                });
                                 if draining {
                                     service.done(run.call, Outcome::Failed {
                                         kind: WireErrorKind::ShuttingDown,
                                         message: "the runner is shutting down".into(),
                                     });
                                 } else {
-                                    service.start(run);
+                                    service.start(run, pieces);
                                 }
                                 continue;
                             }
@@ -405,7 +407,9 @@ impl Service {
         self.out.send_done(call, outcome);
     }
 
-    fn start(&self, run: RunRef<'_>) {
+    /// Starts a call. Arguments that came in pieces are decoded by the call's task on the app's
+    /// runtime: decoding hundreds of MiB here would hold up every other call's frames.
+    fn start(&self, run: RunRef<'_>, pieces: Option<Bytes>) {
         let RunRef {
             call,
             task,
@@ -422,42 +426,39 @@ impl Service {
                 },
             );
         };
-        let (body, chans) =
-            crate::channel::decoding(&self.calls.routes, &self.out, call, || (def.invoke)(args));
-        let body = match body {
-            Ok(body) if chans == 0 => body,
-            // What the task sent before returning goes out before its result.
-            Ok(body) => {
-                let calls = self.calls.clone();
-                Box::pin(async move {
-                    let result = body.await;
-                    calls.routes.flush(call, chans).await;
-                    result
-                })
+        let guard = CallGuard {
+            call,
+            chans: std::cell::Cell::new(0),
+            calls: self.calls.clone(),
+            finished: std::cell::Cell::new(false),
+        };
+        let body = match pieces {
+            Some(args) => {
+                // Channel frames that arrive before the decode opens the channels wait for it.
+                self.calls.routes.hold(call);
+                Err(args)
             }
-            Err(message) => {
-                self.calls
-                    .routes
-                    .end_call(call, chans, End::Finished, false);
-                return self.done(
-                    call,
-                    Outcome::Failed {
-                        kind: WireErrorKind::Codec,
-                        message: format!("{task}: {message}"),
-                    },
-                );
-            }
+            None => match prepare(&guard, def, args) {
+                Some(body) => Ok(body),
+                None => return,
+            },
         };
         let deadline = deadline_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
         let max_payload = self.max_payload.load(Ordering::Relaxed);
         let task_id = def.id;
-        let guard = CallGuard {
-            call,
-            chans,
-            calls: self.calls.clone(),
-            finished: std::cell::Cell::new(false),
-        };
         let work = async move {
+            let body = match body {
+                Ok(body) => body,
+                Err(args) => {
+                    let body = prepare(&guard, def, &args);
+                    drop(args);
+                    guard.calls.routes.release(call);
+                    match body {
+                        Some(body) => body,
+                        None => return,
+                    }
+                }
+            };
             let result = match deadline {
                 // Boxed: a timer is large, and most calls have no deadline to pay for it.
                 Some(deadline) => {
@@ -495,11 +496,11 @@ impl Service {
             // The call's channels end before the parent hears it did: a half the task left
             // behind (in a detached task, say) must already say "the call ended" by the time the
             // parent can start another call that might use it.
-            if guard.chans > 0 {
+            if guard.chans.get() > 0 {
                 guard
                     .calls
                     .routes
-                    .end_call(call, guard.chans, End::Finished, false);
+                    .end_call(call, guard.chans.get(), End::Finished, false);
             }
             let out = &guard.calls.out;
             let outcome = match outcome {
@@ -540,6 +541,43 @@ impl Service {
         self.calls.lock().insert(call, cell.clone());
         // A dispatcher that is gone (the app's runtime shut down) drops the call, which ends it.
         let _ = self.dispatch.send(CallTask(cell));
+    }
+}
+
+/// Decodes a call's arguments, opening its channels, into the task's future; or reports why
+/// they don't decode, ending the call (`None`).
+fn prepare(
+    guard: &CallGuard,
+    def: &'static crate::task::TaskDef,
+    args: &[u8],
+) -> Option<crate::task::RunningTask> {
+    let (call, calls) = (guard.call, &guard.calls);
+    let (body, chans) =
+        crate::channel::decoding(&calls.routes, &calls.out, call, || (def.invoke)(args));
+    guard.chans.set(chans);
+    match body {
+        Ok(body) if chans == 0 => Some(body),
+        // What the task sent before returning goes out before its result.
+        Ok(body) => {
+            let calls = calls.clone();
+            Some(Box::pin(async move {
+                let result = body.await;
+                calls.routes.flush(call, chans).await;
+                result
+            }))
+        }
+        Err(message) => {
+            calls.routes.end_call(call, chans, End::Finished, false);
+            calls.out.send_done(
+                call,
+                Outcome::Failed {
+                    kind: WireErrorKind::Codec,
+                    message: format!("{}: {message}", def.id),
+                },
+            );
+            guard.finished.set(true);
+            None
+        }
     }
 }
 

@@ -111,6 +111,20 @@ pub async fn make_bytes(len: usize) -> Vec<u8> {
     vec![0x5A; len]
 }
 
+/// A big argument and a stream together: the stream's first messages arrive while the argument
+/// is still being decoded.
+#[flame::task]
+pub async fn big_and_streamed(
+    blob: Vec<u8>,
+    mut numbers: flame::channel::Receiver<u64>,
+) -> (usize, Vec<u64>) {
+    let mut got = Vec::new();
+    while let Some(n) = numbers.recv().await {
+        got.push(n);
+    }
+    (blob.len(), got)
+}
+
 /// A struct with byte fields of each kind a user's own type can hold.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ByteFields {

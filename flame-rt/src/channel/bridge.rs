@@ -181,6 +181,11 @@ impl End<'_> {
 #[derive(Default)]
 pub(crate) struct Routes {
     map: Mutex<HashMap<(u64, u32), Route>>,
+    /// Frames of calls whose arguments are still being decoded (big ones are decoded off the
+    /// protocol thread), kept until their channels exist, in order.
+    held: Mutex<HashMap<u64, Vec<Bytes>>>,
+    /// How many calls are held, so delivering to a channel costs no second lock when none is.
+    holding: std::sync::atomic::AtomicUsize,
 }
 
 struct Route {
@@ -226,6 +231,47 @@ impl Routes {
     /// Hands a frame that arrived to its channel. Frames for channels that are gone (their call
     /// ended) are dropped.
     pub(crate) fn deliver(&self, frame: ChanFrameRef<'_>, whole: &Bytes) {
+        if self.holding.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(frames) = held.get_mut(&frame.call) {
+                frames.push(whole.clone());
+                return;
+            }
+        }
+        self.deliver_now(frame, whole);
+    }
+
+    /// Keeps the frames of `call` until [`release`](Routes::release): its channels are not
+    /// open yet.
+    pub(crate) fn hold(&self, call: u64) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if held.insert(call, Vec::new()).is_none() {
+            self.holding
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
+
+    /// Delivers what was held for `call`, in order, before any frame that comes after; or drops
+    /// it if the call's channels never opened.
+    pub(crate) fn release(&self, call: u64) {
+        if self.holding.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(frames) = held.remove(&call) else {
+            return;
+        };
+        self.holding
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        // Under the lock, so a frame arriving meanwhile waits for these.
+        for whole in frames {
+            if let Some(Ok(frame)) = crate::wire::chan_frame(&whole, u32::from(whole[0])) {
+                self.deliver_now(frame, &whole);
+            }
+        }
+    }
+
+    fn deliver_now(&self, frame: ChanFrameRef<'_>, whole: &Bytes) {
         let mut map = self.lock();
         let Some(route) = map.get_mut(&(frame.call, frame.chan)) else {
             return;
