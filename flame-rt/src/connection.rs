@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 use serde::Serialize;
 use tokio::time::Instant;
 
@@ -56,7 +56,7 @@ struct Running {
     /// Set once its cancel is queued: an upload of its arguments stops there.
     cancelled: bool,
     /// The pieces of a big result received so far.
-    result: Option<BytesMut>,
+    result: Option<Vec<u8>>,
 }
 
 /// A call that could not start on this connection because it has ended.
@@ -263,7 +263,7 @@ impl RunnerConn {
         let total = usize::try_from(part.total).unwrap_or(usize::MAX);
         let whole = running
             .result
-            .get_or_insert_with(|| BytesMut::with_capacity(total.min(max_payload)));
+            .get_or_insert_with(|| crate::payload::buffer(total.min(max_payload)));
         if total > max_payload || whole.len() + part.data.len() > total {
             return Err(Error::new(
                 ErrorKind::Protocol,
@@ -371,7 +371,7 @@ async fn read(
                             let outcome = match (outcome, parts) {
                                 (Outcome::Ok(last), Some(mut whole)) => {
                                     whole.extend_from_slice(&last);
-                                    Outcome::Ok(whole.freeze())
+                                    Outcome::Ok(Bytes::from(whole))
                                 }
                                 (outcome, _) => outcome,
                             };

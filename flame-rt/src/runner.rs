@@ -227,7 +227,7 @@ impl Service {
         );
         // The pieces of big arguments received so far, by call: each call's `Run` brings the
         // last one.
-        let mut uploads: CallMap<bytes::BytesMut> = CallMap::default();
+        let mut uploads: CallMap<Vec<u8>> = CallMap::default();
         let heartbeat = Duration::from_millis(welcome.heartbeat_ms.max(1));
         let mut watchdog = Watchdog::new(heartbeat * welcome.miss_limit.max(1));
         let idle_after = welcome.idle_ms.map(Duration::from_millis);
@@ -285,7 +285,7 @@ impl Service {
                             Some(Ok(run)) => {
                                 let pieces = uploads.remove(&run.call).map(|mut pieces| {
                                     pieces.extend_from_slice(run.args);
-                                    pieces.freeze()
+                                    Bytes::from(pieces)
                                 });
                                 if draining {
                                     service.done(run.call, Outcome::Failed {
@@ -385,14 +385,14 @@ impl Service {
     /// Adds a piece of a call's big arguments to the others.
     fn add_part(
         &self,
-        uploads: &mut CallMap<bytes::BytesMut>,
+        uploads: &mut CallMap<Vec<u8>>,
         part: &wire::PartRef<'_>,
     ) -> Result<(), crate::error::Error> {
         let max = self.max_payload.load(Ordering::Relaxed);
         let total = usize::try_from(part.total).unwrap_or(usize::MAX);
         let whole = uploads
             .entry(part.call)
-            .or_insert_with(|| bytes::BytesMut::with_capacity(total.min(max)));
+            .or_insert_with(|| crate::payload::buffer(total.min(max)));
         if total > max || whole.len() + part.data.len() > total {
             return Err(crate::error::Error::new(
                 crate::error::ErrorKind::Protocol,
