@@ -44,6 +44,35 @@ async fn sleepy() {
     tokio::time::sleep(Duration::from_secs(3600)).await;
 }
 
+/// Takes a byte vector argument: what a user writes first.
+#[flame::task]
+async fn take_vec(data: Vec<u8>) -> usize {
+    data.len()
+}
+
+#[flame::task]
+async fn take_bytes(data: Bytes) -> usize {
+    data.len()
+}
+
+/// A runner's ready-made data, so a result row measures the way back, not the task filling
+/// memory (a `Vec` result still costs the task one copy out of it, as it would an app).
+fn blob(len: usize) -> Bytes {
+    static BLOB: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    BLOB.get_or_init(|| Bytes::from(vec![0xAB; 256 << 20]))
+        .slice(..len)
+}
+
+#[flame::task]
+async fn give_vec(len: usize) -> Vec<u8> {
+    blob(len).to_vec()
+}
+
+#[flame::task]
+async fn give_bytes(len: usize) -> Bytes {
+    blob(len)
+}
+
 const ROLE: &str = "FLAME_BENCH_ROLE";
 const ADDR: &str = "FLAME_BENCH_ADDR";
 
@@ -236,7 +265,7 @@ async fn call_burst(pool: &flame::Pool, calls: usize) -> anyhow::Result<f64> {
     Ok(calls as f64 / t.elapsed().as_secs_f64())
 }
 
-/// A profiling aid: repeats one flame-rt measurement (`throughput` or `bulk`) for 10 s, so
+/// A profiling aid: repeats one flame-rt measurement (`throughput`, `bulk` or `payload`) for 10 s, so
 /// `perf record` sees little else: `FLAME_BENCH_PROFILE=throughput perf record -g <bench binary>`.
 async fn profile(pool: &flame::Pool, what: &str) -> anyhow::Result<()> {
     let until = Instant::now() + Duration::from_secs(10);
@@ -246,7 +275,15 @@ async fn profile(pool: &flame::Pool, what: &str) -> anyhow::Result<()> {
         rates.push(match what {
             "throughput" => call_burst(pool, 100_000).await?,
             "bulk" => channel_bulk(pool, &chunk, 512 << 20).await?,
-            other => anyhow::bail!("FLAME_BENCH_PROFILE={other:?}: `throughput` or `bulk`"),
+            "payload" => {
+                let data = vec![0xABu8; 32 << 20];
+                let t = Instant::now();
+                flame::call(pool, take_vec(data)).await?;
+                (32 << 20) as f64 / t.elapsed().as_secs_f64()
+            }
+            other => {
+                anyhow::bail!("FLAME_BENCH_PROFILE={other:?}: `throughput`, `bulk` or `payload`")
+            }
         });
     }
     let runs = rates.len();
@@ -419,6 +456,98 @@ async fn measure() -> anyhow::Result<()> {
         goal: "≥ 0.5×, ≥ 1 GB/s",
         met: ratio >= 0.5 && chan_rate >= 1e9,
     });
+
+    // 5b. Payloads: one argument or result of each size and byte type, one call at a time, vs a
+    // raw TCP copy of the same size to a fresh peer process.
+    let sizes: &[usize] = if quick {
+        &[4 << 10, 1 << 20, 32 << 20]
+    } else {
+        &[4 << 10, 1 << 20, 32 << 20, 256 << 20]
+    };
+    for &size in sizes {
+        let data = vec![0xABu8; size];
+        let bytes = Bytes::from(data.clone());
+        let label = match size {
+            s if s >= 1 << 20 => format!("{} MiB", s >> 20),
+            s => format!("{} KiB", s >> 10),
+        };
+        let rounds = n(
+            match size {
+                s if s >= 256 << 20 => 3,
+                s if s >= 32 << 20 => 10,
+                _ => 50,
+            },
+            2,
+        );
+        let mut raw = Vec::new();
+        let mut times: [Vec<Duration>; 4] = Default::default();
+        for _ in 0..rounds {
+            let chunk = bytes.slice(..size.min(128 << 10));
+            raw.push(raw_bulk(&chunk, size).await?);
+            let call = take_vec(data.clone());
+            let t = Instant::now();
+            anyhow::ensure!(flame::call(&warm, call).await? == size);
+            times[0].push(t.elapsed());
+            let call = take_bytes(bytes.clone());
+            let t = Instant::now();
+            anyhow::ensure!(flame::call(&warm, call).await? == size);
+            times[1].push(t.elapsed());
+            let t = Instant::now();
+            anyhow::ensure!(flame::call(&warm, give_vec(size)).await?.len() == size);
+            times[2].push(t.elapsed());
+            let t = Instant::now();
+            anyhow::ensure!(flame::call(&warm, give_bytes(size)).await?.len() == size);
+            times[3].push(t.elapsed());
+        }
+        let raw_rate = median(raw);
+        let kinds = [
+            "argument Vec<u8>",
+            "argument Bytes",
+            "result Vec<u8>",
+            "result Bytes",
+        ];
+        for (kind, samples) in kinds.iter().zip(times) {
+            let (took, _) = spread(samples);
+            let rate = size as f64 / took.as_secs_f64();
+            let ratio = rate / raw_rate;
+            let big = size >= 32 << 20;
+            rows.push(Row {
+                name: Box::leak(format!("{kind}, {label}").into_boxed_str()),
+                flame: format!("{} ({})", gbps(rate), us(took)),
+                flame_p99: "-".into(),
+                floor: format!("{} (raw TCP copy)", gbps(raw_rate)),
+                ratio,
+                goal: if big { "≥ 0.5×" } else { "report" },
+                met: !big || ratio >= 0.5,
+            });
+        }
+    }
+
+    // 5c. Small calls on the runner a 256 MiB argument is going to, while it goes: their
+    // latency vs the warm call's.
+    if !quick {
+        let data = vec![0xABu8; 256 << 20];
+        let mut beside = Vec::new();
+        for _ in 0..3 {
+            let big = flame::spawn_on(&warm, take_vec(data.clone()));
+            while !big.is_finished() {
+                let t = Instant::now();
+                flame::call(&warm, noop(1)).await?;
+                beside.push(t.elapsed());
+            }
+            anyhow::ensure!(big.await? == data.len());
+        }
+        let (during, during_p99) = spread(beside);
+        rows.push(Row {
+            name: "small call beside a 256 MiB argument",
+            flame: us(during),
+            flame_p99: us(during_p99),
+            floor: format!("{} (warm call)", us(call)),
+            ratio: during.as_secs_f64() / call.as_secs_f64(),
+            goal: "report",
+            met: true,
+        });
+    }
 
     // 3. Cold start: first call on a pool with min(0) vs exec → connect → hello.
     let (mut execs, mut colds) = (Vec::new(), Vec::new());
