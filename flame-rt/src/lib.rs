@@ -79,8 +79,9 @@
 //!   `Ok` of a `Result` return — is written as one byte string by the code `#[flame::task]`
 //!   generates, as fast as `bytes::Bytes` (serde alone would write it a byte at a time, ~10×
 //!   slower). `Bytes`, `serde_bytes::ByteBuf` and `String` are fast anywhere; in a struct of your
-//!   own, mark `Vec<u8>` fields `#[serde(with = "serde_bytes")]`. One argument list or result
-//!   is at most 64 MiB for now: stream more through a [`channel()`].
+//!   own, mark `Vec<u8>` fields `#[serde(with = "serde_bytes")]`. Payloads above 256 KiB cross
+//!   in pieces that take turns with other calls, up to [`PoolBuilder::max_payload`] (1 GiB by
+//!   default); data bigger than memory belongs in a [`channel()`], which streams it.
 //!
 //! # Feature flags
 //!

@@ -24,8 +24,8 @@ use crate::trace::TraceParent;
 /// Bumped on any incompatible change of the messages below.
 pub(crate) const PROTOCOL_VERSION: u32 = 3;
 
-/// Largest frame either side accepts. A bigger call argument is a user error reported as
-/// [`ErrorKind::Codec`] before it is sent; streaming large data is what channels are for.
+/// Largest frame either side accepts. Payloads bigger than [`PIECE`] cross in pieces, so no
+/// frame comes near it; it bounds what a broken peer can make us allocate.
 pub(crate) const MAX_FRAME: usize = 64 * 1024 * 1024;
 
 /// Largest frame the parent reads from a peer that has not proven who it is: a `Hello` with
