@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use flame::{Pool, ProcessBackend};
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 /// What a runner reports back about one piece of work.
@@ -64,12 +65,14 @@ async fn main() -> anyhow::Result<()> {
     );
     let started = Instant::now();
     let chunk = 500_000;
-    let handles: Vec<_> = (0..8)
-        .map(|i| flame::spawn_on(&pool, count_primes(i * chunk, (i + 1) * chunk)))
-        .collect();
+    // One call per chunk, as many at once as the pool has slots, results in chunk order.
+    let mut reports = flame::map(&pool, 0..8, move |i| {
+        count_primes(i * chunk, (i + 1) * chunk)
+    })
+    .enumerate();
     let mut total = 0;
-    for (i, handle) in handles.into_iter().enumerate() {
-        let report = handle.await?;
+    while let Some((i, report)) = reports.next().await {
+        let report = report?;
         total += report.primes;
         println!(
             "  chunk {i}: {:>6} primes  on {} (pid {}) in {:>7.1} ms",

@@ -109,6 +109,12 @@ struct Forbidden(Option<syn::Error>);
 impl<'ast> Visit<'ast> for Forbidden {
     fn visit_type_reference(&mut self, r: &'ast syn::TypeReference) {
         self.0.get_or_insert_with(|| {
+            if generic_arg(&r.elem, "State").is_some() {
+                return syn::Error::new(
+                    r.span(),
+                    "take `State<T>` by value: it is already a shared handle, found in the process that runs the task",
+                );
+            }
             syn::Error::new(
                 r.span(),
                 "task arguments are sent to another process: use an owned type (String, Vec<T>, PathBuf, ...) instead of a reference",
@@ -135,6 +141,22 @@ impl<'ast> Visit<'ast> for Forbidden {
             )
         });
     }
+}
+
+/// A `State<..>` anywhere inside `ty`.
+fn find_state(ty: &Type) -> Option<&Type> {
+    struct Find<'a>(Option<&'a Type>);
+    impl<'ast> Visit<'ast> for Find<'ast> {
+        fn visit_type(&mut self, ty: &'ast Type) {
+            if self.0.is_none() && generic_arg(ty, "State").is_some() {
+                self.0 = Some(ty);
+            }
+            syn::visit::visit_type(self, ty);
+        }
+    }
+    let mut find = Find(None);
+    find.visit_type(ty);
+    find.0
 }
 
 fn check_type(ty: &Type) -> syn::Result<()> {
@@ -225,8 +247,11 @@ fn expand_task(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
             "a task cannot be generic: its id and signature must be fixed, so the runner knows which body to run",
         ));
     }
+    // Serialized arguments; `State<T>` parameters, which are not; every parameter, in order.
     let mut idents = Vec::new();
     let mut types = Vec::new();
+    let mut states: Vec<(syn::Ident, Type)> = Vec::new();
+    let mut all_idents = Vec::new();
     for (i, input) in sig.inputs.iter().enumerate() {
         match input {
             FnArg::Receiver(r) => {
@@ -242,8 +267,14 @@ fn expand_task(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
                     Pat::Ident(p) if p.by_ref.is_none() && p.subpat.is_none() => p.ident.clone(),
                     _ => format_ident!("__flame_arg{}", i),
                 };
-                idents.push(ident);
-                types.push((*pt.ty).clone());
+                all_idents.push(ident.clone());
+                match generic_arg(&pt.ty, "State") {
+                    Some(inner) => states.push((ident, inner.clone())),
+                    None => {
+                        idents.push(ident);
+                        types.push((*pt.ty).clone());
+                    }
+                }
             }
         }
     }
@@ -251,6 +282,12 @@ fn expand_task(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
         ReturnType::Default => syn::parse_quote!(()),
         ReturnType::Type(_, ty) => {
             check_type(ty)?;
+            if let Some(state) = find_state(ty) {
+                return Err(syn::Error::new(
+                    state.span(),
+                    "a task cannot return a `State`: state stays in the process that provided it; return the data itself",
+                ));
+            }
             (**ty).clone()
         }
     };
@@ -274,7 +311,24 @@ fn expand_task(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
             quote!(__flame_body(#(#idents),*))
         }
     };
-    let local_body = run_body(&idents);
+    let local_body = run_body(&all_idents);
+    // `State<T>` parameters are found where the task runs: in this process for a local await
+    // (a missing one panics: there is no error to return), on the runner for a remote call.
+    let state_idents: Vec<_> = states.iter().map(|(ident, _)| ident).collect();
+    let state_types: Vec<_> = states.iter().map(|(_, ty)| ty).collect();
+    let state_asserts = state_types.iter().map(|ty| {
+        quote_spanned! {ty.span()=> #krate::__private::assert_state::<#ty>(); }
+    });
+    let local_future = if states.is_empty() {
+        quote!(::std::boxed::Box::pin(#local_body))
+    } else {
+        quote!(::std::boxed::Box::pin(async move {
+            #(let #state_idents = #private::local_state::<#state_types>().await;)*
+            #local_body.await
+        }))
+    };
+    let remote_states =
+        quote!(#(let #state_idents = #private::task_state::<#state_types>().await?;)*);
     // Trait-bound errors on the argument tuple point at the argument list, not the attribute.
     let args_span = if sig.inputs.is_empty() {
         sig.ident.span()
@@ -359,12 +413,13 @@ fn expand_task(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
 
             const _: () = {
                 #(#arg_asserts)*
+                #(#state_asserts)*
                 #ret_assert
             };
 
             fn __flame_local(args: (#(#types,)*)) -> #private::BoxFuture<'static, #ret> {
                 let (#(#idents,)*) = args;
-                ::std::boxed::Box::pin(#local_body)
+                #local_future
             }
 
             fn __flame_invoke(
@@ -373,6 +428,7 @@ fn expand_task(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
                 let (#(#idents,)*): (#(#wire_types,)*) = #decode;
                 #(#unwrap_args)*
                 ::core::result::Result::Ok(::std::boxed::Box::pin(async move {
+                    #remote_states
                     let output: #ret = #local_body.await;
                     #encode_output
                 }))

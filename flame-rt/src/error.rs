@@ -38,6 +38,9 @@ pub enum ErrorKind {
     /// The other side of a [`channel`](crate::channel()) is gone: dropped, or the call that
     /// carried the channel has ended.
     ChannelClosed,
+    /// A task takes a [`State<T>`](crate::State) that was not [`provide`](crate::provide)d in
+    /// the process running it within the pool's `boot_timeout`.
+    StateMissing,
 }
 
 impl ErrorKind {
@@ -56,6 +59,7 @@ impl ErrorKind {
             ErrorKind::Io => "I/O error",
             ErrorKind::Protocol => "protocol error",
             ErrorKind::ChannelClosed => "channel closed",
+            ErrorKind::StateMissing => "state missing",
         }
     }
 }

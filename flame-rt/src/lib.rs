@@ -74,6 +74,9 @@
 //!   that computes for minutes without an `.await` never gets its runner taken for lost; see
 //!   [`#[flame::task]`](task) for `blocking`, and [`PoolBuilder::cancel_grace`] for what happens
 //!   to a cancelled task that never yields.
+//! - **The app's state goes with it.** What `main` builds once — a database pool, a client, a
+//!   model — is [`provide`]d, and tasks take it as a [`State<T>`] parameter that is not sent:
+//!   each runner, running `main` too, has its own. See [`State`].
 //! - **Bytes cross as bytes.** Arguments and results are encoded with postcard. A parameter or
 //!   return type that is a byte vector — `Vec<u8>`, `Box<[u8]>`, either in an `Option`, or as the
 //!   `Ok` of a `Result` return — is written as one byte string by the code `#[flame::task]`
@@ -148,6 +151,7 @@ mod hooks;
 mod io_runtime;
 mod join;
 mod listener;
+mod map;
 mod metrics;
 mod parent;
 mod payload;
@@ -156,6 +160,7 @@ mod queue;
 mod runner;
 mod runtime;
 mod shutdown;
+mod state;
 mod task;
 mod terminator;
 #[cfg(feature = "tls")]
@@ -170,9 +175,11 @@ pub use channel::channel;
 pub use error::{Error, ErrorKind};
 pub use hooks::{GrowEnd, GrowReason, GrowStart, Shrink, ShrinkReason};
 pub use join::JoinHandle;
+pub use map::{Map, map};
 pub use parent::{HANDOFF_ENV, Parent, parent};
 pub use pool::{Pool, PoolStats};
 pub use shutdown::shutdown_all;
+pub use state::{State, provide, state};
 
 /// Turns an `async fn` into a FLAME task.
 ///
@@ -180,7 +187,9 @@ pub use shutdown::shutdown_all;
 /// here, or send it to a [`Pool`] with [`spawn_on`], [`call()`] or [`cast`].
 ///
 /// Arguments must be owned values that are `Serialize + DeserializeOwned + Send + 'static`, and
-/// so must the return type. The task is registered under `module_path!()::fn_name` with a hash
+/// so must the return type. A parameter of type [`State<T>`] is not an argument: the caller
+/// leaves it out, and the process that runs the task passes the value `main` gave to
+/// [`provide`] there (see [`State`]). The task is registered under `module_path!()::fn_name` with a hash
 /// of its signature. With a renamed dependency, say where flame is:
 /// `#[flame::task(crate = "my_flame")]`.
 ///
@@ -243,6 +252,7 @@ pub use flame_rt_macros::test;
 pub mod __private {
     pub use crate::payload::{AsBytes, FromBytes, decode_value, encode_args};
     pub use crate::runtime::{MainOutput, run_main, run_test};
+    pub use crate::state::{assert_state, local_state, task_state};
     pub use crate::task::{
         Registration, RunningTask, TaskDef, assert_arg, assert_ret, decode_args, encode_result,
         encodes, run_blocking, sig_hash,

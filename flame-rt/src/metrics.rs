@@ -95,5 +95,6 @@ fn kind_label(kind: ErrorKind) -> &'static str {
         ErrorKind::Io => "io",
         ErrorKind::Protocol => "protocol",
         ErrorKind::ChannelClosed => "channel_closed",
+        ErrorKind::StateMissing => "state_missing",
     }
 }

@@ -488,9 +488,12 @@ impl Service {
                     ),
                 },
                 Ok(Ok(Ok(bytes))) => Outcome::Ok(bytes),
-                Ok(Ok(Err(message))) => Outcome::Failed {
-                    kind: WireErrorKind::Codec,
-                    message: format!("{task_id}: {message}"),
+                Ok(Ok(Err(error))) => Outcome::Failed {
+                    kind: match error.kind() {
+                        crate::ErrorKind::StateMissing => WireErrorKind::StateMissing,
+                        _ => WireErrorKind::Codec,
+                    },
+                    message: format!("{task_id}: {}", error.message()),
                 },
             };
             // The call's channels end before the parent hears it did: a half the task left

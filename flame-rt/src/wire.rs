@@ -22,7 +22,7 @@ use crate::error::{Error, ErrorKind};
 use crate::trace::TraceParent;
 
 /// Bumped on any incompatible change of the messages below.
-pub(crate) const PROTOCOL_VERSION: u32 = 3;
+pub(crate) const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest frame either side accepts. Payloads bigger than [`PIECE`] cross in pieces, so no
 /// frame comes near it; it bounds what a broken peer can make us allocate.
@@ -305,6 +305,7 @@ pub(crate) enum WireErrorKind {
     UnknownTask,
     Codec,
     ShuttingDown,
+    StateMissing,
 }
 
 impl Outcome {
@@ -317,6 +318,7 @@ impl Outcome {
                     WireErrorKind::TimedOut => ErrorKind::TimedOut,
                     WireErrorKind::UnknownTask => ErrorKind::UnknownTask,
                     WireErrorKind::Codec => ErrorKind::Codec,
+                    WireErrorKind::StateMissing => ErrorKind::StateMissing,
                     WireErrorKind::ShuttingDown => ErrorKind::PoolClosed,
                 },
                 message,

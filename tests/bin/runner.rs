@@ -14,4 +14,7 @@ async fn main() {
         );
         std::process::exit(2);
     }
+    // An app builds its database pool in main and provides it to its tasks; runners serve
+    // calls meanwhile (a call that needs the pool waits for it).
+    flame_tests::provide_db_if_asked().await;
 }

@@ -148,6 +148,70 @@ pub async fn reverse_byte_fields(mut blobs: ByteFields) -> ByteFields {
     blobs
 }
 
+/// The app's database, as `main` builds it: a pool of connections to one SQLite file.
+pub struct Db(pub sqlx::SqlitePool);
+
+/// Where [`open_db`] finds its file, when a test gives runners one.
+pub const DB_ENV: &str = "FLAME_TEST_DB";
+/// How long a runner's `main` takes before it provides its [`Db`], when a test says so.
+pub const PROVIDE_AFTER_ENV: &str = "FLAME_TEST_PROVIDE_AFTER_MS";
+
+/// Opens (creating if need be) the SQLite database at `path`, with the visits table.
+pub async fn open_db(path: &Path) -> Db {
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .busy_timeout(Duration::from_secs(10));
+    let pool = sqlx::SqlitePool::connect_with(options)
+        .await
+        .expect("opening the test database");
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS visits (id INTEGER PRIMARY KEY, who TEXT NOT NULL, pid INTEGER NOT NULL)",
+    )
+    .execute(&pool)
+    .await
+    .expect("creating the visits table");
+    Db(pool)
+}
+
+/// What a runner's `main` does for the state tests: builds the app's database pool and
+/// provides it, after a delay if asked.
+pub async fn provide_db_if_asked() {
+    let Ok(path) = std::env::var(DB_ENV) else {
+        return;
+    };
+    if let Some(ms) = std::env::var(PROVIDE_AFTER_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    flame::provide(open_db(Path::new(&path)).await);
+}
+
+/// Records a visit in the app's database through the pool `main` provided, and returns how
+/// many visits there are.
+#[flame::task]
+pub async fn record_visit(db: flame::State<Db>, who: String) -> i64 {
+    sqlx::query("INSERT INTO visits (who, pid) VALUES (?, ?)")
+        .bind(&who)
+        .bind(i64::from(std::process::id()))
+        .execute(&db.0)
+        .await
+        .expect("inserting a visit");
+    sqlx::query_scalar("SELECT COUNT(*) FROM visits")
+        .fetch_one(&db.0)
+        .await
+        .expect("counting visits")
+}
+
+/// Returns `x` after `ms`.
+#[flame::task]
+pub async fn delayed_echo(x: u64, ms: u64) -> u64 {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    x
+}
+
 /// A task whose own error type stays inside its result.
 #[flame::task]
 pub async fn checked_div(a: u64, b: u64) -> Result<u64, String> {
