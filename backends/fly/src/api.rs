@@ -87,6 +87,10 @@ pub struct Machine {
     /// Its region.
     #[serde(default)]
     pub region: String,
+    /// Its version: Fly gives a Machine a new one whenever its config changes (a deploy), and
+    /// sets it in the Machine's environment as `FLY_MACHINE_VERSION`.
+    #[serde(default)]
+    pub instance_id: String,
     /// Its 6PN address.
     #[serde(default)]
     pub private_ip: String,

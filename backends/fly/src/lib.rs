@@ -24,8 +24,10 @@
 //! `auto_destroy` removes its Machine. Beyond that, this backend deletes (`?force=true`) every
 //! Machine it created that did not dial back within the boot window, whose runner was lost, or
 //! that is still there at pool shutdown; and Machines are tagged in `metadata` with the pool, the
-//! runner and the parent's Machine id, so [`FlyBackend::sweep_leftovers`] can find and destroy
-//! the Machines of a previous parent (Elixir FLAME's issue #49: runners orphaned by deploys).
+//! runner, the parent's Machine id and version and the parent process, so
+//! [`FlyBackend::sweep_leftovers`] can find and destroy the Machines of a parent that is gone
+//! (Elixir FLAME's issue #49: runners orphaned by deploys) while leaving those of the app's other
+//! live web Machines alone.
 //!
 //! Create requests that Fly answers with 429 (rate limit), 412, 409 or 422 (capacity, conflicts)
 //! are retried with backoff within the boot window; then the call fails with
@@ -36,7 +38,7 @@
 
 mod api;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,6 +55,12 @@ pub const META_POOL: &str = "flame_pool";
 pub const META_PARENT: &str = "flame_parent";
 /// The runner id.
 pub const META_RUNNER: &str = "flame_runner";
+/// The parent Machine's version when it created the Machine (`FLY_MACHINE_VERSION`): a deploy
+/// gives the parent a new one, and its previous process's runners are then orphans.
+pub const META_PARENT_VERSION: &str = "flame_parent_version";
+/// The parent process that created the Machine (random per process): a parent restarted on the
+/// same Machine and version knows its earlier process's runners by it.
+pub const META_PARENT_INSTANCE: &str = "flame_parent_instance";
 
 /// Boots runners as Fly Machines. Build it with [`FlyBackend::builder`].
 #[derive(Clone)]
@@ -68,6 +76,8 @@ struct Inner {
     image: String,
     region: Option<String>,
     parent_id: String,
+    parent_version: Option<String>,
+    parent_instance: String,
     listen: SocketAddr,
     guest: Guest,
     env: BTreeMap<String, String>,
@@ -85,6 +95,8 @@ pub struct FlyBackendBuilder {
     image: Option<String>,
     region: Option<String>,
     parent_id: Option<String>,
+    parent_version: Option<String>,
+    parent_instance: Option<String>,
     private_ip: Option<String>,
     listen: Option<SocketAddr>,
     guest: Guest,
@@ -110,6 +122,8 @@ impl FlyBackend {
             image: var("FLY_IMAGE_REF"),
             region: var("FLY_REGION"),
             parent_id: var("FLY_MACHINE_ID"),
+            parent_version: var("FLY_MACHINE_VERSION"),
+            parent_instance: None,
             private_ip: var("FLY_PRIVATE_IP"),
             listen: None,
             guest: Guest::default(),
@@ -125,14 +139,46 @@ impl FlyBackend {
         &self.inner.parent_id
     }
 
-    /// Destroys every Machine of the app that a flame parent other than this one created (the
-    /// leftovers of a previous deploy, say). Returns the ids destroyed.
+    /// Destroys the runner Machines whose parent is verifiably gone, and returns their ids:
+    /// runners of an earlier process of this parent (a restart: same Machine, another process),
+    /// and runners of another parent Machine that no longer runs (destroyed, stopped, or
+    /// redeployed: its version changed). Runners of other live parents — a Fly app usually runs
+    /// several web Machines, each a parent — are left alone. Runners stop by themselves anyway
+    /// once their parent is gone (the failsafe); sweeping at start frees them sooner.
     pub async fn sweep_leftovers(&self) -> Result<Vec<String>, Error> {
         let machines = self.inner.list().await?;
+        // Each other parent is looked up once per sweep.
+        let mut parents: HashMap<String, Option<Machine>> = HashMap::new();
         let mut destroyed = Vec::new();
         for machine in machines {
-            let parent = machine.config.metadata.get(META_PARENT);
-            if parent.is_some_and(|p| *p != self.inner.parent_id) {
+            let meta = &machine.config.metadata;
+            let Some(parent) = meta.get(META_PARENT) else {
+                continue;
+            };
+            let orphan = if *parent == self.inner.parent_id {
+                meta.get(META_PARENT_INSTANCE)
+                    .is_some_and(|instance| *instance != self.inner.parent_instance)
+            } else {
+                if !parents.contains_key(parent) {
+                    let found = self.inner.get(parent).await?;
+                    parents.insert(parent.clone(), found);
+                }
+                match &parents[parent] {
+                    None => true,
+                    Some(p)
+                        if matches!(
+                            p.state.as_str(),
+                            "stopped" | "suspended" | "destroying" | "destroyed"
+                        ) =>
+                    {
+                        true
+                    }
+                    Some(p) => meta
+                        .get(META_PARENT_VERSION)
+                        .is_some_and(|v| !p.instance_id.is_empty() && *v != p.instance_id),
+                }
+            };
+            if orphan {
                 self.inner.destroy(&machine.id).await?;
                 destroyed.push(machine.id);
             }
@@ -140,7 +186,7 @@ impl FlyBackend {
         if !destroyed.is_empty() {
             tracing::info!(
                 count = destroyed.len(),
-                "flame: destroyed a previous parent's runner machines"
+                "flame: destroyed runner Machines whose parent is gone"
             );
         }
         Ok(destroyed)
@@ -152,6 +198,19 @@ impl FlyBackendBuilder {
     /// inside 6PN also works).
     pub fn host(mut self, host: impl Into<String>) -> Self {
         self.host = host.into().trim_end_matches('/').to_string();
+        self
+    }
+
+    /// This parent Machine's version (`FLY_MACHINE_VERSION`), tagged on its runners so a sweep
+    /// can tell they belong to a deploy that is gone.
+    pub fn parent_version(mut self, version: impl Into<String>) -> Self {
+        self.parent_version = Some(version.into());
+        self
+    }
+
+    /// This parent process's id, tagged on its runners (random per process by default).
+    pub fn parent_instance(mut self, instance: impl Into<String>) -> Self {
+        self.parent_instance = Some(instance.into());
         self
     }
 
@@ -310,6 +369,8 @@ impl FlyBackendBuilder {
                 image,
                 region: self.region,
                 parent_id,
+                parent_version: self.parent_version,
+                parent_instance: self.parent_instance.unwrap_or_else(process_instance),
                 listen,
                 guest: self.guest,
                 env: self.env,
@@ -319,6 +380,18 @@ impl FlyBackendBuilder {
             }),
         })
     }
+}
+
+/// This process's id among the parents (random, fixed for the process's life).
+fn process_instance() -> String {
+    static INSTANCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    INSTANCE
+        .get_or_init(|| {
+            let mut id = [0u8; 8];
+            let _ = getrandom::fill(&mut id);
+            id.iter().map(|b| format!("{b:02x}")).collect()
+        })
+        .clone()
 }
 
 impl Backend for FlyBackend {
@@ -365,6 +438,10 @@ impl Inner {
         let mut metadata = self.metadata.clone();
         metadata.insert(META_POOL.into(), spec.pool().into());
         metadata.insert(META_PARENT.into(), self.parent_id.clone());
+        metadata.insert(META_PARENT_INSTANCE.into(), self.parent_instance.clone());
+        if let Some(version) = &self.parent_version {
+            metadata.insert(META_PARENT_VERSION.into(), version.clone());
+        }
         metadata.insert(META_RUNNER.into(), spec.runner_id().into());
         let body = CreateMachine {
             name: Some(spec.runner_id().to_string()),
@@ -429,6 +506,30 @@ impl Inner {
                 ErrorKind::Io,
                 format!(
                     "destroying Fly Machine {id}: {status} {}",
+                    api::error_message(response).await
+                ),
+            )),
+        }
+    }
+
+    /// One Machine, `None` if Fly has no such Machine.
+    async fn get(&self, id: &str) -> Result<Option<Machine>, Error> {
+        let response = self
+            .http
+            .get(self.url(&format!("/{id}")))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| Error::new(ErrorKind::Io, format!("looking up Fly Machine {id}: {e}")))?;
+        match response.status().as_u16() {
+            404 => Ok(None),
+            200..=299 => response.json().await.map(Some).map_err(|e| {
+                Error::new(ErrorKind::Io, format!("Fly's answer for Machine {id}: {e}"))
+            }),
+            status => Err(Error::new(
+                ErrorKind::Io,
+                format!(
+                    "looking up Fly Machine {id}: {status} {}",
                     api::error_message(response).await
                 ),
             )),

@@ -206,47 +206,107 @@ async fn a_machine_that_never_dials_back_is_deleted() {
     .await;
 }
 
-#[flame::test]
-async fn the_sweep_destroys_a_previous_parents_machines() {
-    bounded(BOUND, async {
-        let emu = emulator("the_sweep_destroys_a_previous_parents_machines").await;
-        // A parent of an earlier deploy left a runner machine behind (it never dials us).
-        emu.inject([Fault::NeverDialsBack]);
-        let old = backend(&emu, "the_sweep_destroys_a_previous_parents_machines")
-            .parent_id("old-parent")
-            .build()
-            .unwrap();
-        let old_pool = Pool::builder("thumbs")
-            .backend(old)
-            .max(1)
-            .boot_timeout(Duration::from_secs(30))
-            .start()
-            .await
-            .unwrap();
-        let orphaned = flame::spawn_on(&old_pool, machine_id());
-        while emu.live().is_empty() {
-            tokio::task::yield_now().await;
+/// Leaves a runner Machine of a parent that stops without cleaning up, and returns its id.
+async fn leave_a_runner(emu: &Emulator, fly: FlyBackend) -> String {
+    let before: Vec<String> = emu.live().into_keys().collect();
+    emu.inject([Fault::NeverDialsBack]);
+    let pool = Pool::builder("thumbs")
+        .backend(fly)
+        .max(1)
+        .boot_timeout(Duration::from_secs(30))
+        .start()
+        .await
+        .unwrap();
+    flame::spawn_on(&pool, machine_id()).detach();
+    loop {
+        if let Some(id) = emu.live().into_keys().find(|id| !before.contains(id)) {
+            std::mem::forget(pool); // gone without cleaning up
+            return id;
         }
-        let leftover = emu.live().into_keys().next().unwrap();
-        orphaned.detach();
-        std::mem::forget(old_pool); // the old parent is gone without cleaning up
+        tokio::task::yield_now().await;
+    }
+}
 
-        let new = backend(&emu, "the_sweep_destroys_a_previous_parents_machines")
-            .parent_id("new-parent")
+#[flame::test]
+async fn the_sweep_keeps_live_parents_runners_and_destroys_gone_ones() {
+    bounded(BOUND, async {
+        let test = "the_sweep_keeps_live_parents_runners_and_destroys_gone_ones";
+        let emu = emulator(test).await;
+        // Two web Machines of one app, each a parent with its own runners.
+        emu.put_parent("web-a", "v1", "started");
+        emu.put_parent("web-b", "v1", "started");
+        let parent = |id: &str| {
+            backend(&emu, test)
+                .parent_id(id)
+                .parent_version("v1")
+                .build()
+                .unwrap()
+        };
+        let (a, b) = (parent("web-a"), parent("web-b"));
+        let of_b = leave_a_runner(&emu, b.clone()).await;
+        // Each one's sweep keeps the other's runners: both parents are alive.
+        assert!(a.sweep_leftovers().await.unwrap().is_empty());
+        assert!(b.sweep_leftovers().await.unwrap().is_empty());
+        assert!(emu.live().contains_key(&of_b));
+        // web-b is redeployed (a new version): its earlier runners are orphans.
+        emu.put_parent("web-b", "v2", "started");
+        assert_eq!(a.sweep_leftovers().await.unwrap(), vec![of_b.clone()]);
+        assert!(!emu.live().contains_key(&of_b));
+        // web-b is destroyed: so are its runners, at the next sweep of any parent.
+        let b2 = backend(&emu, test)
+            .parent_id("web-b")
+            .parent_version("v2")
             .build()
             .unwrap();
-        let swept = new.sweep_leftovers().await.unwrap();
-        assert_eq!(swept, vec![leftover.clone()]);
+        let of_b2 = leave_a_runner(&emu, b2).await;
+        emu.remove_parent("web-b");
+        assert_eq!(a.sweep_leftovers().await.unwrap(), vec![of_b2.clone()]);
+        // A stopped parent's too.
+        emu.put_parent("web-c", "v1", "started");
+        let c = backend(&emu, test)
+            .parent_id("web-c")
+            .parent_version("v1")
+            .build()
+            .unwrap();
+        let of_c = leave_a_runner(&emu, c).await;
+        assert!(a.sweep_leftovers().await.unwrap().is_empty());
+        emu.put_parent("web-c", "v1", "stopped");
+        assert_eq!(a.sweep_leftovers().await.unwrap(), vec![of_c]);
+    })
+    .await;
+}
+
+#[flame::test]
+async fn a_restarted_parent_sweeps_its_earlier_process_runners_only() {
+    bounded(BOUND, async {
+        let test = "a_restarted_parent_sweeps_its_earlier_process_runners_only";
+        let emu = emulator(test).await;
+        emu.put_parent("web-a", "v1", "started");
+        let process = |instance: &str| {
+            backend(&emu, test)
+                .parent_id("web-a")
+                .parent_version("v1")
+                .parent_instance(instance)
+                .build()
+                .unwrap()
+        };
+        // The first process left a runner behind; the same Machine restarts its process.
+        let leftover = leave_a_runner(&emu, process("first")).await;
+        let second = process("second");
+        assert_eq!(
+            second.sweep_leftovers().await.unwrap(),
+            vec![leftover.clone()]
+        );
         assert!(!emu.live().contains_key(&leftover));
-        // Its own machines are not the sweep's business.
+        // Its own runners are not the sweep's business.
         let pool = Pool::builder("thumbs")
-            .backend(new.clone())
+            .backend(second.clone())
             .max(1)
             .start()
             .await
             .unwrap();
         let mine = flame::call(&pool, machine_id()).await.unwrap().unwrap();
-        assert!(new.sweep_leftovers().await.unwrap().is_empty());
+        assert!(second.sweep_leftovers().await.unwrap().is_empty());
         assert!(emu.live().contains_key(&mine));
         pool.shutdown().await;
     })

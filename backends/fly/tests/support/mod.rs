@@ -212,6 +212,26 @@ async fn create(
 }
 
 impl Emulator {
+    /// Registers (or updates) a parent Machine: the app's web Machines are parents, which the
+    /// sweep looks up by id. Only its record: nothing runs for it.
+    pub(crate) fn put_parent(&self, id: &str, instance_id: &str, state: &str) {
+        let machine = json!({
+            "id": id,
+            "name": format!("web-{id}"),
+            "state": state,
+            "region": "ord",
+            "instance_id": instance_id,
+            "private_ip": "fdaa:0:1:a7b:1::1",
+            "config": { "image": "registry.fly.io/thumbs-app:web", "metadata": {} },
+        });
+        self.lock().machines.insert(id.to_string(), machine);
+    }
+
+    /// Forgets a parent Machine, as Fly does once it is destroyed and gone from the API.
+    pub(crate) fn remove_parent(&self, id: &str) {
+        self.lock().machines.remove(id);
+    }
+
     fn set_state(&self, id: &str, state: &str) {
         if let Some(machine) = self.lock().machines.get_mut(id)
             && machine["state"] != "destroyed"
