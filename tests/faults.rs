@@ -173,6 +173,37 @@ async fn sigterm_drains_the_parent_before_it_exits() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_main_that_returns_lets_the_work_it_started_finish_first() {
+    bounded(BOUND, async {
+        // `main` returns at once, or on SIGTERM itself, dropping its pool with a cast in flight.
+        for mode in ["returns", "returns-on-signal"] {
+            let dir = scratch_dir(mode);
+            let (mut parent, _lines, seen) = start_parent(mode, &dir, "READY").await;
+            let runner = runner_pid(&seen);
+            if mode == "returns-on-signal" {
+                signal(parent.id().unwrap(), libc::SIGTERM);
+            }
+            let status = parent.wait().await.unwrap();
+            assert_eq!(
+                std::fs::read_to_string(dir.join("marker")).ok().as_deref(),
+                Some("done"),
+                "{mode}: the cast finished before the process exited"
+            );
+            assert_eq!(
+                status.code(),
+                Some(0),
+                "{mode}: main's own exit: {status:?}"
+            );
+            assert!(
+                wait_gone(runner, Duration::from_secs(10)).await,
+                "{mode}: the runner was stopped and reaped"
+            );
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_with_retries_survives_a_lost_runner() {
     bounded(BOUND, async {
         let pool = Pool::builder("retries")

@@ -219,7 +219,9 @@ pub use flame_rt_macros::task;
 ///
 /// In the parent, SIGTERM and SIGINT shut every pool down gracefully ([`shutdown_all`]) and
 /// then end the process with status 128 + the signal number; a second signal ends it at once.
-/// `graceful_shutdown = false` leaves signals alone.
+/// When the body returns (on such a signal or otherwise), every pool drains the same way before
+/// the process exits, pools the body dropped included: the work it started — a cast, a
+/// detached call — is not cut off. `graceful_shutdown = false` leaves signals and exits alone.
 ///
 /// Accepts `flavor = "current_thread" | "multi_thread"`, `worker_threads = N`,
 /// `graceful_shutdown = true | false` and `crate = "..."`.

@@ -28,9 +28,11 @@ use crate::wire::Welcome;
 
 /// A pool of runners that calls are sent to. Cheap to clone; every clone is the same pool.
 ///
-/// Dropping the last clone stops the pool at once: waiting calls fail with
-/// [`ErrorKind::PoolClosed`] and runners are killed. Call [`shutdown`](Pool::shutdown) to let
-/// in-flight calls finish first.
+/// Dropping the last clone closes the pool: new and waiting calls fail with
+/// [`ErrorKind::PoolClosed`]. Under `#[flame::main]` the calls in flight (detached ones and
+/// casts included) still finish within `shutdown_timeout`, in the background, and the process
+/// waits for them before it exits; elsewhere the runners are killed at once. Call
+/// [`shutdown`](Pool::shutdown) to wait for in-flight calls yourself.
 #[derive(Clone)]
 pub struct Pool {
     shared: Arc<Shared>,
@@ -41,6 +43,15 @@ struct CloseOnDrop(Arc<Shared>);
 
 impl Drop for CloseOnDrop {
     fn drop(&mut self) {
+        // Under `#[flame::main]` the work still in flight (a detached call, a cast) finishes:
+        // the pool drains as `shutdown` does, and the process waits for it before exiting.
+        if crate::shutdown::drains_on_exit()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let shared = self.0.clone();
+            runtime.spawn(async move { shared.shutdown().await });
+            return;
+        }
         let runners = self.0.close(Error::new(
             ErrorKind::PoolClosed,
             format!("pool {} was dropped", self.0.name),

@@ -200,21 +200,34 @@ fn arm_parent_death_signal() {
 }
 
 /// The app's main in the parent: on SIGTERM or SIGINT every pool drains, then the process
-/// ends; the body keeps running meanwhile, so it still sees the results of its calls.
+/// ends; the body keeps running meanwhile, so it still sees the results of its calls. When the
+/// body returns (on the signal itself, as an axum server with graceful shutdown does, or
+/// otherwise), the pools drain too before the process exits.
 async fn parent_main<F: Future>(body: F) -> F::Output {
+    shutdown::drain_on_exit();
     tokio::pin!(body);
     let signal = tokio::select! {
-        output = &mut body => return output,
+        output = &mut body => {
+            shutdown::drain_all().await;
+            return output;
+        }
         signal = shutdown::stop_signal() => signal,
     };
     tracing::info!(
         signal,
         "flame: stop signal received, draining pools (send it again to stop at once)"
     );
-    let drained = tokio::spawn(shutdown::shutdown_all());
+    let mut drained = tokio::spawn(shutdown::shutdown_all());
     tokio::select! {
-        output = &mut body => return output,
-        _ = drained => {}
+        output = &mut body => {
+            // Main returned on the signal itself: the drain goes on before the process ends.
+            tokio::select! {
+                _ = &mut drained => {}
+                _ = shutdown::stop_signal() => {}
+            }
+            return output;
+        }
+        _ = &mut drained => {}
         _ = shutdown::stop_signal() => {}
     }
     std::process::exit(128 + signal);

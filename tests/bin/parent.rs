@@ -6,7 +6,11 @@
 //! - `deadline`: one runner holding a `sleep 1000` child in a call with a 1.5 s timeout;
 //! - `grace`: one runner writing `<dir>/marker` after 1.5 s, then the pool's shutdown begins;
 //! - `graceful`: a cast and an awaited call in flight; it prints `RESULT ok` when the awaited
-//!   call succeeds (a SIGTERM must let both finish).
+//!   call succeeds (a SIGTERM must let both finish);
+//! - `returns`: a cast writing `<dir>/marker` after 800 ms in flight, then `main` returns at
+//!   once, dropping its pool (the cast must still finish before the process exits);
+//! - `returns-on-signal`: the same, but `main` returns when SIGTERM arrives, as an axum server
+//!   with graceful shutdown does.
 //!
 //! Usage: `flame-test-parent <mode> <runner program> <scratch dir> [pdeathsig]`
 
@@ -108,6 +112,30 @@ async fn main() -> anyhow::Result<()> {
                 }
             );
             pool
+        }
+        "returns" | "returns-on-signal" => {
+            let pool = Pool::builder("returns")
+                .backend(backend)
+                .max(1)
+                .shutdown_timeout(Duration::from_secs(10))
+                .start()
+                .await?;
+            let there = flame::call(&pool, whereabouts()).await?;
+            flame::cast(&pool, write_after(800, dir.join("marker")));
+            while pool.stats().in_flight == 0 {
+                tokio::task::yield_now().await;
+            }
+            println!("RUNNER {}", there.pid);
+            if mode == "returns-on-signal" {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                println!("READY");
+                term.recv().await;
+            } else {
+                println!("READY");
+            }
+            println!("RETURNING");
+            return Ok(());
         }
         other => anyhow::bail!("unknown mode {other}"),
     };
