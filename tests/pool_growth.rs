@@ -59,6 +59,118 @@ async fn calls_go_to_the_least_loaded_runner() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pack_fills_the_busiest_runner_first() {
+    bounded(BOUND, async {
+        let pool = Pool::builder("pack")
+            .backend(runner())
+            .min(2)
+            .max(2)
+            .max_concurrency(4)
+            .placement(flame::Placement::Pack)
+            .start()
+            .await
+            .unwrap();
+        let handles = place_one_by_one(&pool, 6, 1_000).await;
+        let mut per_runner: HashMap<u32, usize> = HashMap::new();
+        for h in handles {
+            *per_runner.entry(h.await.unwrap().pid).or_default() += 1;
+        }
+        let mut counts: Vec<usize> = per_runner.into_values().collect();
+        counts.sort();
+        assert_eq!(
+            counts,
+            vec![2, 4],
+            "one runner filled before the other is used"
+        );
+        pool.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_a_steady_trickle_pack_lets_all_but_one_runner_idle_out() {
+    bounded(BOUND, async {
+        let events = EventLog::default();
+        let pool = events
+            .attach(
+                Pool::builder("trickle")
+                    .backend(runner())
+                    .max(3)
+                    .max_concurrency(4)
+                    .idle_shutdown_after(Duration::from_millis(400))
+                    .placement(flame::Placement::Pack),
+            )
+            .start()
+            .await
+            .unwrap();
+        // A burst grows the pool to three runners.
+        let burst: Vec<_> = (0..12)
+            .map(|_| flame::spawn_on(&pool, sleep_ms(300)))
+            .collect();
+        for h in burst {
+            h.await.unwrap();
+        }
+        assert_eq!(pool.stats().booted, 3);
+        // Then a trickle that always has a call or two in flight: spread out, it would keep
+        // two runners busy for ever; packed, two idle out.
+        let mut calls = Vec::new();
+        let mut pids = HashSet::new();
+        while events.shrinks().len() < 2 {
+            calls.push(flame::spawn_on(&pool, sleep_ms(120)));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if calls.len() > 3 {
+                pids.insert(calls.remove(0).await.unwrap().pid);
+            }
+        }
+        for h in calls {
+            pids.insert(h.await.unwrap().pid);
+        }
+        let shrinks = events.shrinks();
+        assert!(
+            shrinks.iter().all(|s| s.reason == ShrinkReason::Idle),
+            "{shrinks:?}"
+        );
+        assert_eq!(pool.stats().runners, 1);
+        pool.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_shutdown_after_none_keeps_runners() {
+    bounded(BOUND, async {
+        let control = EventLog::default();
+        let short = control
+            .attach(
+                Pool::builder("idle-short")
+                    .backend(runner())
+                    .idle_shutdown_after(Duration::from_millis(300)),
+            )
+            .start()
+            .await
+            .unwrap();
+        let never = Pool::builder("idle-never")
+            .backend(runner())
+            .idle_shutdown_after(None)
+            .start()
+            .await
+            .unwrap();
+        flame::call(&never, add(1, 1)).await.unwrap();
+        flame::call(&short, add(1, 1)).await.unwrap();
+        // The control pool's runner, idle as long, stops...
+        while control.shrinks().is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(control.shrinks()[0].reason, ShrinkReason::Idle);
+        // ...and the one that never idles out is still there.
+        assert_eq!(never.stats().runners, 1);
+        short.shutdown().await;
+        never.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_grows_the_pool_to_max_concurrently_and_never_past_it() {
     bounded(BOUND, async {
         let log = EventLog::default();

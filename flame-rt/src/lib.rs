@@ -169,7 +169,7 @@ mod trace;
 mod wire;
 
 pub use backend::{Backend, BootSpec, LocalBackend, ProcessBackend, RunnerHandle};
-pub use builder::PoolBuilder;
+pub use builder::{Placement, PoolBuilder};
 pub use call::{Call, call, cast, spawn_on};
 pub use channel::channel;
 pub use error::{Error, ErrorKind};

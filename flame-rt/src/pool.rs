@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{Backend, BootSpec, RunnerHandle};
+use crate::builder::Placement;
 use crate::builder::{Config, PoolBuilder};
 use crate::connection::{self, RunnerConn, Unstarted};
 use crate::error::{Error, ErrorKind};
@@ -488,13 +489,16 @@ impl Shared {
         }
     }
 
-    /// A free slot on the least-loaded runner, if any.
+    /// A free slot on the runner the pool's placement picks, if any.
     pub(crate) fn take_slot(self: &Arc<Self>, state: &mut State) -> Option<Slot> {
-        let runner = state
+        let free = state
             .runners
             .iter_mut()
-            .filter(|r| r.drain.is_none() && r.in_flight < self.config.max_concurrency)
-            .min_by_key(|r| r.in_flight)?;
+            .filter(|r| r.drain.is_none() && r.in_flight < self.config.max_concurrency);
+        let runner = match self.config.placement {
+            Placement::LeastLoaded => free.min_by_key(|r| r.in_flight),
+            Placement::Pack => free.min_by_key(|r| std::cmp::Reverse(r.in_flight)),
+        }?;
         runner.in_flight += 1;
         if self.config.single_use {
             runner.drain = Some(ShrinkReason::SingleUse);
