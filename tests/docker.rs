@@ -15,7 +15,7 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     CreateContainerOptions, EventsOptions, KillContainerOptions, ListContainersOptions,
-    RemoveContainerOptions,
+    RemoveContainerOptions, StopContainerOptions,
 };
 use flame::ErrorKind;
 use flame_backend_docker::{DockerBackend, LABEL_PARENT, LABEL_POOL, bollard};
@@ -629,6 +629,62 @@ async fn a_killed_runner_fails_its_callers_and_is_replaced() {
             host.as_str().unwrap(),
             hostname(&docker, &replacement).await
         );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_runner_stopped_by_its_platform_finishes_its_call_and_takes_no_more() {
+    bounded(async {
+        let mut scenario = Scenario::start(2).await;
+        scenario.ok("work a 3").await;
+        let stopped = scenario.only_runner().await;
+        let docker = scenario.docker.clone();
+        until(
+            "the call's sleep runs in the runner container",
+            Duration::from_secs(30),
+            || runs(&docker, &stopped, "sleep"),
+        )
+        .await;
+        let stopped_host = hostname(&docker, &stopped).await;
+        // `docker stop -t 10`: SIGTERM, then SIGKILL after 10 s if it is still there.
+        let seen = events(&docker, std::slice::from_ref(&stopped));
+        let stop = {
+            let (docker, id) = (docker.clone(), stopped.clone());
+            tokio::spawn(async move {
+                let t = Instant::now();
+                docker
+                    .stop_container(
+                        &id,
+                        Some(StopContainerOptions {
+                            t: Some(10),
+                            ..Default::default()
+                        }),
+                    )
+                    .await
+                    .unwrap();
+                t.elapsed()
+            })
+        };
+        // The call in flight completes.
+        scenario.ok("await a").await;
+        // A new call goes to another runner.
+        let host = scenario.ok("whoami").await;
+        assert_ne!(host.as_str().unwrap(), stopped_host);
+        // The stopped runner exited by itself once its call was done (status 0), well within
+        // the 10 s after which the engine would have killed it (status 137).
+        let took = stop.await.unwrap();
+        let seen = until_destroyed(seen, 1, Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|seen| panic!("not removed: {seen:?}"));
+        let codes: Vec<_> = seen
+            .iter()
+            .filter(|(action, _)| action == "die")
+            .map(|(_, code)| code.as_deref())
+            .collect();
+        assert_eq!(codes, [Some("0")], "{seen:?}");
+        eprintln!("the stopped runner finished its call and exited {took:?} after docker stop");
+        assert!(took < Duration::from_secs(9), "{took:?}");
     })
     .await;
 }

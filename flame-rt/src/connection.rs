@@ -400,6 +400,7 @@ async fn read(
                     Some(Ok(ToParent::Chan(_) | ToParent::Part(_))) => {}
                     Some(Ok(ToParent::Heartbeat)) => {}
                     Some(Ok(ToParent::Idle { idle_ms })) => shared.runner_idle(key, Duration::from_millis(idle_ms)),
+                    Some(Ok(ToParent::Stopping)) => shared.runner_stopping(key),
                     Some(Ok(ToParent::BootFailed { reason })) => {
                         break Error::new(ErrorKind::BootFailed, format!("runner {id}: main returned an error: {reason}"));
                     }

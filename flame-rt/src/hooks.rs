@@ -37,6 +37,9 @@ pub enum ShrinkReason {
     Lost,
     /// A cancelled call on it did not stop within `cancel_grace`: it was stopped and replaced.
     Recycled,
+    /// Its platform stopped it (SIGTERM: `docker stop`, a pod deleted, a Machine stopped, a spot
+    /// eviction): it finished the calls it had, within the grace it was given, taking no more.
+    Stopped,
 }
 
 /// A runner boot has started: passed to [`on_grow_start`](crate::PoolBuilder::on_grow_start).

@@ -831,6 +831,21 @@ impl Shared {
         }
     }
 
+    /// The runner's platform is stopping it: no more calls go there, it finishes its own, and a
+    /// replacement boots if `min` or waiting callers need one. It is not told to stop (that
+    /// would replace the platform's grace with ours).
+    pub(crate) fn runner_stopping(self: &Arc<Self>, key: u64) {
+        let mut state = self.lock();
+        let Some(runner) = state.runners.iter_mut().find(|r| r.key == key) else {
+            return;
+        };
+        tracing::info!(pool = %self.name, runner = %runner.conn.id, "flame: runner stopped by its platform; it finishes its calls");
+        runner.drain.get_or_insert(ShrinkReason::Stopped);
+        self.grow(&mut state, None);
+        drop(state);
+        self.changed.notify_waiters();
+    }
+
     /// A cancelled call on the runner did not stop within `cancel_grace`: no more calls go
     /// there, its others get the shutdown grace to finish, then it stops. The caller frees the
     /// stuck call's slot right after, which stops the runner at once if nothing else runs.

@@ -36,8 +36,12 @@ use crate::wire::{
 pub(crate) enum Control {
     /// The app's `main` failed: report it to the parent and stop.
     BootFailed(String),
-    /// Stop now (SIGTERM).
+    /// Stop now (a second SIGTERM, or the parent-death signal of a process runner).
     Terminate,
+    /// The platform is stopping this runner (SIGTERM of a container, pod or Machine): finish
+    /// the calls in flight, take no more, then exit; whatever is left when the platform's grace
+    /// ends is cut off by its SIGKILL.
+    Drain,
 }
 
 /// How long a stopping runner waits for its dropped tasks to be gone: a task blocking its thread
@@ -260,6 +264,16 @@ impl Service {
                     // death signal, say): the grace stands.
                     Some(Control::Terminate) if draining => {}
                     Some(Control::Terminate) => break Exit::Terminated,
+                    Some(Control::Drain) => {
+                        if !draining {
+                            eprintln!(
+                                "flame runner {}: stopped by its platform: finishing the calls in flight",
+                                service.handoff.runner_id
+                            );
+                            service.send(&ToParent::Stopping);
+                            draining = true;
+                        }
+                    }
                     // The host dropped its control handle: keep serving.
                     None => control_open = false,
                 },

@@ -233,15 +233,27 @@ async fn parent_main<F: Future>(body: F) -> F::Output {
     std::process::exit(128 + signal);
 }
 
-/// SIGTERM (also the parent-death signal of process runners) stops the runner cleanly: its
-/// tasks are dropped, so their `kill_on_drop` children die too.
+/// SIGTERM to a process runner is its parent-death signal: it stops at once, dropping its
+/// tasks, so their `kill_on_drop` children die too. To a runner in a container, pod or Machine
+/// it is its platform stopping it with a grace period (`docker stop`, a pod deleted, a spot
+/// eviction): it finishes its calls first and takes no more; a second SIGTERM stops it at once.
 async fn forward_sigterm(control: mpsc::UnboundedSender<Control>) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate())
-            && term.recv().await.is_some()
-        {
+        let Ok(mut term) = signal(SignalKind::terminate()) else {
+            return;
+        };
+        let process_runner = std::env::var_os(crate::backend::PARENT_PID_ENV).is_some();
+        if term.recv().await.is_some() {
+            let first = if process_runner {
+                Control::Terminate
+            } else {
+                Control::Drain
+            };
+            let _ = control.send(first);
+        }
+        if term.recv().await.is_some() {
             let _ = control.send(Control::Terminate);
         }
     }

@@ -22,7 +22,7 @@ use crate::error::{Error, ErrorKind};
 use crate::trace::TraceParent;
 
 /// Bumped on any incompatible change of the messages below.
-pub(crate) const PROTOCOL_VERSION: u32 = 4;
+pub(crate) const PROTOCOL_VERSION: u32 = 5;
 
 /// Largest frame either side accepts. Payloads bigger than [`PIECE`] cross in pieces, so no
 /// frame comes near it; it bounds what a broken peer can make us allocate.
@@ -116,6 +116,9 @@ pub(crate) enum ToParent {
     Chan(ChanFrame),
     /// A piece of a big call's result; the rest follow, the last one in its `Done`.
     Part(Part),
+    /// The runner's platform is stopping it (SIGTERM): it finishes its calls, takes no more,
+    /// then exits.
+    Stopping,
 }
 
 /// A piece of a payload too big for one frame, or big enough to hold the connection while other
@@ -943,6 +946,7 @@ mod tests {
             ".{0,80}".prop_map(|reason| ToParent::BootFailed { reason }),
             chan().prop_map(ToParent::Chan),
             part().prop_map(ToParent::Part),
+            Just(ToParent::Stopping),
         ]
     }
 

@@ -5,7 +5,8 @@
 //!
 //! Commands: `id` (the backend's parent id), `whoami` (a call: the runner's hostname),
 //! `hold NAME` (spawn a task that runs `sleep 600` in its container, keep its handle),
-//! `await NAME`, `drop NAME`, `shutdown` (the pool; then the app exits).
+//! `work NAME SECS` (spawn a task that runs `sleep SECS` and then succeeds), `await NAME`,
+//! `drop NAME`, `shutdown` (the pool; then the app exits).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -36,6 +37,21 @@ async fn sleep_child(secs: u64) -> Result<(), String> {
         .await
         .map_err(|e| format!("running sleep: {e}"))?;
     Err(format!("sleep ended by itself: {status}"))
+}
+
+/// Works for `secs` (a `sleep` child in the runner's container), then succeeds.
+#[flame::task]
+async fn work(secs: u64) -> Result<(), String> {
+    let status = tokio::process::Command::new("sleep")
+        .arg(secs.to_string())
+        .kill_on_drop(true)
+        .status()
+        .await
+        .map_err(|e| format!("running sleep: {e}"))?;
+    status
+        .success()
+        .then_some(())
+        .ok_or_else(|| format!("sleep failed: {status}"))
 }
 
 type Held = Arc<Mutex<HashMap<String, JoinHandle<Result<(), String>>>>>;
@@ -100,6 +116,12 @@ async fn serve(stream: TcpStream, pool: Pool, held: Held, parent_id: String) -> 
                 let handle = flame::spawn_on(&pool, sleep_child(600));
                 held.lock().unwrap().insert(name, handle);
                 json!({ "ok": "held" })
+            }
+            "work" => {
+                let (name, secs) = name.split_once(' ').unwrap_or((name.as_str(), "1"));
+                let handle = flame::spawn_on(&pool, work(secs.parse().unwrap_or(1)));
+                held.lock().unwrap().insert(name.to_string(), handle);
+                json!({ "ok": "working" })
             }
             "await" => {
                 let handle = held.lock().unwrap().remove(&name);
