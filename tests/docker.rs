@@ -176,6 +176,11 @@ fn force() -> RemoveContainerOptions {
 
 impl Scenario {
     async fn start(max: usize) -> Scenario {
+        Scenario::start_with(max, &[]).await
+    }
+
+    /// `start`, with more environment for the parent (its backend settings).
+    async fn start_with(max: usize, env: &[String]) -> Scenario {
         let docker = engine().await;
         let image = image().await;
         let run = random_id();
@@ -202,10 +207,15 @@ impl Scenario {
                 }),
                 ContainerCreateBody {
                     image: Some(image.to_string()),
-                    env: Some(vec![
-                        format!("FLAME_TEST_MAX={max}"),
-                        format!("FLAME_TEST_HEARTBEAT_MS={}", HEARTBEAT.as_millis()),
-                    ]),
+                    env: Some(
+                        [
+                            format!("FLAME_TEST_MAX={max}"),
+                            format!("FLAME_TEST_HEARTBEAT_MS={}", HEARTBEAT.as_millis()),
+                        ]
+                        .into_iter()
+                        .chain(env.iter().cloned())
+                        .collect(),
+                    ),
                     labels: Some(labels),
                     host_config: Some(HostConfig {
                         network_mode: Some(network.clone()),
@@ -690,6 +700,35 @@ async fn a_runner_stopped_by_its_platform_finishes_its_call_and_takes_no_more() 
 }
 
 #[tokio::test]
+async fn runner_containers_get_the_backends_bind_mounts() {
+    bounded(async {
+        // A directory of the engine's host, as models or a cache would be.
+        let dir = std::env::temp_dir().join(format!("flame-test-bind-{}", random_id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("model.txt"), "weights v7").unwrap();
+        let bind = format!("FLAME_TEST_BIND={}:/models:ro", dir.display());
+        let mut scenario = Scenario::start_with(1, &[bind]).await;
+        let read = scenario.ok("read /models/model.txt").await;
+        assert_eq!(read.as_str(), Some("weights v7"));
+        let runner = scenario.only_runner().await;
+        let binds = scenario
+            .docker
+            .inspect_container(
+                &runner,
+                None::<bollard::query_parameters::InspectContainerOptions>,
+            )
+            .await
+            .unwrap()
+            .host_config
+            .and_then(|h| h.binds)
+            .unwrap_or_default();
+        assert_eq!(binds, [format!("{}:/models:ro", dir.display())]);
+        let _ = std::fs::remove_dir_all(&dir);
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_partitioned_runner_is_lost_and_exits_by_itself() {
     bounded(async {
         let mut scenario = Scenario::start(1).await;
@@ -803,6 +842,28 @@ async fn a_missing_image_is_a_boot_failure_with_the_engines_message() {
         let message = err.to_string();
         assert!(message.contains("No such image"), "{message}");
         assert!(message.contains("build or load it"), "{message}");
+        pool.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn gpus_on_an_engine_without_a_gpu_driver_fail_the_boot_with_its_message() {
+    bounded(async {
+        engine().await;
+        let backend = DockerBackend::builder()
+            .image(image().await)
+            .gpus(1)
+            .build()
+            .await
+            .unwrap();
+        let _cleanup = Cleanup::labelled(LABEL_PARENT, backend.parent_id().to_string());
+        let (pool, err) = failed_call("gpus", backend, Duration::from_secs(10)).await;
+        assert_eq!(err.kind(), ErrorKind::BootFailed, "{err}");
+        // The engine's own words: it has no driver for the device request.
+        let message = err.to_string();
+        eprintln!("{message}");
+        assert!(message.contains("device driver"), "{message}");
         pool.shutdown().await;
     })
     .await;

@@ -5,7 +5,8 @@
 //!
 //! Commands: `id` (the backend's parent id), `whoami` (a call: the runner's hostname),
 //! `hold NAME` (spawn a task that runs `sleep 600` in its container, keep its handle),
-//! `work NAME SECS` (spawn a task that runs `sleep SECS` and then succeeds), `await NAME`,
+//! `work NAME SECS` (spawn a task that runs `sleep SECS` and then succeeds), `read PATH` (a
+//! call: the file at PATH in the runner's container), `await NAME`,
 //! `drop NAME`, `shutdown` (the pool; then the app exits).
 
 use std::collections::HashMap;
@@ -39,6 +40,12 @@ async fn sleep_child(secs: u64) -> Result<(), String> {
     Err(format!("sleep ended by itself: {status}"))
 }
 
+/// The contents of a file in the runner's container.
+#[flame::task]
+async fn read_file(path: String) -> Result<String, String> {
+    std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))
+}
+
 /// Works for `secs` (a `sleep` child in the runner's container), then succeeds.
 #[flame::task]
 async fn work(secs: u64) -> Result<(), String> {
@@ -65,7 +72,11 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 #[flame::main]
 async fn main() -> anyhow::Result<()> {
-    let backend = DockerBackend::builder()
+    let mut builder = DockerBackend::builder();
+    if let Ok(bind) = std::env::var("FLAME_TEST_BIND") {
+        builder = builder.bind(bind);
+    }
+    let backend = builder
         .memory_mb(256)
         .cpus(0.5)
         .env("FLAME_TEST_ROLE", "runner")
@@ -112,6 +123,7 @@ async fn serve(stream: TcpStream, pool: Pool, held: Held, parent_id: String) -> 
         let answer = match command {
             "id" => json!({ "ok": parent_id }),
             "whoami" => outcome(flame::call(&pool, whoami()).await),
+            "read" => outcome(flame::call(&pool, read_file(name.clone())).await),
             "hold" => {
                 let handle = flame::spawn_on(&pool, sleep_child(600));
                 held.lock().unwrap().insert(name, handle);

@@ -45,7 +45,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bollard::Docker;
-use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::models::{ContainerCreateBody, DeviceRequest, HostConfig};
 use bollard::query_parameters::{CreateContainerOptions, ListContainersOptions};
 use flame::{Backend, BootSpec, Error, ErrorKind, RunnerHandle};
 use futures::FutureExt;
@@ -86,6 +86,8 @@ struct Inner {
     labels: HashMap<String, String>,
     memory_bytes: Option<i64>,
     nano_cpus: Option<i64>,
+    binds: Vec<String>,
+    gpus: Option<i64>,
     stop_grace: Duration,
 }
 
@@ -103,6 +105,8 @@ pub struct DockerBackendBuilder {
     labels: BTreeMap<String, String>,
     memory_mb: Option<u64>,
     cpus: Option<f64>,
+    binds: Vec<String>,
+    gpus: Option<i64>,
     stop_grace: Duration,
 }
 
@@ -122,6 +126,8 @@ impl DockerBackend {
             labels: BTreeMap::new(),
             memory_mb: None,
             cpus: None,
+            binds: Vec::new(),
+            gpus: None,
             stop_grace: Duration::from_secs(5),
         }
     }
@@ -265,6 +271,21 @@ impl DockerBackendBuilder {
         self
     }
 
+    /// Mounts a host path or a named volume in every runner container, as `docker run -v` does:
+    /// `"/srv/models:/models:ro"`, `"cache:/cache"`. Host paths are the engine's, not the
+    /// parent container's.
+    pub fn bind(mut self, bind: impl Into<String>) -> Self {
+        self.binds.push(bind.into());
+        self
+    }
+
+    /// Gives each runner container `count` GPUs (`-1`: all), as `docker run --gpus` does; the
+    /// engine needs NVIDIA's container toolkit, or the runner fails to boot with its message.
+    pub fn gpus(mut self, count: i64) -> Self {
+        self.gpus = Some(count);
+        self
+    }
+
     /// How long a runner container that is to go gets to stop by itself before it is
     /// force-removed. Default 5 s: more than a runner's failsafe needs after its parent has
     /// declared it lost, since both sides count the same heartbeats.
@@ -297,6 +318,8 @@ impl DockerBackendBuilder {
                     labels: HashMap::new(),
                     memory_bytes: None,
                     nano_cpus: None,
+                    binds: Vec::new(),
+                    gpus: None,
                     stop_grace: self.stop_grace,
                 }),
             });
@@ -419,6 +442,8 @@ impl DockerBackendBuilder {
                 labels,
                 memory_bytes,
                 nano_cpus,
+                binds: self.binds,
+                gpus: self.gpus,
                 stop_grace: self.stop_grace,
             }),
         })
@@ -489,6 +514,15 @@ impl Inner {
                 network_mode: Some(self.network.clone()),
                 memory: self.memory_bytes,
                 nano_cpus: self.nano_cpus,
+                binds: (!self.binds.is_empty()).then(|| self.binds.clone()),
+                // `--gpus N`: the engine asks its GPU driver (NVIDIA's container toolkit).
+                device_requests: self.gpus.map(|count| {
+                    vec![DeviceRequest {
+                        count: Some(count),
+                        capabilities: Some(vec![vec!["gpu".to_string()]]),
+                        ..Default::default()
+                    }]
+                }),
                 ..Default::default()
             }),
             ..Default::default()

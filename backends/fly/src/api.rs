@@ -39,6 +39,35 @@ pub struct MachineConfig {
     /// Free-form tags.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
+    /// Volumes to mount.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<Mount>,
+    /// What the Machine's init runs instead of the image's defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<MachineInit>,
+}
+
+/// `mounts[]`: a Fly Volume and where it appears in the Machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Mount {
+    /// The Volume's id (`vol_...`).
+    pub volume: String,
+    /// Where it is mounted.
+    pub path: String,
+}
+
+/// `init`: overrides of the image's entrypoint and command, or an `exec` that replaces both.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MachineInit {
+    /// Replaces the image's entrypoint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entrypoint: Vec<String>,
+    /// Replaces the image's command.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cmd: Vec<String>,
+    /// Runs this instead of entrypoint and command.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exec: Vec<String>,
 }
 
 /// A Machine's size.
@@ -50,9 +79,12 @@ pub struct Guest {
     pub cpus: u32,
     /// Memory, a multiple of 256.
     pub memory_mb: u32,
-    /// A GPU kind, if any.
+    /// A GPU kind, if any (`a10`, `l40s`, `a100-pcie-40gb`, `a100-sxm4-80gb`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_kind: Option<String>,
+    /// How many GPUs of that kind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<u32>,
 }
 
 impl Default for Guest {
@@ -62,6 +94,7 @@ impl Default for Guest {
             cpus: 1,
             memory_mb: 256,
             gpu_kind: None,
+            gpus: None,
         }
     }
 }

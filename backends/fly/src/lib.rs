@@ -14,7 +14,9 @@
 //!
 //! Configuration comes from the environment Fly gives every Machine (`FLY_APP_NAME`,
 //! `FLY_IMAGE_REF`, `FLY_REGION`, `FLY_PRIVATE_IP`, `FLY_MACHINE_ID`) and the API token from
-//! `FLY_API_TOKEN` (a secret: `fly secrets set FLY_API_TOKEN=$(fly tokens create machine-exec)`);
+//! `FLY_API_TOKEN` (a secret: `fly secrets set FLY_API_TOKEN="$(fly tokens create deploy)"`: an
+//! app-scoped token, the least one that may create and delete the app's Machines; a
+//! `machine-exec` token only runs commands on existing Machines);
 //! every value can be set on the builder. A missing one is an error naming the variable.
 //!
 //! Runners get the hand-off variable flame needs and the `env` you set here; **the parent's own
@@ -47,7 +49,7 @@ use flame::{Backend, BootSpec, Error, ErrorKind, RunnerHandle};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 
-pub use api::{CreateMachine, Guest, Machine, MachineConfig, RestartPolicy};
+pub use api::{CreateMachine, Guest, Machine, MachineConfig, MachineInit, Mount, RestartPolicy};
 
 /// Metadata keys on the Machines this backend creates.
 pub const META_POOL: &str = "flame_pool";
@@ -82,6 +84,8 @@ struct Inner {
     guest: Guest,
     env: BTreeMap<String, String>,
     metadata: BTreeMap<String, String>,
+    mounts: Vec<Mount>,
+    init: Option<MachineInit>,
     boot_timeout: Duration,
     retry_backoff: Duration,
 }
@@ -102,6 +106,8 @@ pub struct FlyBackendBuilder {
     guest: Guest,
     env: BTreeMap<String, String>,
     metadata: BTreeMap<String, String>,
+    mounts: Vec<Mount>,
+    init: Option<MachineInit>,
     boot_timeout: Duration,
     retry_backoff: Duration,
 }
@@ -129,6 +135,8 @@ impl FlyBackend {
             guest: Guest::default(),
             env: BTreeMap::new(),
             metadata: BTreeMap::new(),
+            mounts: Vec::new(),
+            init: None,
             boot_timeout: Duration::from_secs(30),
             retry_backoff: Duration::from_secs(1),
         }
@@ -211,6 +219,31 @@ impl FlyBackendBuilder {
     /// This parent process's id, tagged on its runners (random per process by default).
     pub fn parent_instance(mut self, instance: impl Into<String>) -> Self {
         self.parent_instance = Some(instance.into());
+        self
+    }
+
+    /// Mounts a Fly Volume in every runner Machine (a Volume attaches to one Machine at a
+    /// time: this suits pools of one runner, or use `init` to mount per runner).
+    pub fn mount(mut self, volume: impl Into<String>, path: impl Into<String>) -> Self {
+        self.mounts.push(Mount {
+            volume: volume.into(),
+            path: path.into(),
+        });
+        self
+    }
+
+    /// Gives each runner Machine `count` GPUs of `kind` (`a10`, `l40s`, `a100-pcie-40gb`,
+    /// `a100-sxm4-80gb`; GPUs exist in a few regions only, see Fly's GPU docs).
+    pub fn gpus(mut self, kind: impl Into<String>, count: u32) -> Self {
+        self.guest.gpu_kind = Some(kind.into());
+        self.guest.gpus = Some(count);
+        self
+    }
+
+    /// Overrides what the runner Machine's init runs (the image's entrypoint and command by
+    /// default, which is the app itself: a runner must run the same app).
+    pub fn init(mut self, init: MachineInit) -> Self {
+        self.init = Some(init);
         self
     }
 
@@ -375,6 +408,8 @@ impl FlyBackendBuilder {
                 guest: self.guest,
                 env: self.env,
                 metadata: self.metadata,
+                mounts: self.mounts,
+                init: self.init,
                 boot_timeout: self.boot_timeout,
                 retry_backoff: self.retry_backoff,
             }),
@@ -455,6 +490,8 @@ impl Inner {
                     policy: "no".into(),
                 }),
                 metadata,
+                mounts: self.mounts.clone(),
+                init: self.init.clone(),
             },
         };
         let deadline = tokio::time::Instant::now() + self.boot_timeout;

@@ -28,6 +28,11 @@ fn documented_create_requests_read_as_the_backends_type() {
         "registry-1.docker.io/library/ubuntu:latest"
     );
     assert_eq!(plain.config.auto_destroy, Some(true));
+    // The documented `init` reads as the backend's: `exec` is Fly's own example.
+    assert_eq!(
+        plain.config.init.as_ref().map(|i| i.exec.clone()),
+        Some(vec!["/bin/sleep".to_string(), "inf".to_string()])
+    );
     let guest = plain.config.guest.unwrap();
     assert_eq!(
         (guest.cpu_kind.as_str(), guest.cpus, guest.memory_mb),

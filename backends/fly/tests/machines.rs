@@ -313,6 +313,43 @@ async fn a_restarted_parent_sweeps_its_earlier_process_runners_only() {
     .await;
 }
 
+#[flame::test]
+async fn mounts_gpus_and_init_reach_the_create_request() {
+    bounded(BOUND, async {
+        let test = "mounts_gpus_and_init_reach_the_create_request";
+        let emu = emulator(test).await;
+        let fly = backend(&emu, test)
+            .mount("vol_3xr8jq1k2v", "/data")
+            .gpus("a100-pcie-40gb", 1)
+            .init(flame_backend_fly::MachineInit {
+                cmd: vec!["serve".into(), "--quiet".into()],
+                ..Default::default()
+            })
+            .build()
+            .unwrap();
+        let pool = Pool::builder("thumbs")
+            .backend(fly)
+            .max(1)
+            .start()
+            .await
+            .unwrap();
+        let machine = flame::call(&pool, machine_id()).await.unwrap().unwrap();
+        let config = emu.config_of(&machine);
+        assert_eq!(
+            config["mounts"],
+            serde_json::json!([{ "volume": "vol_3xr8jq1k2v", "path": "/data" }])
+        );
+        assert_eq!(config["guest"]["gpu_kind"], "a100-pcie-40gb");
+        assert_eq!(config["guest"]["gpus"], 1);
+        assert_eq!(
+            config["init"],
+            serde_json::json!({ "cmd": ["serve", "--quiet"] })
+        );
+        pool.shutdown().await;
+    })
+    .await;
+}
+
 #[test]
 fn a_missing_setting_names_its_variable() {
     let err = FlyBackend::builder_from(|_| None).build().err().unwrap();

@@ -91,6 +91,11 @@ impl Emulator {
             .collect()
     }
 
+    /// The `config` a Machine was created with, as the backend sent it.
+    pub(crate) fn config_of(&self, id: &str) -> Value {
+        self.lock().machines[id]["config"].clone()
+    }
+
     /// Create requests seen, including refused ones.
     pub(crate) fn creates(&self) -> u32 {
         self.lock().creates
