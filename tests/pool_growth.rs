@@ -137,6 +137,31 @@ async fn under_a_steady_trickle_pack_lets_all_but_one_runner_idle_out() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_pool_reports_its_runners_leaving() {
+    bounded(BOUND, async {
+        let events = EventLog::default();
+        let pool = events
+            .attach(Pool::builder("dropped").backend(runner()).max(2).min(2))
+            .start()
+            .await
+            .unwrap();
+        let pid = flame::call(&pool, whereabouts()).await.unwrap().pid;
+        drop(pool);
+        let shrinks = events.shrinks();
+        assert_eq!(shrinks.len(), 2, "{shrinks:?}");
+        assert!(
+            shrinks.iter().all(|s| s.reason == ShrinkReason::Shutdown),
+            "{shrinks:?}"
+        );
+        assert!(
+            wait_gone(pid, Duration::from_secs(10)).await,
+            "the runner was let go"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_shutdown_after_none_keeps_runners() {
     bounded(BOUND, async {
         let control = EventLog::default();

@@ -62,7 +62,8 @@
 //! - **Deadlines** ([`Call::timeout`], [`PoolBuilder::timeout`]) cover queueing and running and
 //!   are enforced by the runner too.
 //! - **Runners never outlive their parent.** A runner exits when its parent connection ends or
-//!   goes silent, dropping its tasks first.
+//!   goes silent, dropping its tasks first (one already told to stop keeps the grace it was
+//!   given to finish its calls).
 //! - **Streams are arguments.** A [`channel()`] half passed to a task connects the caller and the
 //!   task over the runner's connection, with backpressure end to end; it ends with its call.
 //!   [`channel::stream_reader`] streams a file to a task in one line. See [`channel`](mod@channel).

@@ -32,7 +32,9 @@ use crate::wire::Welcome;
 /// Dropping the last clone closes the pool: new and waiting calls fail with
 /// [`ErrorKind::PoolClosed`]. Under `#[flame::main]` the calls in flight (detached ones and
 /// casts included) still finish within `shutdown_timeout`, in the background, and the process
-/// waits for them before it exits; elsewhere the runners are killed at once. Call
+/// waits for them before it exits. Elsewhere the pool lets its runners go at once: process
+/// runners are killed, remote ones (containers, Machines) exit through their failsafe as their
+/// connection ends and their platform removes them. Call
 /// [`shutdown`](Pool::shutdown) to wait for in-flight calls yourself.
 #[derive(Clone)]
 pub struct Pool {
@@ -57,7 +59,15 @@ impl Drop for CloseOnDrop {
             ErrorKind::PoolClosed,
             format!("pool {} was dropped", self.0.name),
         ));
-        // Dropping the handles kills the runners: nobody is left to wait for them.
+        // They leave the pool's count and hooks as they would with `shutdown`.
+        for (runner_id, _) in &runners {
+            self.0.hooks.shrink(Shrink {
+                pool: self.0.name.to_string(),
+                runner_id: runner_id.clone(),
+                reason: ShrinkReason::Shutdown,
+            });
+        }
+        // Dropping the handles lets the runners go: nobody is left to wait for them.
         drop(runners);
     }
 }
