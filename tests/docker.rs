@@ -869,31 +869,64 @@ async fn gpus_on_an_engine_without_a_gpu_driver_fail_the_boot_with_its_message()
     .await;
 }
 
+/// A backend whose containers run `sleep ARGS` from the test image instead of the app: they
+/// never become runners.
+async fn sleep_instead_of_the_app(args: &[&str]) -> DockerBackend {
+    DockerBackend::builder()
+        .image(image().await)
+        .entrypoint(["/usr/bin/sleep"])
+        .cmd(args.iter().copied())
+        .stop_grace(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap()
+}
+
+async fn until_no_container_of(docker: &Docker, parent: &str) {
+    until(
+        "no container of this parent",
+        Duration::from_secs(10),
+        || async { labelled(docker, LABEL_PARENT, parent).await.is_empty() },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn a_runner_that_never_dials_back_is_removed() {
     bounded(async {
         let docker = engine().await;
-        // A container that never becomes a runner: `sleep` instead of the app.
-        let backend = DockerBackend::builder()
-            .image(image().await)
-            .entrypoint(["/usr/bin/sleep"])
-            .cmd(["600"])
-            .stop_grace(Duration::from_millis(200))
-            .build()
-            .await
-            .unwrap();
+        let backend = sleep_instead_of_the_app(&["600"]).await;
         let parent = backend.parent_id().to_string();
         let _cleanup = Cleanup::labelled(LABEL_PARENT, parent.clone());
         let (pool, err) = failed_call("silent", backend, Duration::from_secs(2)).await;
         // The call's wait for a slot ends with the boot window it waited on.
         assert_eq!(err.kind(), ErrorKind::TimedOut, "{err}");
         // Every container it made was removed when its boot window closed.
-        until(
-            "no container of this parent",
-            Duration::from_secs(10),
-            || async { labelled(&docker, LABEL_PARENT, &parent).await.is_empty() },
-        )
-        .await;
+        until_no_container_of(&docker, &parent).await;
+        pool.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_runner_container_that_dies_before_dialing_back_fails_the_boot_with_its_last_words() {
+    bounded(async {
+        let docker = engine().await;
+        // A program that refuses its arguments, as an app refuses a bad config.
+        let backend = sleep_instead_of_the_app(&["--no-such-option"]).await;
+        let parent = backend.parent_id().to_string();
+        let _cleanup = Cleanup::labelled(LABEL_PARENT, parent.clone());
+        let (pool, err) = failed_call("dies", backend, Duration::from_secs(20)).await;
+        assert_eq!(err.kind(), ErrorKind::BootFailed, "{err}");
+        // The exit code from the engine, the reason from the container's own stderr: it is
+        // removed with its logs, so this is the only place the user can read them.
+        let message = err.to_string();
+        assert!(message.contains("exited with code 1"), "{message}");
+        assert!(
+            message.contains("its last words: Try '/usr/bin/sleep --help'"),
+            "{message}"
+        );
+        until_no_container_of(&docker, &parent).await;
         pool.shutdown().await;
     })
     .await;

@@ -169,7 +169,9 @@ mod tls;
 mod trace;
 mod wire;
 
-pub use backend::{Backend, BootSpec, LocalBackend, ProcessBackend, RunnerHandle};
+pub use backend::{
+    Backend, BootSpec, LastWords, LocalBackend, ProcessBackend, RunnerHandle, RunnerOutput,
+};
 pub use builder::{Placement, PoolBuilder};
 pub use call::{Call, call, cast, spawn_on};
 pub use channel::channel;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use bollard::Docker;
 use bollard::errors::Error as EngineError;
 use bollard::query_parameters::{RemoveContainerOptions, WaitContainerOptions};
-use flame::{Error, ErrorKind};
+use flame::{Error, ErrorKind, LastWords, RunnerOutput};
 use futures::StreamExt;
 
 /// The parent's own container, as the engine sees it.
@@ -292,4 +292,47 @@ pub(crate) async fn exited(docker: &Docker, id: &str) -> String {
         Some(Err(e)) if is_status(&e, 404) => "container is gone".to_string(),
         _ => futures::future::pending().await,
     }
+}
+
+/// Copies a runner container's output into ours, as a Process runner's is, and keeps its last
+/// words: when a container dies before its runner dials back, they usually say why, and
+/// `AutoRemove` deletes its logs with it. Attached before the container starts, so nothing it
+/// prints is missed. The returned receiver resolves when its output has ended.
+pub(crate) async fn follow_output(
+    docker: &Docker,
+    id: &str,
+    runner_id: &str,
+) -> Result<(LastWords, tokio::sync::oneshot::Receiver<()>), EngineError> {
+    use bollard::container::LogOutput;
+    use bollard::query_parameters::AttachContainerOptions;
+    let attached = docker
+        .attach_container(
+            id,
+            Some(AttachContainerOptions {
+                stdout: true,
+                stderr: true,
+                stream: true,
+                logs: true,
+                ..Default::default()
+            }),
+        )
+        .await?;
+    let mut output = RunnerOutput::new(runner_id);
+    let last_words = output.last_words();
+    let (ended, ended_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut stream = attached.output;
+        while let Some(Ok(chunk)) = stream.next().await {
+            match chunk {
+                LogOutput::StdErr { message } => output.stderr(&message),
+                LogOutput::StdOut { message } | LogOutput::Console { message } => {
+                    output.stdout(&message)
+                }
+                LogOutput::StdIn { .. } => {}
+            }
+        }
+        output.finish();
+        let _ = ended.send(());
+    });
+    Ok((last_words, ended_rx))
 }

@@ -32,7 +32,10 @@
 //! gone (a previous deploy's, say) while leaving a live sibling instance's alone.
 //!
 //! Errors from the engine (no such image, engine unreachable, out of resources) reach callers as
-//! [`BootFailed`](flame::ErrorKind::BootFailed) with the engine's own message.
+//! [`BootFailed`](flame::ErrorKind::BootFailed) with the engine's own message. Runners' stdout
+//! and stderr reach the parent's, each line prefixed with the runner id (attached before the
+//! container starts, as `AutoRemove` deletes its logs with it); a runner that exits before it
+//! dials back fails the boot with its exit code and its last stderr line.
 //! `docs/deploy-docker.md` in the repository shows a deployment.
 
 #![warn(missing_docs, unreachable_pub)]
@@ -47,9 +50,10 @@ use std::time::Duration;
 use bollard::Docker;
 use bollard::models::{ContainerCreateBody, DeviceRequest, HostConfig};
 use bollard::query_parameters::{CreateContainerOptions, ListContainersOptions};
-use flame::{Backend, BootSpec, Error, ErrorKind, RunnerHandle};
+use flame::{Backend, BootSpec, Error, ErrorKind, LastWords, RunnerHandle};
 use futures::FutureExt;
 use futures::future::BoxFuture;
+use tokio::sync::oneshot;
 
 pub use bollard;
 
@@ -472,12 +476,14 @@ impl Backend for DockerBackend {
     fn boot(&self, spec: BootSpec) -> BoxFuture<'static, Result<Box<dyn RunnerHandle>, Error>> {
         let inner = self.inner.clone();
         async move {
-            let id = inner.create(&spec).await?;
+            let (id, (last_words, output_ended)) = inner.create(&spec).await?;
             tracing::debug!(container = %short(&id), runner = spec.runner_id(), "flame: runner container started");
             let handle: Box<dyn RunnerHandle> = Box::new(DockerRunner {
                 docker: inner.docker()?.clone(),
                 id,
                 stop_grace: inner.stop_grace,
+                last_words,
+                output_ended: Some(output_ended),
             });
             Ok(handle)
         }
@@ -495,7 +501,10 @@ impl Inner {
         })
     }
 
-    async fn create(&self, spec: &BootSpec) -> Result<String, Error> {
+    async fn create(
+        &self,
+        spec: &BootSpec,
+    ) -> Result<(String, (LastWords, oneshot::Receiver<()>)), Error> {
         let docker = self.docker()?;
         let (key, value) = spec.handoff_env();
         let mut env = self.env.clone();
@@ -551,6 +560,17 @@ impl Inner {
                     hint,
                 )
             })?;
+        let output = match engine::follow_output(docker, &created.id, spec.runner_id()).await {
+            Ok(output) => output,
+            Err(e) => {
+                let _ = engine::force_remove(docker, &created.id).await;
+                return Err(boot_failed(
+                    format!("attaching to runner container {}", short(&created.id)),
+                    &e,
+                    "",
+                ));
+            }
+        };
         if let Err(e) = docker
             .start_container(
                 &created.id,
@@ -569,7 +589,7 @@ impl Inner {
                 "",
             ));
         }
-        Ok(created.id)
+        Ok((created.id, output))
     }
 }
 
@@ -599,6 +619,9 @@ struct DockerRunner {
     docker: Docker,
     id: String,
     stop_grace: Duration,
+    last_words: LastWords,
+    /// Resolves when the container's output has ended.
+    output_ended: Option<oneshot::Receiver<()>>,
 }
 
 impl RunnerHandle for DockerRunner {
@@ -607,7 +630,15 @@ impl RunnerHandle for DockerRunner {
     }
 
     fn exited(&mut self) -> BoxFuture<'_, String> {
-        engine::exited(&self.docker, &self.id).boxed()
+        async move {
+            let status = engine::exited(&self.docker, &self.id).await;
+            // Its last lines may still be on their way.
+            if let Some(ended) = self.output_ended.take() {
+                let _ = tokio::time::timeout(Duration::from_millis(500), ended).await;
+            }
+            self.last_words.after(status)
+        }
+        .boxed()
     }
 
     fn destroy(self: Box<Self>) -> BoxFuture<'static, ()> {
@@ -616,6 +647,7 @@ impl RunnerHandle for DockerRunner {
                 docker,
                 id,
                 stop_grace,
+                ..
             } = *self;
             // The runner stops by itself when told to or when its failsafe fires; waiting for
             // that first lets it drop its tasks (and their children) instead of being killed.

@@ -450,7 +450,7 @@ impl Backend for FlyBackend {
         let inner = self.inner.clone();
         async move {
             let machine = inner.create(&spec).await?;
-            tracing::debug!(machine = %machine.id, runner = spec.runner_id(), "flame: fly machine created");
+            tracing::info!(machine = %machine.id, runner = spec.runner_id(), "flame: fly machine created");
             let handle: Box<dyn RunnerHandle> = Box::new(FlyRunner {
                 inner,
                 id: machine.id,

@@ -3,6 +3,7 @@
 //! backends live in their own crates under `backends/` and implement [`Backend`].
 
 mod local;
+mod output;
 mod process;
 
 use std::fmt;
@@ -11,6 +12,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use futures::future::BoxFuture;
 
 pub use local::LocalBackend;
+pub use output::{LastWords, RunnerOutput};
 pub use process::ProcessBackend;
 pub(crate) use process::{PARENT_PID_ENV, kill_own_group_but_me};
 

@@ -1,19 +1,18 @@
 //! `ProcessBackend`: runners as child processes running this same executable.
 
 use std::ffi::{OsStr, OsString};
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 
-use super::{Backend, BootSpec, RunnerHandle};
+use super::{Backend, BootSpec, LastWords, RunnerHandle, RunnerOutput};
 use crate::error::{Error, ErrorKind};
 
 /// Set by [`ProcessBackend`] to the parent's pid: the runner arms its parent-death signal.
@@ -166,15 +165,16 @@ impl Backend for ProcessBackend {
                     ),
                 )
             })?;
-            let prefix = format!("[{runner_id}] ");
-            let last_words = Arc::new(Mutex::new(String::new()));
+            // stdout and stderr are read by tasks of their own, each with its own line buffer.
+            let err_output = RunnerOutput::new(&runner_id);
+            let last_words = err_output.last_words();
             if let Some(out) = child.stdout.take() {
-                tokio::spawn(forward(out, prefix.clone(), None));
+                tokio::spawn(forward(out, RunnerOutput::new(&runner_id), false));
             }
             let stderr_done = child
                 .stderr
                 .take()
-                .map(|err| tokio::spawn(forward(err, prefix, Some(last_words.clone()))));
+                .map(|err| tokio::spawn(forward(err, err_output, true)));
             let handle: Box<dyn RunnerHandle> = Box::new(ProcessRunner {
                 pid: child.id().unwrap_or(0),
                 child,
@@ -224,39 +224,14 @@ async fn spawn(command: Command) -> std::io::Result<Child> {
         .map_err(|_| std::io::Error::other("the spawner thread dropped the request"))?
 }
 
-/// Copies a runner's output to ours line by line, each line prefixed and written at once so
-/// lines from different runners never interleave. For stderr, keeps the last line: when a runner
-/// dies before dialing back, its last words usually say why.
-async fn forward(
-    from: impl AsyncRead + Unpin,
-    prefix: String,
-    last_words: Option<Arc<Mutex<String>>>,
-) {
-    let mut lines = BufReader::new(from);
-    let mut line = Vec::with_capacity(256);
+/// Copies one of a runner's output pipes into ours.
+async fn forward(mut from: impl AsyncRead + Unpin, mut output: RunnerOutput, is_err: bool) {
+    let mut chunk = vec![0; 8 * 1024];
     loop {
-        line.clear();
-        match lines.read_until(b'\n', &mut line).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {
-                if !line.ends_with(b"\n") {
-                    line.push(b'\n');
-                }
-                let mut out = Vec::with_capacity(prefix.len() + line.len());
-                out.extend_from_slice(prefix.as_bytes());
-                out.extend_from_slice(&line);
-                let _ = match &last_words {
-                    Some(last) => {
-                        let text = String::from_utf8_lossy(&line);
-                        if !text.trim().is_empty() {
-                            *last.lock().unwrap_or_else(|e| e.into_inner()) =
-                                text.trim_end().to_string();
-                        }
-                        std::io::stderr().lock().write_all(&out)
-                    }
-                    None => std::io::stdout().lock().write_all(&out),
-                };
-            }
+        match from.read(&mut chunk).await {
+            Ok(0) | Err(_) => return output.finish(),
+            Ok(n) if is_err => output.stderr(&chunk[..n]),
+            Ok(n) => output.stdout(&chunk[..n]),
         }
     }
 }
@@ -264,7 +239,7 @@ async fn forward(
 struct ProcessRunner {
     pid: u32,
     child: Child,
-    last_words: Arc<Mutex<String>>,
+    last_words: LastWords,
     stderr_done: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -284,16 +259,7 @@ impl RunnerHandle for ProcessRunner {
             if let Some(forwarder) = self.stderr_done.take() {
                 let _ = tokio::time::timeout(Duration::from_millis(200), forwarder).await;
             }
-            let last = self
-                .last_words
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
-            if last.is_empty() {
-                status
-            } else {
-                format!("{status}; its last words: {last}")
-            }
+            self.last_words.after(status)
         }
         .boxed()
     }
