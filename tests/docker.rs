@@ -1005,7 +1005,10 @@ async fn the_sweep_removes_runners_whose_parent_is_gone_only() {
             .await
             .unwrap();
 
+        let sweeping = std::time::Instant::now();
         let removed = backend.sweep_leftovers().await.unwrap();
+        // The figure docs/RELIABILITY.md quotes for a deploy's sweep.
+        eprintln!("sweep took {:?}", sweeping.elapsed());
         let left = labelled(&docker, LABEL_RUN, &run).await;
         assert!(removed.contains(&orphan), "{removed:?}");
         assert!(!removed.contains(&live_runner), "{removed:?}");
