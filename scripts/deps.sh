@@ -2,7 +2,8 @@
 # Installs the system programs the showcase and the tests use, when missing (Debian/Ubuntu):
 # ffmpeg (the showcase's thumbnails), chromium and chromium-driver (its browser tests), coreutils'
 # `sleep`/`true` (stand-ins for a task's child and for a program that is no flame app), and the
-# Docker engine (the Docker backend's tests), which it also starts when it is not running.
+# Docker engine (the Docker backend's tests), which it also starts when it is not running, and
+# PostgreSQL's server binaries (the showcase's gallery on Postgres).
 set -euo pipefail
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -13,6 +14,9 @@ command -v chromedriver >/dev/null || missing+=(chromium-driver)
 { command -v sleep >/dev/null && command -v true >/dev/null; } || missing+=(coreutils)
 command -v ldd >/dev/null || missing+=(libc-bin)
 command -v dockerd >/dev/null || missing+=(docker.io)
+# The showcase's gallery on Postgres: its test starts a private server from these binaries.
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
+command -v runuser >/dev/null || missing+=(util-linux)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   $sudo apt-get update -qq

@@ -12,11 +12,20 @@
 //! the idle runner goes away. `POST /thumbnails` does the same for a whole file, without a
 //! browser; `GET /stats` shows the pool.
 //!
+//! The app keeps what it makes, as any app would: the task writes each thumbnail under the
+//! storage directory and a row per thumbnail into the app's database, through the pool `main`
+//! opened and `flame::provide`d on the runner (see `gallery.rs`). The page shows a gallery of
+//! past videos from that database, and a chart of the pool's runners and busy slots.
+//!
 //! Configuration (environment): `BIND` (127.0.0.1), `PORT` (4000), `THUMBS_BACKEND` (`process`,
 //! the default: runners are child processes of this program; `local`; `docker`; or `fly`),
 //! `THUMBS_MAX` runners (4), `THUMBS_FPS` (1),
-//! `THUMBS_WIDTH` (240), `THUMBS_MAX_UPLOAD_MB` (512), `FFMPEG` (the ffmpeg program).
+//! `THUMBS_WIDTH` (240), `THUMBS_MAX_UPLOAD_MB` (512), `FFMPEG` (the ffmpeg program),
+//! `THUMBS_DATA` (the storage directory, `thumbnails-data`), `DATABASE_URL` (SQLite in the
+//! storage directory by default; a `postgres://` URL for runners on other hosts, which then also
+//! need the storage directory shared: `THUMBS_DATA_VOLUME` mounts it into Docker runners).
 
+mod gallery;
 mod thumbs;
 
 use std::net::SocketAddr;
@@ -24,7 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -33,6 +42,8 @@ use base64::Engine;
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
+
+use gallery::{Gallery, Upload};
 use serde_json::json;
 
 use thumbs::{Event, Settings, thumbnails};
@@ -41,6 +52,7 @@ const PAGE: &str = include_str!("../static/index.html");
 
 struct App {
     pool: flame::Pool,
+    gallery: flame::State<Gallery>,
     settings: Settings,
     /// The largest upload taken, in bytes.
     max_upload: u64,
@@ -53,6 +65,9 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
+    // In the parent and in each runner alike: the app's database pool and storage, which the
+    // thumbnails task takes as a `flame::State<Gallery>`.
+    flame::provide(Gallery::open(flame::parent().is_none()).await?);
     let pool = thumbs_pool().await?;
     if flame::parent().is_some() {
         return Ok(()); // a runner: it serves the pool's calls
@@ -65,6 +80,7 @@ async fn main() -> anyhow::Result<()> {
     let max_upload = env_or("THUMBS_MAX_UPLOAD_MB", 512u64) << 20;
     let app = Arc::new(App {
         pool,
+        gallery: flame::state::<Gallery>().expect("provided above"),
         settings,
         max_upload,
     });
@@ -73,6 +89,8 @@ async fn main() -> anyhow::Result<()> {
         .route("/ws", get(upload_socket))
         .route("/thumbnails", post(whole_file))
         .route("/stats", get(stats))
+        .route("/gallery", get(gallery_page))
+        .route("/files/{id}/{index}", get(gallery_file))
         .layer(DefaultBodyLimit::max(max_upload as usize))
         .with_state(app);
     let addr = SocketAddr::new(
@@ -99,11 +117,22 @@ async fn thumbs_pool() -> anyhow::Result<flame::Pool> {
         Ok("process") | Err(_) => builder.backend(flame::ProcessBackend::new()),
         Ok("local") => builder.backend(flame::LocalBackend::new()),
         // In a container with the engine's socket mounted (docs/deploy-docker.md).
-        Ok("docker") => builder.backend(
-            flame_backend_docker::DockerBackend::builder()
-                .build()
-                .await?,
-        ),
+        Ok("docker") => {
+            // Runners get only the environment given here: the gallery's, and its storage.
+            let mut docker = flame_backend_docker::DockerBackend::builder();
+            for name in ["DATABASE_URL", "THUMBS_DATA", "FFMPEG"] {
+                if let Ok(value) = std::env::var(name) {
+                    docker = docker.env(name, value);
+                }
+            }
+            if let (Ok(volume), Ok(data)) = (
+                std::env::var("THUMBS_DATA_VOLUME"),
+                std::env::var("THUMBS_DATA"),
+            ) {
+                docker = docker.bind(format!("{volume}:{data}"));
+            }
+            builder.backend(docker.build().await?)
+        }
         // On Fly: FLY_* and the FLY_API_TOKEN secret configure it (docs/deploy-fly.md).
         Ok("fly") => builder.backend(flame_backend_fly::FlyBackend::builder().build()?),
         Ok(other) => anyhow::bail!(
@@ -140,18 +169,39 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-async fn upload_socket(ws: WebSocketUpgrade, State(app): State<Arc<App>>) -> Response {
-    ws.on_upgrade(move |socket| upload_session(socket, app))
+#[derive(Deserialize)]
+struct UploadQuery {
+    name: Option<String>,
+}
+
+impl UploadQuery {
+    fn upload(self) -> Upload {
+        Upload {
+            id: gallery::new_id(),
+            name: self.name.unwrap_or_else(|| "upload".into()),
+        }
+    }
+}
+
+async fn upload_socket(
+    ws: WebSocketUpgrade,
+    State(app): State<Arc<App>>,
+    Query(query): Query<UploadQuery>,
+) -> Response {
+    ws.on_upgrade(move |socket| upload_session(socket, app, query.upload()))
 }
 
 /// One upload from the page: video chunks in, thumbnails out, until the work is done, the upload
 /// is refused, or the page goes away.
-async fn upload_session(socket: WebSocket, app: Arc<App>) {
+async fn upload_session(socket: WebSocket, app: Arc<App>, upload: Upload) {
     let (mut to_page, mut from_page) = socket.split();
     let (video, task_video) = flame::channel::<Bytes>(8);
     let (task_events, mut events) = flame::channel::<Event>(16);
     // The handle is the work: dropping it cancels it.
-    let mut handle = flame::spawn_on(&app.pool, thumbnails(task_video, task_events, app.settings));
+    let mut handle = flame::spawn_on(
+        &app.pool,
+        thumbnails(task_video, task_events, app.settings, upload),
+    );
 
     // Thumbnails go to the page as they come, whatever the upload is doing; then the last word.
     let (say, mut said) = tokio::sync::mpsc::unbounded_channel::<serde_json::Value>();
@@ -243,6 +293,8 @@ fn page_event(event: &Event) -> serde_json::Value {
 struct FileQuery {
     fps: Option<f32>,
     width: Option<u32>,
+    #[serde(flatten)]
+    upload: UploadQuery,
 }
 
 /// `POST /thumbnails` with a whole video as the body: its thumbnails when all are done (the
@@ -258,7 +310,10 @@ async fn whole_file(
     };
     let (video, task_video) = flame::channel::<Bytes>(8);
     let (task_events, mut events) = flame::channel::<Event>(16);
-    let handle = flame::spawn_on(&app.pool, thumbnails(task_video, task_events, settings));
+    let handle = flame::spawn_on(
+        &app.pool,
+        thumbnails(task_video, task_events, settings, query.upload.upload()),
+    );
     let upload = tokio::spawn(async move {
         for at in (0..body.len()).step_by(128 * 1024) {
             let chunk = body.slice(at..(at + 128 * 1024).min(body.len()));
@@ -307,4 +362,28 @@ async fn stats(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
         "served": s.served,
         "max": s.max,
     }))
+}
+
+/// `GET /gallery`: the newest videos and their thumbnails, from the database.
+async fn gallery_page(State(app): State<Arc<App>>) -> Response {
+    match app.gallery.recent(20).await {
+        Ok(videos) => Json(json!({ "videos": videos })).into_response(),
+        Err(error) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "error": format!("reading the gallery: {error:#}") })),
+        )
+            .into_response(),
+    }
+}
+
+/// `GET /files/{id}/{index}`: one thumbnail of the gallery, as a PNG.
+async fn gallery_file(
+    State(app): State<Arc<App>>,
+    Path((id, index)): Path<(String, i64)>,
+) -> Response {
+    match app.gallery.file(&id, index).await {
+        Ok(Some(png)) => ([("content-type", "image/png")], png).into_response(),
+        Ok(None) => StatusCode::NOT_FOUND.into_response(),
+        Err(error) => (StatusCode::SERVICE_UNAVAILABLE, format!("{error:#}")).into_response(),
+    }
 }

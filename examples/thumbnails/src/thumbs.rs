@@ -8,6 +8,8 @@ use flame::channel::{Receiver, Sender};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 
+use crate::gallery::{Gallery, Upload};
+
 /// What the thumbnails task tells its caller while it runs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) enum Event {
@@ -31,15 +33,20 @@ pub(crate) struct Settings {
 }
 
 /// Runs ffmpeg on the video as it arrives through `video` and sends `events` back: first where
-/// it runs, then each thumbnail. Returns how many thumbnails it made. Dropping the call (the user
-/// left) drops this future, and `kill_on_drop` takes ffmpeg with it.
+/// it runs, then each thumbnail. Keeps them in the app's `gallery` (its database pool and
+/// storage, as this runner's `main` provided them) once all are made, and returns how many. Dropping the call
+/// (the user left) drops this future: `kill_on_drop` takes ffmpeg with it, and the staged
+/// thumbnails are removed.
 #[flame::task]
 pub(crate) async fn thumbnails(
     video: Receiver<Bytes>,
     events: Sender<Event>,
     settings: Settings,
+    upload: Upload,
+    gallery: flame::State<Gallery>,
 ) -> Result<u32, String> {
     let runner = flame::parent().map_or_else(|| "local".to_string(), |p| p.runner_id().to_string());
+    let mut staging = gallery.stage(&upload)?;
     let mut ffmpeg = tokio::process::Command::new(ffmpeg_program())
         .args(["-hide_banner", "-loglevel", "error", "-i", "pipe:0", "-vf"])
         .arg(format!("fps={},scale={}:-2", settings.fps, settings.width))
@@ -80,6 +87,7 @@ pub(crate) async fn thumbnails(
                 return Ok::<u32, String>(index);
             }
             for png in splitter.push(&buf[..n])? {
+                staging.add(&png).await?;
                 let thumb = Event::Thumb {
                     index,
                     runner: runner.clone(),
@@ -97,7 +105,9 @@ pub(crate) async fn thumbnails(
     if !status.success() {
         return Err(format!("ffmpeg failed ({status}): {}", errors.trim()));
     }
-    made
+    let made = made?;
+    gallery.keep(staging, &upload, &runner).await?;
+    Ok(made)
 }
 
 /// The ffmpeg to run: `FFMPEG` if set, else `ffmpeg` from the `PATH`.

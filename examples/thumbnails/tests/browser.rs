@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use fantoccini::{Client, ClientBuilder, Locator};
 use flame_tests::{bounded, is_gone, wait_gone};
-use support::{Group, app, app_with, free_port, start, stats, until_no_busy_slot};
+use support::{
+    Group, Postgres, app_with, files_under, free_port, scratch_dir, start, stats,
+    until_no_busy_slot,
+};
 use tokio::process::Command;
 
 mod support;
@@ -44,9 +47,8 @@ async fn browser() -> (Group, Client) {
 
 /// A video made by ffmpeg: `filter` is a lavfi source.
 fn video(name: &str, filter: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("flame-thumbnails-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
+    // Each its own directory: tests running at once make videos of the same name.
+    let path = scratch_dir("video").join(name);
     let status = std::process::Command::new("ffmpeg")
         .args([
             "-hide_banner",
@@ -121,43 +123,108 @@ async fn pick_file(client: &Client, url: &str, file: &Path) {
     input.send_keys(file.to_str().unwrap()).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn thumbnails_appear_live_in_the_page() {
-    let (_app, url) = app().await;
-    let (_driver, client) = browser().await;
+/// Uploads a 10 s video through the page of the app started with `env`, checks the thumbnails
+/// arrive live, then that the gallery lists the video and shows its thumbnails from the
+/// database and the storage directory `data`. Returns the client, the page still open.
+async fn upload_and_find_it_in_the_gallery(url: &str, data: &Path, client: &Client) {
     let sample = video("sample.mp4", "testsrc=duration=10:size=640x360:rate=25");
+    let started = Instant::now();
+    pick_file(client, url, &sample).await;
+    // Done, or an error said at once rather than a wait to the bound.
+    client
+        .wait()
+        .at_most(BOUND)
+        .every(Duration::from_millis(50))
+        .for_element(Locator::Css("body[data-done], #error:not(:empty)"))
+        .await
+        .expect("the page says the work is done");
+    let error = client.find(Locator::Css("#error")).await.unwrap();
+    assert_eq!(error.text().await.unwrap(), "", "the page shows an error");
+    let body = client.find(Locator::Css("body[data-done]")).await.unwrap();
+    println!(
+        "10 s of video: all thumbnails in the page after {:?}",
+        started.elapsed()
+    );
+    let done: usize = body
+        .attr("data-done")
+        .await
+        .unwrap()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let thumbs = client.find_all(Locator::Css("img.thumb")).await.unwrap();
+    assert!(thumbs.len() >= 8, "{} thumbnails", thumbs.len());
+    assert_eq!(done, thumbs.len(), "the task's count and the page's");
+    for thumb in &thumbs {
+        let src = thumb.attr("src").await.unwrap().expect("a src");
+        let (width, height) = decode_png(&src);
+        assert_eq!(
+            (width, height),
+            (240, 136),
+            "scaled to the configured width"
+        );
+    }
+    let runners = client.find(Locator::Css("#runners")).await.unwrap();
+    let runners = runners.text().await.unwrap();
+    assert!(
+        runners.starts_with("thumbs-"),
+        "made on a runner: {runners}"
+    );
+
+    // The gallery, read back from the database: the video by its name, every thumbnail served
+    // from the storage directory.
+    let names = client
+        .find_all(Locator::Css("#gallery .video .name"))
+        .await
+        .unwrap();
+    assert_eq!(names.len(), 1, "one video kept");
+    assert_eq!(names[0].text().await.unwrap(), "sample.mp4");
+    let widths = client
+        .execute_async(
+            "const done = arguments[arguments.length - 1];
+             const imgs = [...document.querySelectorAll('#gallery img.kept')];
+             Promise.all(imgs.map((i) => i.complete ? null :
+               new Promise((r) => { i.onload = r; i.onerror = r; })))
+               .then(() => done(imgs.map((i) => i.naturalWidth)));",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let widths: Vec<u64> = serde_json::from_value(widths).unwrap();
+    assert_eq!(widths, vec![240; done], "each kept thumbnail loads");
+    let pngs: Vec<_> = files_under(data)
+        .into_iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "png"))
+        .collect();
+    assert_eq!(pngs.len(), done, "{pngs:?}");
+    assert!(
+        pngs.iter()
+            .all(|f| !f.to_string_lossy().contains(".partial")),
+        "{pngs:?}"
+    );
+
+    // The pool chart has sampled the runner that made them.
+    let chart = client.find(Locator::Css("#chart")).await.unwrap();
+    let peak: u64 = chart
+        .attr("data-peak-runners")
+        .await
+        .unwrap()
+        .expect("the chart has samples")
+        .parse()
+        .unwrap();
+    assert!(peak >= 1, "the chart saw {peak} runners");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thumbnails_appear_live_and_the_gallery_keeps_them() {
+    let data = scratch_dir("data");
+    let (_app, url) = app_with(&[("THUMBS_DATA", data.to_str().unwrap())]).await;
+    let (_driver, client) = browser().await;
     bounded(BOUND, async {
-        let started = Instant::now();
-        pick_file(&client, &url, &sample).await;
-        client
-            .wait()
-            .at_most(BOUND)
-            .every(Duration::from_millis(50))
-            .for_element(Locator::Css("body[data-done]"))
-            .await
-            .expect("the page says the work is done");
-        println!(
-            "10 s of video: all thumbnails in the page after {:?}",
-            started.elapsed()
-        );
-        let thumbs = client.find_all(Locator::Css("img.thumb")).await.unwrap();
-        assert!(thumbs.len() >= 8, "{} thumbnails", thumbs.len());
-        for thumb in &thumbs {
-            let src = thumb.attr("src").await.unwrap().expect("a src");
-            let (width, height) = decode_png(&src);
-            assert_eq!(
-                (width, height),
-                (240, 136),
-                "scaled to the configured width"
-            );
-        }
-        let runners = client.find(Locator::Css("#runners")).await.unwrap();
-        let runners = runners.text().await.unwrap();
-        assert!(
-            runners.starts_with("thumbs-"),
-            "made on a runner: {runners}"
-        );
-        // The README shows this page.
+        upload_and_find_it_in_the_gallery(&url, &data, &client).await;
+        assert!(data.join("gallery.db").exists(), "SQLite by default");
+        // The README shows this page, with the gallery and the chart.
+        client.set_window_size(1100, 900).await.unwrap();
         let screenshot = client.screenshot().await.unwrap();
         let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/thumbnails.png");
         std::fs::write(&docs, screenshot).unwrap();
@@ -167,8 +234,40 @@ async fn thumbnails_appear_live_in_the_page() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn leaving_mid_upload_stops_ffmpeg_and_frees_the_slot() {
-    let (_app, url) = app().await;
+async fn the_gallery_works_the_same_on_postgres() {
+    let postgres = Postgres::start().await;
+    let data = scratch_dir("data");
+    let (_app, url) = app_with(&[
+        ("THUMBS_DATA", data.to_str().unwrap()),
+        ("DATABASE_URL", &postgres.url),
+    ])
+    .await;
+    let (_driver, client) = browser().await;
+    bounded(BOUND, async {
+        upload_and_find_it_in_the_gallery(&url, &data, &client).await;
+        assert!(
+            !data.join("gallery.db").exists(),
+            "no SQLite file: Postgres"
+        );
+        // The rows are in the server, written by the runner.
+        let db = sqlx::PgPool::connect(&postgres.url).await.unwrap();
+        let (videos, runner): (i64, String) =
+            sqlx::query_as("SELECT count(*), min(runner) FROM videos")
+                .fetch_one(&db)
+                .await
+                .unwrap();
+        assert_eq!(videos, 1);
+        assert!(runner.starts_with("thumbs-"), "{runner}");
+        db.close().await;
+    })
+    .await;
+    client.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_mid_upload_stops_ffmpeg_and_frees_the_slot_and_keeps_nothing() {
+    let data = scratch_dir("data");
+    let (_app, url) = app_with(&[("THUMBS_DATA", data.to_str().unwrap())]).await;
     let (_driver, client) = browser().await;
     // Noise compresses badly: megabytes to upload, at 64 KiB every 50 ms.
     let big = video(
@@ -202,6 +301,20 @@ async fn leaving_mid_upload_stops_ffmpeg_and_frees_the_slot() {
             "still uploading"
         );
 
+        // A thumbnail made, and staged on disk, before the user leaves.
+        client
+            .wait()
+            .at_most(BOUND)
+            .every(Duration::from_millis(20))
+            .for_element(Locator::Css("img.thumb"))
+            .await
+            .expect("a thumbnail arrives while the video uploads");
+        let staged = files_under(&data)
+            .into_iter()
+            .filter(|f| f.extension().is_some_and(|e| e == "png"))
+            .count();
+        assert!(staged >= 1, "the thumbnails made so far are staged");
+
         // The user closes the tab (another one stays open, as the session needs a window).
         let other = client.new_window(true).await.unwrap().handle;
         let left = Instant::now();
@@ -222,6 +335,23 @@ async fn leaving_mid_upload_stops_ffmpeg_and_frees_the_slot() {
             ffmpegs_under(app_pid),
             Vec::<u32>::new(),
             "no ffmpeg left under the app"
+        );
+        // Thumbnails were made before the tab closed; none was kept: no rows, no files.
+        let gallery: serde_json::Value = reqwest::get(format!("{url}gallery"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(gallery["videos"], serde_json::json!([]), "{gallery}");
+        let pngs: Vec<_> = files_under(&data)
+            .into_iter()
+            .filter(|f| f.extension().is_some_and(|e| e == "png"))
+            .collect();
+        assert_eq!(
+            pngs,
+            Vec::<PathBuf>::new(),
+            "files left by a cancelled upload"
         );
     })
     .await;

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use flame_tests::bounded;
-use support::{APP, app};
+use support::{APP, app, scratch_dir};
 use tokio::process::Command;
 
 mod support;
@@ -88,19 +88,38 @@ async fn a_file_that_is_not_a_video_gets_ffmpegs_reason() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_ffmpeg_the_app_says_what_to_install() {
+/// Starts the app with `env`, which must stop it at start; returns what it said on stderr.
+async fn refused_at_start(env: (&str, &str)) -> String {
     let out = bounded(
         BOUND,
         Command::new(APP)
-            .env("FFMPEG", "/nonexistent/ffmpeg")
             .env("PORT", "0")
+            .env("THUMBS_DATA", scratch_dir("data"))
+            .env(env.0, env.1)
             .output(),
     )
     .await
     .unwrap();
     assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_ffmpeg_the_app_says_what_to_install() {
+    let stderr = refused_at_start(("FFMPEG", "/nonexistent/ffmpeg")).await;
     assert!(stderr.contains("apt-get install ffmpeg"), "{stderr}");
     assert!(stderr.contains("/nonexistent/ffmpeg"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_it_cannot_reach_stops_it_at_start_saying_which() {
+    // Nothing listens on port 1; the password stays out of the message.
+    let url = "postgres://app:hunter2@127.0.0.1:1/gallery";
+    let stderr = refused_at_start(("DATABASE_URL", url)).await;
+    assert!(
+        stderr.contains("opening the database postgres://app:***@127.0.0.1:1/gallery"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("check DATABASE_URL"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
 }

@@ -2,7 +2,9 @@
 
 #![allow(dead_code)] // each test file uses its part
 
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -62,11 +64,13 @@ pub(crate) async fn app() -> (Group, String) {
     app_with(&[]).await
 }
 
-/// The app with more environment, and its URL.
+/// The app with more environment, and its URL. Its storage (and SQLite database) is a fresh
+/// directory unless `env` names one in `THUMBS_DATA`.
 pub(crate) async fn app_with(env: &[(&str, &str)]) -> (Group, String) {
     let mut command = Command::new(APP);
     command
         .env("PORT", free_port().to_string())
+        .env("THUMBS_DATA", scratch_dir("data"))
         .envs(env.iter().copied());
     let (group, line) = start(command, "thumbnails: open ").await;
     let url = line
@@ -102,4 +106,115 @@ pub(crate) async fn until_no_busy_slot(
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     started.elapsed()
+}
+
+/// A new empty directory for this test process.
+pub(crate) fn scratch_dir(what: &str) -> PathBuf {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "flame-thumbnails-{}/{what}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Every file under `dir`, recursively.
+pub(crate) fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// A PostgreSQL server from Debian's `postgresql` package, private to one test: its own data
+/// directory and port, trusting loopback. Killed with its process group when dropped.
+pub(crate) struct Postgres {
+    server: Option<Group>,
+    dir: PathBuf,
+    /// `postgres://...` for the app's `DATABASE_URL`.
+    pub(crate) url: String,
+}
+
+impl Postgres {
+    pub(crate) async fn start() -> Postgres {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|version| version.path().join("bin"))
+            .filter(|bin| bin.join("initdb").exists())
+            .max()
+            .expect(
+                "PostgreSQL's server is needed: apt-get install postgresql (scripts/deps.sh does)",
+            );
+        let dir = scratch_dir("postgres");
+        // The server refuses to run as root: as root, run it as Debian's `postgres` user.
+        // SAFETY: geteuid has no preconditions.
+        let as_root = unsafe { libc::geteuid() } == 0;
+        if as_root {
+            let chown = std::process::Command::new("chown")
+                .args(["-R", "postgres:"])
+                .arg(&dir)
+                .status()
+                .unwrap();
+            assert!(chown.success(), "chown of {} failed", dir.display());
+        }
+        let shell = |script: String| {
+            let mut command = if as_root {
+                let mut c = Command::new("runuser");
+                c.args(["-u", "postgres", "--", "sh", "-c"]);
+                c
+            } else {
+                let mut c = Command::new("sh");
+                c.arg("-c");
+                c
+            };
+            command.arg(script);
+            command
+        };
+        let data = dir.join("data");
+        let init = shell(format!(
+            "{}/initdb -D {} -U flame --auth=trust -E UTF8 --no-sync 2>&1",
+            bin.display(),
+            data.display()
+        ))
+        .output()
+        .await
+        .unwrap();
+        assert!(
+            init.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&init.stdout)
+        );
+        let port = free_port();
+        let server = shell(format!(
+            "exec {}/postgres -D {} -p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off 2>&1",
+            bin.display(),
+            data.display(),
+            dir.display()
+        ));
+        let (server, _) = start(server, "ready to accept connections").await;
+        Postgres {
+            server: Some(server),
+            dir,
+            url: format!("postgres://flame@127.0.0.1:{port}/postgres"),
+        }
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        // The server and its backends go with their group, then their files.
+        drop(self.server.take());
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
