@@ -55,6 +55,37 @@ async fn killing_a_runner_fails_its_calls_with_runner_lost() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_that_drops_its_calls_on_sigterm_fails_them_with_the_reason() {
+    bounded(BOUND, async {
+        let pool = Pool::builder("sigtermed")
+            .backend(ProcessBackend::new().program(RUNNER))
+            .max(1)
+            .max_concurrency(4)
+            .start()
+            .await
+            .unwrap();
+        let dir = scratch_dir("sigtermed");
+        let held = flame::spawn_on(&pool, hold_child(dir.clone()));
+        let slow = flame::spawn_on(&pool, sleep_ms(60_000));
+        let (runner_pid, _) = held_pids(&dir).await;
+        // A process runner stops at once on SIGTERM, dropping its tasks: it tells the parent
+        // each call ended, unasked, before it exits. Every handle must resolve, saying why.
+        // SAFETY: kill(2) on the runner this pool started.
+        unsafe {
+            libc::kill(runner_pid as libc::pid_t, libc::SIGTERM);
+        }
+        for result in [held.await.map(|_| ()), slow.await.map(|_| ())] {
+            let err = result.unwrap_err();
+            assert!(err.is_runner_lost(), "{err:?}");
+            assert!(err.to_string().contains("ended the call"), "{err}");
+        }
+        assert!(wait_gone(runner_pid, Duration::from_secs(5)).await);
+        pool.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_runner_takes_every_child_of_its_tasks_with_it() {
     bounded(BOUND, async {
         let pool = Pool::builder("killed-group")

@@ -389,11 +389,19 @@ async fn read(
                             call.ticket.resolve(result);
                         }
                     }
-                    Some(Ok(ToParent::Cancelled { call: id })) => {
-                        if let Some(Running { chans, .. }) = conn.finish(id)
-                            && chans > 0
-                        {
-                            conn.routes.end_call(id, chans, End::Cancelled, true);
+                    Some(Ok(ToParent::Cancelled { call: cid })) => {
+                        if let Some(Running { call, chans, cancelled, .. }) = conn.finish(cid) {
+                            if chans > 0 {
+                                conn.routes.end_call(cid, chans, End::Cancelled, true);
+                            }
+                            // Unasked: the runner dropped the call itself, as it does when it
+                            // stops (a signal, its grace over). Its caller must hear why.
+                            if !cancelled {
+                                call.ticket.resolve(Err(Error::new(
+                                    ErrorKind::RunnerLost,
+                                    format!("runner {id} ended the call before it finished: it is stopping (a signal, or its grace ran out)"),
+                                )));
+                            }
                         }
                     }
                     // Channel frames and pieces were handled above.
