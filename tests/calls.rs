@@ -226,3 +226,36 @@ async fn shutdown_stops_every_runner_process() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durations_too_long_to_add_to_now_mean_never_and_panic_nothing() {
+    bounded(BOUND, async {
+        // What a user writes for "no limit": every duration the pool and a call take, at MAX.
+        let pool = Pool::builder("forever")
+            .backend(ProcessBackend::new().program(RUNNER))
+            .max(1)
+            .max_concurrency(2)
+            .timeout(Duration::MAX)
+            .boot_timeout(Duration::MAX)
+            .shutdown_timeout(Duration::MAX)
+            .cancel_grace(Duration::MAX)
+            .heartbeat_interval(Duration::MAX)
+            .heartbeat_miss_limit(u32::MAX)
+            .start()
+            .await
+            .unwrap();
+        let call = add(2, 3).timeout(Duration::MAX);
+        assert_eq!(flame::spawn_on(&pool, call).await.unwrap(), 5);
+        // A cancel with an endless grace still goes through: the runner acknowledges it.
+        let held = flame::spawn_on(&pool, sleep_ms(60_000));
+        let there = flame::call(&pool, whereabouts()).await.unwrap();
+        drop(held);
+        assert_eq!(flame::call(&pool, add(1, 1)).await.unwrap(), 2);
+        assert_eq!(
+            flame::call(&pool, whereabouts()).await.unwrap().pid,
+            there.pid
+        );
+        pool.shutdown().await;
+    })
+    .await;
+}

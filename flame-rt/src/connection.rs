@@ -85,7 +85,7 @@ fn run_frame(call: u64, queued: &QueuedCall, args_len: usize) -> RunFrame<'_> {
         .ticket
         .deadline
         .at()
-        .map(|at| at.saturating_duration_since(Instant::now()).as_millis() as u64);
+        .map(|at| crate::deadline::millis(at.saturating_duration_since(Instant::now())));
     RunFrame {
         variant: RUN_VARIANT,
         call,
@@ -213,7 +213,7 @@ impl RunnerConn {
         if let Some(running) = pending.calls.get_mut(&call) {
             running.cancelled = true;
             self.push(&ToRunner::Cancel { call });
-            let due = Instant::now() + self.cancel_grace;
+            let due = crate::deadline::after(self.cancel_grace);
             self.overdue
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -249,7 +249,7 @@ impl RunnerConn {
     /// Tells the runner to stop taking calls and to finish its own within `grace`.
     pub(crate) fn shutdown(&self, grace: Duration) {
         self.push(&ToRunner::Shutdown {
-            grace_ms: grace.as_millis() as u64,
+            grace_ms: crate::deadline::millis(grace),
         });
     }
 
@@ -320,7 +320,7 @@ async fn read(
 ) {
     let id = &conn.id;
     let heartbeat = Duration::from_millis(welcome.heartbeat_ms);
-    let silence_limit = heartbeat * welcome.miss_limit;
+    let silence_limit = heartbeat.saturating_mul(welcome.miss_limit);
     let mut reader = Reader::new(reader);
     let mut watchdog = Watchdog::new(silence_limit);
     let mut ticker = tokio::time::interval(heartbeat);

@@ -7,6 +7,25 @@ use tokio::time::Instant;
 
 use crate::error::{Error, ErrorKind};
 
+/// So far away it means "never" (about 30 years): what a duration too long to add to an instant
+/// becomes. `Duration::MAX` is how users write "no limit", and must not panic.
+const NEVER: Duration = Duration::from_secs(86400 * 365 * 30);
+
+/// `from + by`, or "never" when that does not fit in an instant.
+pub(crate) fn later(from: Instant, by: Duration) -> Instant {
+    from.checked_add(by.min(NEVER)).unwrap_or(from)
+}
+
+/// `by` from now, saturating as [`later`] does.
+pub(crate) fn after(by: Duration) -> Instant {
+    later(Instant::now(), by)
+}
+
+/// `d` in whole milliseconds for the wire, saturating.
+pub(crate) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 #[derive(Clone, Copy)]
 pub(crate) struct Deadline {
     start: Instant,
@@ -28,13 +47,13 @@ impl Deadline {
 
     /// When the call must be over, if it has a timeout.
     pub(crate) fn at(&self) -> Option<Instant> {
-        self.timeout.map(|t| self.start + t)
+        self.timeout.map(|t| later(self.start, t))
     }
 
     /// How long the call may wait for a slot: its own deadline, or the pool's boot timeout
     /// when it has none (a call should not wait forever on a pool that cannot grow).
     pub(crate) fn queue_until(&self, boot_timeout: Duration) -> Instant {
-        self.at().unwrap_or(self.start + boot_timeout)
+        self.at().unwrap_or(later(self.start, boot_timeout))
     }
 
     pub(crate) fn expired(&self, task: &str, waiting_for_slot: bool) -> Error {

@@ -33,7 +33,7 @@ impl Handoff {
             self.runner_id,
             self.addr,
             hex(&self.token),
-            self.boot_timeout.as_millis()
+            crate::deadline::millis(self.boot_timeout)
         );
         if let Some(fingerprint) = &self.tls {
             out.push_str(";tls=");

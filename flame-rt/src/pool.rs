@@ -695,7 +695,7 @@ impl Shared {
         });
         spec.test_runner_args = self.test_runner_args.clone();
         let backend = self.backend.name().to_string();
-        let deadline = tokio::time::Instant::now() + self.config.boot_timeout;
+        let deadline = crate::deadline::after(self.config.boot_timeout);
         let timed_out = || {
             Error::new(
                 ErrorKind::BootFailed,
@@ -789,9 +789,9 @@ impl Shared {
             (a, b) => a.or(b),
         };
         let welcome = Welcome {
-            heartbeat_ms: self.config.heartbeat_interval.as_millis() as u64,
+            heartbeat_ms: crate::deadline::millis(self.config.heartbeat_interval),
             miss_limit: self.config.heartbeat_miss_limit,
-            idle_ms: idle.map(|d| d.as_millis() as u64),
+            idle_ms: idle.map(crate::deadline::millis),
             max_payload: self.config.max_payload as u64,
         };
         let conn = connection::start(self.clone(), key, runner_id.to_string(), halves, welcome);
@@ -979,7 +979,7 @@ impl Shared {
                 runner.conn.shutdown(grace);
             }
         }
-        let deadline = Instant::now() + grace;
+        let deadline = crate::deadline::after(grace);
         shared
             .wait_until(deadline, |state| {
                 state.runners.iter().all(|r| r.in_flight == 0)
@@ -1006,7 +1006,12 @@ impl Shared {
         // flight is waited for up to a boot window).
         shared
             .wait_until(
-                Instant::now() + shared.config.boot_timeout + Duration::from_secs(10),
+                crate::deadline::after(
+                    shared
+                        .config
+                        .boot_timeout
+                        .saturating_add(Duration::from_secs(10)),
+                ),
                 |state| state.exiting == 0 && state.booting == 0,
             )
             .await;

@@ -174,7 +174,7 @@ impl Service {
         mut control: mpsc::UnboundedReceiver<Control>,
         app: tokio::runtime::Handle,
     ) -> Exit {
-        let boot_deadline = Instant::now() + handoff.boot_timeout;
+        let boot_deadline = crate::deadline::after(handoff.boot_timeout);
         let (rd, wr) = match terminator::connect(&handoff).await {
             Ok(halves) => halves,
             Err(exit) => return exit,
@@ -233,7 +233,7 @@ impl Service {
         // last one.
         let mut uploads: CallMap<Vec<u8>> = CallMap::default();
         let heartbeat = Duration::from_millis(welcome.heartbeat_ms.max(1));
-        let mut watchdog = Watchdog::new(heartbeat * welcome.miss_limit.max(1));
+        let mut watchdog = Watchdog::new(heartbeat.saturating_mul(welcome.miss_limit.max(1)));
         let idle_after = welcome.idle_ms.map(Duration::from_millis);
         let mut ticker = tokio::time::interval(heartbeat);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -241,7 +241,7 @@ impl Service {
         // insert and removal for every call.
         let far_future = Instant::now() + Duration::from_secs(86400 * 365);
         let idle_timer =
-            tokio::time::sleep_until(idle_after.map_or(far_future, |after| Instant::now() + after));
+            tokio::time::sleep_until(idle_after.map_or(far_future, crate::deadline::after));
         let grace_timer = tokio::time::sleep_until(far_future);
         tokio::pin!(idle_timer, grace_timer);
         // Once the parent asks us to stop: no new calls, and we end when the last one does.
@@ -332,7 +332,7 @@ impl Service {
                         }
                         Some(Ok(ToRunner::Heartbeat)) => {}
                         Some(Ok(ToRunner::Shutdown { grace_ms })) => {
-                            let until = Instant::now() + Duration::from_millis(grace_ms);
+                            let until = crate::deadline::after(Duration::from_millis(grace_ms));
                             if !draining || until < grace_timer.deadline() {
                                 grace_timer.as_mut().reset(until);
                             }
@@ -360,12 +360,12 @@ impl Service {
                     let after = idle_after.expect("the idle timer runs only with an idle period");
                     match service.calls.idle_for() {
                         Some(idle) if idle >= after => {
-                            service.send(&ToParent::Idle { idle_ms: idle.as_millis() as u64 });
+                            service.send(&ToParent::Idle { idle_ms: crate::deadline::millis(idle) });
                             // The parent may keep us (min runners): tell it again later.
-                            idle_timer.as_mut().reset(Instant::now() + after);
+                            idle_timer.as_mut().reset(crate::deadline::after(after));
                         }
-                        Some(idle) => idle_timer.as_mut().reset(Instant::now() + (after - idle)),
-                        None => idle_timer.as_mut().reset(Instant::now() + after),
+                        Some(idle) => idle_timer.as_mut().reset(crate::deadline::after(after.saturating_sub(idle))),
+                        None => idle_timer.as_mut().reset(crate::deadline::after(after)),
                     }
                 }
                 _ = &mut grace_timer, if draining => break Exit::Stopped,
@@ -457,7 +457,7 @@ impl Service {
                 None => return,
             },
         };
-        let deadline = deadline_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
+        let deadline = deadline_ms.map(|ms| crate::deadline::after(Duration::from_millis(ms)));
         let max_payload = self.max_payload.load(Ordering::Relaxed);
         let task_id = def.id;
         let work = async move {

@@ -19,7 +19,7 @@ use crate::wire::{BoxRead, BoxWrite};
 /// Reaches the parent within the boot window: dials it, and for a TLS pool names itself in
 /// plaintext, then completes a TLS handshake trusting only the parent's pinned certificate.
 pub(crate) async fn connect(handoff: &Handoff) -> Result<(BoxRead, BoxWrite), Exit> {
-    let deadline = Instant::now() + handoff.boot_timeout;
+    let deadline = crate::deadline::after(handoff.boot_timeout);
     let stream = dial(&handoff.addr, handoff.boot_timeout).await?;
     let Some(fingerprint) = &handoff.tls else {
         let (reader, writer) = stream.into_split();
@@ -70,7 +70,7 @@ pub(crate) async fn connect(handoff: &Handoff) -> Result<(BoxRead, BoxWrite), Ex
 /// Dials the parent, retrying refused or failed connects with backoff until the boot window
 /// closes. A runner that cannot reach its parent in time is of no use to anyone.
 async fn dial(addr: &str, window: Duration) -> Result<TcpStream, Exit> {
-    let deadline = Instant::now() + window;
+    let deadline = crate::deadline::after(window);
     let mut backoff = Duration::from_millis(5);
     loop {
         let error = match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
