@@ -384,3 +384,22 @@ async fn a_runner_with_its_token_but_another_protocol_is_told_why() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_processes_a_task_starts_never_see_the_hand_off_token() {
+    bounded(BOUND, async {
+        let pool = Pool::builder("scrubbed")
+            .backend(ProcessBackend::new().program(RUNNER))
+            .max(1)
+            .start()
+            .await
+            .unwrap();
+        let (env, on_a_runner) = flame::call(&pool, child_env()).await.unwrap().unwrap();
+        assert!(on_a_runner, "the runner still knows what it is");
+        assert!(env.contains("PATH="), "env ran: {env}");
+        assert!(!env.contains(flame::HANDOFF_ENV), "{env}");
+        assert!(!env.contains("FLAME_PARENT_PID"), "{env}");
+        pool.shutdown().await;
+    })
+    .await;
+}

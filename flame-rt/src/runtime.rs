@@ -51,7 +51,7 @@ where
     F::Output: MainOutput,
 {
     match process_handoff() {
-        Some(Ok(handoff)) => serve_as_runner(runtime, handoff.clone(), body),
+        Some(Ok(handoff)) => serve_as_runner(runtime, handoff.clone(), body, true),
         Some(Err(e)) => bad_handoff(e),
         None => {
             let runtime = runtime
@@ -106,7 +106,8 @@ where
 {
     match process_handoff() {
         // The parent's test is the test; its runner only serves.
-        Some(Ok(handoff)) => serve_as_runner(runtime, handoff.clone(), async {}),
+        // libtest's threads exist already: the environment stays as it is (see below).
+        Some(Ok(handoff)) => serve_as_runner(runtime, handoff.clone(), async {}, false),
         Some(Err(e)) => bad_handoff(e),
         None => {
             // libtest names tests by module path without the crate.
@@ -135,6 +136,7 @@ fn serve_as_runner<F>(
     mut runtime: tokio::runtime::Builder,
     handoff: std::sync::Arc<crate::parent::Handoff>,
     body: F,
+    scrub_env: bool,
 ) -> !
 where
     F: Future,
@@ -142,6 +144,17 @@ where
 {
     // Before the runtime's threads exist: the kernel keeps this per thread.
     arm_parent_death_signal();
+    let process_runner = std::env::var_os(crate::backend::PARENT_PID_ENV).is_some();
+    if scrub_env {
+        // Read, and no longer needed: every process a task starts would inherit the token, and
+        // a flame app started from a task would take itself for this runner.
+        // SAFETY: `#[flame::main]` calls this first thing on the main thread, before the
+        // runtime or the app has started a thread that could read the environment.
+        unsafe {
+            std::env::remove_var(HANDOFF_ENV);
+            std::env::remove_var(crate::backend::PARENT_PID_ENV);
+        }
+    }
     let runtime = runtime
         .enable_all()
         .build()
@@ -151,7 +164,7 @@ where
         let app = tokio::runtime::Handle::current();
         let mut service = crate::io_runtime::spawn(runner::serve(handoff, control_rx, app));
         // Heard on the protocol's runtime too: a stop must not wait for a busy worker.
-        crate::io_runtime::spawn(forward_sigterm(control.clone()));
+        crate::io_runtime::spawn(forward_sigterm(control.clone(), process_runner));
         tokio::pin!(body);
         tokio::select! {
             output = &mut body => {
@@ -237,14 +250,13 @@ async fn parent_main<F: Future>(body: F) -> F::Output {
 /// tasks, so their `kill_on_drop` children die too. To a runner in a container, pod or Machine
 /// it is its platform stopping it with a grace period (`docker stop`, a pod deleted, a spot
 /// eviction): it finishes its calls first and takes no more; a second SIGTERM stops it at once.
-async fn forward_sigterm(control: mpsc::UnboundedSender<Control>) {
+async fn forward_sigterm(control: mpsc::UnboundedSender<Control>, process_runner: bool) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
         let Ok(mut term) = signal(SignalKind::terminate()) else {
             return;
         };
-        let process_runner = std::env::var_os(crate::backend::PARENT_PID_ENV).is_some();
         if term.recv().await.is_some() {
             let first = if process_runner {
                 Control::Terminate
@@ -258,5 +270,5 @@ async fn forward_sigterm(control: mpsc::UnboundedSender<Control>) {
         }
     }
     #[cfg(not(unix))]
-    drop(control);
+    drop((control, process_runner));
 }

@@ -44,6 +44,20 @@ pub async fn whereabouts() -> Whereabouts {
     here()
 }
 
+/// What a process the task starts sees of its environment (`env`'s output), and whether the
+/// task itself still knows it runs on a runner.
+#[flame::task]
+pub async fn child_env() -> Result<(String, bool), String> {
+    let out = tokio::process::Command::new("env")
+        .output()
+        .await
+        .map_err(|e| format!("running env: {e}"))?;
+    Ok((
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        flame::parent().is_some(),
+    ))
+}
+
 /// Sleeps, then says where it ran.
 #[flame::task]
 pub async fn sleep_ms(ms: u64) -> Whereabouts {
