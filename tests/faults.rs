@@ -239,3 +239,49 @@ async fn a_call_with_retries_survives_a_lost_runner() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runner_output_costs_the_parent_little_and_never_stalls_it() {
+    bounded(BOUND, async {
+        let dir = scratch_dir("chatty");
+        let mut parent = tokio::process::Command::new(PARENT)
+            .args(["chatty", RUNNER, dir.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        // Its stdout is read up to READY, then never again, as when a terminal is paused or a
+        // log shipper is stuck: the pipe fills.
+        let mut stdout = BufReader::new(parent.stdout.take().unwrap()).lines();
+        while stdout
+            .next_line()
+            .await
+            .unwrap()
+            .is_some_and(|l| l != "READY")
+        {}
+        let mut stderr = BufReader::new(parent.stderr.take().unwrap()).lines();
+        let (mut result, mut cut, mut dropped) = (None, false, false);
+        while let Some(line) = stderr.next_line().await.unwrap() {
+            // The 128 MiB line arrives cut, prefixed with its runner.
+            cut |= line.starts_with("[chatty-1] eee") && line.ends_with("[line cut at 16 KiB]");
+            dropped |= line.contains("lines of runner output to stdout dropped");
+            if let Some(rest) = line.strip_prefix("RESULT ") {
+                result = Some(rest.to_string());
+            }
+        }
+        // Both calls completed although 128 MiB of lines could not be written.
+        let result = result.expect("the parent finished its calls");
+        let mut fields = result.split_whitespace();
+        assert_eq!(fields.next(), Some("ok"), "{result}");
+        let peak_kib: u64 = fields.next().unwrap().parse().unwrap();
+        assert_eq!(fields.next(), Some("3"), "{result}");
+        println!("chatty runner: parent peak RSS {} MiB", peak_kib >> 10);
+        // A 128 MiB line held whole would cost at least that.
+        assert!(peak_kib < 96 << 10, "peak RSS {peak_kib} KiB");
+        assert!(cut, "the long stderr line was forwarded, cut");
+        assert!(dropped, "the parent said it dropped stdout lines");
+        assert!(parent.wait().await.unwrap().success());
+    })
+    .await;
+}

@@ -12,6 +12,10 @@
 //! - `returns-on-signal`: the same, but `main` returns when SIGTERM arrives, as an axum server
 //!   with graceful shutdown does.
 //!
+//! - `chatty`: after `READY`, a call whose task floods stdout and writes one endless line to
+//!   stderr, then another call; prints `RESULT ok <peak RSS in KiB>` to **stderr** (the test
+//!   stops reading stdout after `READY`) and exits.
+//!
 //! Usage: `flame-test-parent <mode> <runner program> <scratch dir> [pdeathsig]`
 
 use std::path::PathBuf;
@@ -135,6 +139,25 @@ async fn main() -> anyhow::Result<()> {
                 println!("READY");
             }
             println!("RETURNING");
+            return Ok(());
+        }
+        "chatty" => {
+            let pool = Pool::builder("chatty")
+                .backend(backend)
+                .max(1)
+                .start()
+                .await?;
+            println!("READY");
+            flame::call(&pool, chatter(128)).await?;
+            let sum = flame::call(&pool, add(1, 2)).await?;
+            let status = std::fs::read_to_string("/proc/self/status")?;
+            let peak = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+                .unwrap_or(0);
+            eprintln!("RESULT ok {peak} {sum}");
+            pool.shutdown().await;
             return Ok(());
         }
         other => anyhow::bail!("unknown mode {other}"),

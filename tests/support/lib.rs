@@ -44,6 +44,21 @@ pub async fn whereabouts() -> Whereabouts {
     here()
 }
 
+/// Prints `mib` MiB to stdout in 100-byte lines, then a line of `mib` MiB without a newline to
+/// stderr: a chatty or broken task.
+#[flame::task]
+pub async fn chatter(mib: usize) -> usize {
+    use std::io::Write;
+    let line = [b'o'; 99].iter().chain(b"\n").copied().collect::<Vec<u8>>();
+    let mut out = std::io::stdout().lock();
+    for _ in 0..(mib << 20) / line.len() {
+        let _ = out.write_all(&line);
+    }
+    let _ = out.flush();
+    let _ = std::io::stderr().write_all(&vec![b'e'; mib << 20]);
+    mib
+}
+
 /// What a process the task starts sees of its environment (`env`'s output), and whether the
 /// task itself still knows it runs on a runner.
 #[flame::task]
