@@ -272,6 +272,17 @@ async fn upload_session(socket: WebSocket, app: Arc<App>, upload: Upload) {
     let _ = say.send(last);
     drop(say);
     let _ = writer.await;
+    // The closing handshake: read on until the page answers our Close. A socket dropped with
+    // unread upload chunks in it is reset, and a reset can discard the last word before the
+    // browser has read it (seen when a too-large upload was refused mid-stream).
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(message)) = from_page.next().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// An event as the page gets it: JSON, with a thumbnail as a `data:` URL.

@@ -203,8 +203,16 @@ async fn upload_and_find_it_in_the_gallery(url: &str, data: &Path, client: &Clie
         "{pngs:?}"
     );
 
-    // The pool chart has sampled the runner that made them.
-    let chart = client.find(Locator::Css("#chart")).await.unwrap();
+    // The pool chart samples twice a second: it soon shows the runner that made them.
+    let chart = client
+        .wait()
+        .at_most(BOUND)
+        .every(Duration::from_millis(50))
+        .for_element(Locator::Css(
+            "#chart[data-peak-runners]:not([data-peak-runners='0'])",
+        ))
+        .await
+        .expect("the chart sampled the runner");
     let peak: u64 = chart
         .attr("data-peak-runners")
         .await
