@@ -30,6 +30,17 @@ async fn place_one_by_one(pool: &Pool, n: usize, ms: u64) -> Vec<flame::JoinHand
     handles
 }
 
+/// How many of the calls each runner served, fewest first.
+async fn calls_per_runner(handles: Vec<flame::JoinHandle<Whereabouts>>) -> Vec<usize> {
+    let mut per_runner: HashMap<u32, usize> = HashMap::new();
+    for h in handles {
+        *per_runner.entry(h.await.unwrap().pid).or_default() += 1;
+    }
+    let mut counts: Vec<usize> = per_runner.into_values().collect();
+    counts.sort();
+    counts
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_go_to_the_least_loaded_runner() {
     bounded(BOUND, async {
@@ -41,13 +52,7 @@ async fn calls_go_to_the_least_loaded_runner() {
             .start()
             .await
             .unwrap();
-        let handles = place_one_by_one(&pool, 6, 1_000).await;
-        let mut per_runner: HashMap<u32, usize> = HashMap::new();
-        for h in handles {
-            *per_runner.entry(h.await.unwrap().pid).or_default() += 1;
-        }
-        let mut counts: Vec<usize> = per_runner.into_values().collect();
-        counts.sort();
+        let counts = calls_per_runner(place_one_by_one(&pool, 6, 1_000).await).await;
         assert_eq!(
             counts,
             vec![3, 3],
@@ -70,13 +75,7 @@ async fn pack_fills_the_busiest_runner_first() {
             .start()
             .await
             .unwrap();
-        let handles = place_one_by_one(&pool, 6, 1_000).await;
-        let mut per_runner: HashMap<u32, usize> = HashMap::new();
-        for h in handles {
-            *per_runner.entry(h.await.unwrap().pid).or_default() += 1;
-        }
-        let mut counts: Vec<usize> = per_runner.into_values().collect();
-        counts.sort();
+        let counts = calls_per_runner(place_one_by_one(&pool, 6, 1_000).await).await;
         assert_eq!(
             counts,
             vec![2, 4],
