@@ -13,13 +13,6 @@ const RUNNER: &str = env!("CARGO_BIN_EXE_flame-test-runner");
 const PARENT: &str = env!("CARGO_BIN_EXE_flame-test-parent");
 const BOUND: Duration = Duration::from_secs(60);
 
-fn signal(pid: u32, sig: i32) {
-    // SAFETY: kill(2) on a pid this test started.
-    unsafe {
-        libc::kill(pid as libc::pid_t, sig);
-    }
-}
-
 /// Starts `flame-test-parent` in `mode` and reads its output until the line `until`.
 async fn start_parent(
     mode: &str,

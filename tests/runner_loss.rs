@@ -13,20 +13,34 @@ const PARENT: &str = env!("CARGO_BIN_EXE_flame-test-parent");
 const FAILING_MAIN: &str = env!("CARGO_BIN_EXE_flame-test-failing-main");
 const BOUND: Duration = Duration::from_secs(60);
 
+/// A one-runner pool with two calls in flight on it: one holding a child process, one sleeping
+/// for a minute. Returns the calls, the runner's pid and the child's.
+async fn two_calls_on_one_runner(
+    name: &str,
+) -> (
+    Pool,
+    (flame::JoinHandle<()>, flame::JoinHandle<Whereabouts>),
+    u32,
+    u32,
+) {
+    let pool = Pool::builder(name)
+        .backend(ProcessBackend::new().program(RUNNER))
+        .max(1)
+        .max_concurrency(4)
+        .start()
+        .await
+        .unwrap();
+    let dir = scratch_dir(name);
+    let held = flame::spawn_on(&pool, hold_child(dir.clone()));
+    let slow = flame::spawn_on(&pool, sleep_ms(60_000));
+    let (runner_pid, child_pid) = held_pids(&dir).await;
+    (pool, (held, slow), runner_pid, child_pid)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_runner_fails_its_calls_with_runner_lost() {
     bounded(BOUND, async {
-        let pool = Pool::builder("killed")
-            .backend(ProcessBackend::new().program(RUNNER))
-            .max(1)
-            .max_concurrency(4)
-            .start()
-            .await
-            .unwrap();
-        let dir = scratch_dir("killed");
-        let held = flame::spawn_on(&pool, hold_child(dir.clone()));
-        let slow = flame::spawn_on(&pool, sleep_ms(60_000));
-        let (runner_pid, child_pid) = held_pids(&dir).await;
+        let (pool, (held, slow), runner_pid, child_pid) = two_calls_on_one_runner("killed").await;
 
         kill(runner_pid);
         let killed_at = Instant::now();
@@ -57,23 +71,10 @@ async fn killing_a_runner_fails_its_calls_with_runner_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runner_that_drops_its_calls_on_sigterm_fails_them_with_the_reason() {
     bounded(BOUND, async {
-        let pool = Pool::builder("sigtermed")
-            .backend(ProcessBackend::new().program(RUNNER))
-            .max(1)
-            .max_concurrency(4)
-            .start()
-            .await
-            .unwrap();
-        let dir = scratch_dir("sigtermed");
-        let held = flame::spawn_on(&pool, hold_child(dir.clone()));
-        let slow = flame::spawn_on(&pool, sleep_ms(60_000));
-        let (runner_pid, _) = held_pids(&dir).await;
+        let (pool, (held, slow), runner_pid, _) = two_calls_on_one_runner("sigtermed").await;
         // A process runner stops at once on SIGTERM, dropping its tasks: it tells the parent
         // each call ended, unasked, before it exits. Every handle must resolve, saying why.
-        // SAFETY: kill(2) on the runner this pool started.
-        unsafe {
-            libc::kill(runner_pid as libc::pid_t, libc::SIGTERM);
-        }
+        signal(runner_pid, libc::SIGTERM);
         for result in [held.await.map(|_| ()), slow.await.map(|_| ())] {
             let err = result.unwrap_err();
             assert!(err.is_runner_lost(), "{err:?}");

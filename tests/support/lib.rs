@@ -510,9 +510,14 @@ pub async fn wait_gone(pid: u32, bound: Duration) -> bool {
 
 /// Kills a process by pid if it is still there (test cleanup; never by name).
 pub fn kill(pid: u32) {
+    signal(pid, libc::SIGKILL);
+}
+
+/// Sends `sig` to a process the test started.
+pub fn signal(pid: u32, sig: i32) {
     // SAFETY: kill(2) with a pid we started.
     unsafe {
-        libc::kill(pid as libc::pid_t, libc::SIGKILL);
+        libc::kill(pid as libc::pid_t, sig);
     }
 }
 
