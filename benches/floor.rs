@@ -330,34 +330,9 @@ fn rate(per_s: f64) -> String {
     format!("{:.0} k/s", per_s / 1e3)
 }
 
-/// Net bytes allocated while `COUNTING` is on. Off, the allocator costs one relaxed load, so
-/// the other measurements (and this binary's runners) do not pay for the count.
-static HEAP: std::sync::atomic::AtomicIsize = std::sync::atomic::AtomicIsize::new(0);
-static COUNTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-struct Counting;
-
-// SAFETY: forwards to the system allocator, only counting sizes.
-unsafe impl std::alloc::GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
-            HEAP.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        }
-        // SAFETY: the caller upholds `alloc`'s contract.
-        unsafe { std::alloc::System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
-        if COUNTING.load(Ordering::Relaxed) {
-            HEAP.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        }
-        // SAFETY: the caller upholds `dealloc`'s contract.
-        unsafe { std::alloc::System.dealloc(ptr, layout) }
-    }
-}
-
+/// Counts what flame-rt holds for the "heap per queued call" row; off for the others.
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: flame::fuzz::HeapCounter = flame::fuzz::HeapCounter;
 
 #[flame::main]
 async fn bench() -> anyhow::Result<()> {
@@ -652,16 +627,16 @@ async fn measure() -> anyhow::Result<()> {
     while full.stats().in_flight == 0 {
         tokio::task::yield_now().await;
     }
-    COUNTING.store(true, Ordering::SeqCst);
-    let before = HEAP.load(Ordering::SeqCst);
+    flame::fuzz::HeapCounter::counting(true);
+    let before = flame::fuzz::HeapCounter::net();
     let handles: Vec<_> = (0..queued)
         .map(|i| flame::spawn_on(&full, noop(i as u64)))
         .collect();
     while full.stats().queued < queued {
         tokio::task::yield_now().await;
     }
-    let per_call = (HEAP.load(Ordering::SeqCst) - before).max(0) as f64 / queued as f64;
-    COUNTING.store(false, Ordering::SeqCst);
+    let per_call = (flame::fuzz::HeapCounter::net() - before).max(0) as f64 / queued as f64;
+    flame::fuzz::HeapCounter::counting(false);
     drop(handles);
     drop(blocker);
     full.shutdown().await;

@@ -8,6 +8,10 @@ use flame::{ErrorKind, JoinHandle, LocalBackend, Pool, ProcessBackend};
 use flame_tests::*;
 
 const RUNNER: &str = env!("CARGO_BIN_EXE_flame-test-runner");
+
+/// Counts what the parent holds for queued calls.
+#[global_allocator]
+static HEAP: flame::fuzz::HeapCounter = flame::fuzz::HeapCounter;
 const BOUND: Duration = Duration::from_secs(30);
 
 async fn process_pool(name: &str) -> Pool {
@@ -152,6 +156,47 @@ async fn a_queued_call_dropped_never_starts() {
             "the next call runs"
         );
         assert!(!marker.exists(), "the dropped queued call ran anyway");
+        pool.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_calls_dropped_behind_a_busy_runner_free_their_arguments_at_once() {
+    bounded(BOUND, async {
+        let pool = Pool::builder("queued-mib")
+            .backend(ProcessBackend::new().program(RUNNER))
+            .max(1)
+            .max_concurrency(1)
+            .start()
+            .await
+            .unwrap();
+        let busy_dir = scratch_dir("queued-mib-busy");
+        let busy = flame::spawn_on(&pool, hold_child(busy_dir.clone()));
+        held_pids(&busy_dir).await;
+
+        flame::fuzz::HeapCounter::counting(true);
+        let before = flame::fuzz::HeapCounter::net();
+        let queued: Vec<_> = (0..200)
+            .map(|_| flame::spawn_on(&pool, echo(vec![7; 1 << 20])))
+            .collect();
+        let held = flame::fuzz::HeapCounter::net() - before;
+        drop(queued);
+        // Nothing else looks at the queue meanwhile: the runner is busy, nobody asks for stats.
+        let left = flame::fuzz::HeapCounter::net() - before;
+        flame::fuzz::HeapCounter::counting(false);
+        // Other tests run meanwhile and free a little: the bounds leave them room.
+        assert!(held > 190 << 20, "200 MiB of arguments wait: {held} B held");
+        assert!(
+            left < 4 << 20,
+            "the dropped calls still hold {} MiB of arguments",
+            left >> 20
+        );
+
+        drop(busy);
+        until_idle(&pool).await;
+        assert_eq!(pool.stats().queued, 0);
+        assert_eq!(flame::call(&pool, echo(vec![1, 2])).await.unwrap(), [1, 2]);
         pool.shutdown().await;
     })
     .await;

@@ -5,9 +5,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flame::{Backend, BootSpec, ErrorKind, Pool, ProcessBackend, RunnerHandle};
+use flame::{ErrorKind, Pool, ProcessBackend};
 use flame_tests::*;
-use futures::future::BoxFuture;
 use tokio::io::AsyncWriteExt;
 
 const RUNNER: &str = env!("CARGO_BIN_EXE_flame-test-runner");
@@ -264,94 +263,14 @@ fn a_binary_without_tasks_is_told_how_to_link_them() {
     assert!(text.contains("use my_tasks as _;"), "{text}");
 }
 
-/// Boots nothing: records the boot's hand-off and where the parent listens, so the test can play
-/// the runner (or a stranger); its runner never exits by itself.
-#[derive(Clone, Default)]
-struct Puppet {
-    /// `(parent address, runner id, hand-off)` of the boot in progress.
-    booting: Arc<Mutex<Option<(String, String, String)>>>,
-    booted: Arc<tokio::sync::Notify>,
-    /// Boots a real runner after this long, if set.
-    then_boot: Option<(ProcessBackend, Duration)>,
-}
-
-struct Puppeteered;
-
-impl RunnerHandle for Puppeteered {
-    fn describe(&self) -> String {
-        "a runner played by the test".into()
-    }
-    fn exited(&mut self) -> BoxFuture<'_, String> {
-        Box::pin(std::future::pending())
-    }
-    fn destroy(self: Box<Self>) -> BoxFuture<'static, ()> {
-        Box::pin(async {})
-    }
-}
-
-impl Backend for Puppet {
-    fn name(&self) -> &str {
-        "puppet"
-    }
-
-    fn boot(
-        &self,
-        spec: BootSpec,
-    ) -> BoxFuture<'static, Result<Box<dyn RunnerHandle>, flame::Error>> {
-        *self.booting.lock().unwrap() = Some((
-            spec.parent_addr().to_string(),
-            spec.runner_id().to_string(),
-            spec.handoff_env().1.to_string(),
-        ));
-        self.booted.notify_one();
-        match &self.then_boot {
-            Some((backend, after)) => {
-                let (boot, after) = (backend.boot(spec), *after);
-                Box::pin(async move {
-                    tokio::time::sleep(after).await;
-                    boot.await
-                })
-            }
-            None => Box::pin(async { Ok(Box::new(Puppeteered) as Box<dyn RunnerHandle>) }),
-        }
-    }
-}
-
-impl Puppet {
-    async fn pool(&self, name: &str) -> Pool {
-        Pool::builder(name)
-            .backend(self.clone())
-            .max(1)
-            .start()
-            .await
-            .unwrap()
-    }
-
-    async fn booting(&self) -> (String, String, String) {
-        self.booted.notified().await;
-        self.booting.lock().unwrap().clone().unwrap()
-    }
-}
-
-fn unhex(hex: &str) -> [u8; 16] {
-    let mut out = [0; 16];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap();
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_strangers_hello_for_a_booting_runner_changes_nothing() {
     bounded(BOUND, async {
         // The real runner dials back 1.5 s into its boot; a stranger gets in first, naming it.
-        let puppet = Puppet {
-            then_boot: Some((
-                ProcessBackend::new().program(RUNNER),
-                Duration::from_millis(1500),
-            )),
-            ..Puppet::default()
-        };
+        let puppet = Puppet::then_boot(
+            ProcessBackend::new().program(RUNNER),
+            Duration::from_millis(1500),
+        );
         let pool = puppet.pool("victim").await;
         let call = flame::spawn_on(&pool, add(1, 2));
         let (addr, runner_id, _) = puppet.booting().await;

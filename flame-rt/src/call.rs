@@ -214,19 +214,22 @@ where
     let shared = pool.shared();
     let deadline = Deadline::starting_now(call.timeout.or(shared.config.timeout));
     let queue_until = deadline.queue_until(shared.config.boot_timeout);
-    let ticket = Ticket::new(call.def.id, &shared.name, deadline, queue_until);
     let (encoded, chans) = call.encode();
     let checked = encoded.and_then(|args| shared.check(call.def, &args).map(|()| args));
-    match checked {
-        Ok(args) => shared.submit(QueuedCall {
+    let (args, refused) = match checked {
+        Ok(args) => (args, None),
+        Err(error) => (Bytes::new(), Some(error)),
+    };
+    let ticket = Ticket::new(call.def.id, &shared.name, deadline, queue_until, args);
+    match refused {
+        None => shared.submit(QueuedCall {
             def: call.def,
-            args,
             retries: call.retries,
             ticket: ticket.clone(),
             chans,
             trace: crate::trace::capture().map(Box::new),
         }),
-        Err(error) => {
+        Some(error) => {
             ticket.resolve(Err(error));
         }
     }

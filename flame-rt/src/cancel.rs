@@ -13,7 +13,7 @@ use std::task::{Context, Poll, Waker};
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::connection::RunnerConn;
+use crate::connection::{RunnerConn, Unstarted};
 use crate::deadline::Deadline;
 use crate::error::{Error, ErrorKind};
 
@@ -37,8 +37,15 @@ struct Inner {
 }
 
 enum Place {
-    Queued,
-    Running { conn: Arc<RunnerConn>, call: u64 },
+    /// Waiting for a slot. The encoded arguments wait here, not in the queue, so a call
+    /// cancelled while it waits frees them at once, whatever waits ahead of it.
+    Queued {
+        args: Bytes,
+    },
+    Running {
+        conn: Arc<RunnerConn>,
+        call: u64,
+    },
     Cancelled,
 }
 
@@ -55,6 +62,7 @@ impl Ticket {
         pool: &Arc<str>,
         deadline: Deadline,
         queue_until: Instant,
+        args: Bytes,
     ) -> Arc<Ticket> {
         #[cfg(not(feature = "metrics"))]
         let _ = pool;
@@ -65,7 +73,7 @@ impl Ticket {
             deadline,
             queue_until,
             inner: Mutex::new(Inner {
-                place: Place::Queued,
+                place: Place::Queued { args },
                 outcome: Delivery::Pending(None),
             }),
         })
@@ -125,29 +133,43 @@ impl Ticket {
     }
 
     pub(crate) fn is_queued(&self) -> bool {
-        matches!(self.lock().place, Place::Queued)
+        matches!(self.lock().place, Place::Queued { .. })
     }
 
-    /// Starts the call on a runner with `start`, unless it was cancelled meanwhile. Holding the
-    /// ticket while `start` registers and sends the call means a concurrent cancel either
-    /// comes first (and the call never starts) or finds it running (and cancels it there).
-    pub(crate) fn start<E>(
+    /// Starts the call on a runner with `start`, given its arguments, unless it was cancelled
+    /// meanwhile. Holding the ticket while `start` registers and sends the call means a
+    /// concurrent cancel either comes first (and the call never starts) or finds it running
+    /// (and cancels it there). A call that could not start keeps waiting, its arguments back.
+    pub(crate) fn start(
         &self,
-        start: impl FnOnce() -> Result<(Arc<RunnerConn>, u64), E>,
-    ) -> Option<Result<(), E>> {
+        start: impl FnOnce(Bytes) -> Result<(Arc<RunnerConn>, u64), Unstarted>,
+    ) -> Option<Result<(), Unstarted>> {
         let mut inner = self.lock();
-        if matches!(inner.place, Place::Cancelled) || !matches!(inner.outcome, Delivery::Pending(_))
-        {
+        if !matches!(inner.outcome, Delivery::Pending(_)) {
             return None;
         }
-        Some(start().map(|(conn, call)| inner.place = Place::Running { conn, call }))
+        let Place::Queued { args } = &mut inner.place else {
+            return None;
+        };
+        Some(match start(std::mem::take(args)) {
+            Ok((conn, call)) => {
+                inner.place = Place::Running { conn, call };
+                Ok(())
+            }
+            Err(mut unstarted) => {
+                let args = std::mem::take(&mut unstarted.args);
+                inner.place = Place::Queued { args };
+                Err(unstarted)
+            }
+        })
     }
 
-    /// A running call whose runner was lost goes back to waiting (it will be retried).
-    pub(crate) fn requeue(&self) {
+    /// A running call whose runner was lost goes back to waiting, with its arguments (it will
+    /// be retried).
+    pub(crate) fn requeue(&self, args: Bytes) {
         let mut inner = self.lock();
         if matches!(inner.place, Place::Running { .. }) {
-            inner.place = Place::Queued;
+            inner.place = Place::Queued { args };
         }
     }
 

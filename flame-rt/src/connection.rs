@@ -49,6 +49,8 @@ struct Pending {
 
 struct Running {
     call: QueuedCall,
+    /// Its arguments, kept until it ends, in case it asked for retries.
+    args: Bytes,
     /// Taken early from a cancelled call that did not stop in time, whose runner is recycled.
     slot: Option<Slot>,
     /// How many channels the call carries.
@@ -63,6 +65,8 @@ struct Running {
 pub(crate) struct Unstarted {
     pub(crate) call: QueuedCall,
     pub(crate) slot: Slot,
+    /// Taken back by the call's ticket.
+    pub(crate) args: Bytes,
 }
 
 /// `ToRunner::Run` with borrowed fields, so a call's frame is built in one allocation. Its
@@ -119,12 +123,13 @@ impl RunnerConn {
     pub(crate) fn start(
         self: &Arc<Self>,
         mut call: QueuedCall,
+        args: Bytes,
         slot: Slot,
     ) -> Result<(Arc<RunnerConn>, u64), Unstarted> {
         let id = self.next_call.fetch_add(1, Ordering::Relaxed);
         let mut pending = self.lock();
         if pending.closed {
-            return Err(Unstarted { call, slot });
+            return Err(Unstarted { call, slot, args });
         }
         let chans = call.chans.len() as u32;
         // Routes first, so the runner's first channel frames find them; pumps after the run, so
@@ -142,11 +147,11 @@ impl RunnerConn {
             })
             .collect();
         // Big arguments go in pieces, from a task, so they take turns with other calls' frames.
-        let upload = if call.args.len() > PIECE {
-            Some((call.args.clone(), pumps))
+        let upload = if args.len() > PIECE {
+            Some((args.clone(), pumps))
         } else {
             // Under the lock, so a cancel for this call can only be queued after its run.
-            self.out.send_run(id, &call, call.args.clone());
+            self.out.send_run(id, &call, args.clone());
             self.arm(id, pumps);
             None
         };
@@ -154,6 +159,7 @@ impl RunnerConn {
             id,
             Running {
                 call,
+                args,
                 slot: Some(slot),
                 chans,
                 cancelled: false,
@@ -365,8 +371,9 @@ async fn read(
                 };
                 match msg {
                     Some(Ok(ToParent::Done { call: id, outcome })) => {
-                        shared.note_served();
+                        // Only a call that runs here counts: a runner can send anything.
                         if let Some(Running { call, slot, chans, result: parts, .. }) = conn.finish(id) {
+                            shared.note_served();
                             // A big result: its last piece came with the `Done`.
                             let outcome = match (outcome, parts) {
                                 (Outcome::Ok(last), Some(mut whole)) => {
@@ -457,6 +464,7 @@ async fn read(
         id,
         Running {
             mut call,
+            args,
             slot,
             chans,
             ..
@@ -470,7 +478,7 @@ async fn read(
         let retryable = matches!(reason.kind(), ErrorKind::RunnerLost | ErrorKind::BootFailed);
         if retryable && call.retries > 0 && call.ticket.is_live() {
             call.retries -= 1;
-            call.ticket.requeue();
+            call.ticket.requeue(args);
             tracing::debug!(runner = %id, task = call.def.id, "flame: retrying a call whose runner was lost");
             shared.submit(call);
         } else {

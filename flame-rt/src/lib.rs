@@ -94,7 +94,7 @@
 //! | `tls` | off | [`PoolBuilder::tls`]: TLS to runners with the parent's self-signed certificate pinned by fingerprint (rustls, ring) |
 //! | `opentelemetry` | off | the caller's OpenTelemetry trace context (kept by `tracing-opentelemetry` on the current span) travels with each call and parents the `flame.task` span the task runs in on the runner |
 //! | `metrics` | off | counters, histograms and a gauge through the [`metrics`](https://docs.rs/metrics) facade: calls by outcome and their duration, queue waits, boots and their duration, runners up (names in `metrics.rs`; no exporter bundled) |
-//! | `internals` | off | not for applications: exposes wire internals to the fuzz targets in `fuzz/` and the micro-benches |
+//! | `internals` | off | not for applications: exposes wire internals to the fuzz targets in `fuzz/`, the benches and the tests that play a compromised runner |
 //!
 //! # Tasks in a library crate
 //!

@@ -347,13 +347,13 @@ fn start_call(call: QueuedCall, slot: Slot) -> Start {
     let ticket = call.ticket.clone();
     let conn = slot.conn.clone();
     let mut parts = Some((call, slot));
-    let started = ticket.start(|| {
+    let started = ticket.start(|args| {
         let (call, slot) = parts.take().expect("started once");
-        conn.start(call, slot)
+        conn.start(call, args, slot)
     });
     match started {
         Some(Ok(())) => Start::Started,
-        Some(Err(Unstarted { call, slot })) => Start::Closed(call, slot),
+        Some(Err(Unstarted { call, slot, .. })) => Start::Closed(call, slot),
         None => Start::Cancelled(parts.take().expect("not started").1),
     }
 }

@@ -3,7 +3,6 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::cancel::Ticket;
@@ -13,10 +12,9 @@ use crate::task::TaskDef;
 use crate::trace::TraceParent;
 
 /// A call on its way to a runner: everything needed to start it, and to start it again if it
-/// asked for retries.
+/// asked for retries, but its arguments, which its ticket holds while it waits.
 pub(crate) struct QueuedCall {
     pub(crate) def: &'static TaskDef,
-    pub(crate) args: Bytes,
     pub(crate) retries: u32,
     pub(crate) ticket: Arc<Ticket>,
     /// The channel halves among the arguments, connected when the call starts.

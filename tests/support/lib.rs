@@ -13,8 +13,10 @@ use serde::{Deserialize, Serialize};
 
 mod channels;
 mod observability;
+mod puppet;
 pub use channels::*;
 pub use observability::*;
+pub use puppet::*;
 
 /// Where a task ran.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
