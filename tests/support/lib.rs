@@ -523,6 +523,15 @@ pub fn signal(pid: u32, sig: i32) {
     }
 }
 
+/// Sends `sig` to every process of the group `pgid` (a process the test started in a group of
+/// its own), as a terminal's Ctrl-C or systemd's stop does.
+pub fn signal_group(pgid: u32, sig: i32) {
+    // SAFETY: kill(2) of a group we created; the minus sign names the group.
+    unsafe {
+        libc::kill(-(pgid as libc::pid_t), sig);
+    }
+}
+
 /// A pool lifecycle event, as recorded by an [`EventLog`].
 #[derive(Debug, Clone)]
 pub enum PoolEvent {
