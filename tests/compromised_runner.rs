@@ -3,10 +3,14 @@
 
 use std::time::Duration;
 
-use flame::fuzz::impostor::done;
+use flame::fuzz::impostor::{chan_message, chan_part, done};
 use flame_tests::*;
 
 const BOUND: Duration = Duration::from_secs(60);
+
+/// Counts what the parent holds for what a runner sent.
+#[global_allocator]
+static HEAP: flame::fuzz::HeapCounter = flame::fuzz::HeapCounter;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_for_calls_nobody_made_change_no_count() {
@@ -35,6 +39,86 @@ async fn results_for_calls_nobody_made_change_no_count() {
             "{stats:?}"
         );
         pool.shutdown().await;
+    })
+    .await;
+}
+
+/// Plays a runner of `reverse_blobs` that sends `frames` on its channel back to the parent
+/// (capacity 4, so a window of 4 MiB, in a pool whose max_payload is 8 MiB) while the app reads
+/// nothing, then answers the call. Returns the most the parent held meanwhile, what the app's
+/// receiver got, and why it ended.
+async fn greedy_runner(frames: impl Fn(u64) -> Vec<u8>) -> (isize, Vec<Vec<u8>>, String) {
+    let puppet = Puppet::default();
+    let pool = puppet
+        .builder("greedy")
+        .max_payload(8 << 20)
+        .start()
+        .await
+        .unwrap();
+    let (_to_runner, blobs) = flame::channel::<Vec<u8>>(4);
+    let (back, mut from_runner) = flame::channel::<Vec<u8>>(4);
+    let call = flame::spawn_on(&pool, reverse_blobs(blobs, back));
+    let mut runner = puppet.impostor().await;
+    let id = runner.next_run().await;
+
+    let frames = frames(id);
+    flame::fuzz::HeapCounter::counting(true);
+    let before = flame::fuzz::HeapCounter::net();
+    runner.send(&frames).await.unwrap();
+    runner.send(&done(id, &0u64)).await.unwrap();
+    // Frames are read in order: with the result in, all of the above was read.
+    assert_eq!(call.await.unwrap(), 0);
+    let held = flame::fuzz::HeapCounter::peak() - before;
+    flame::fuzz::HeapCounter::counting(false);
+
+    let mut got = Vec::new();
+    while let Some(message) = from_runner.recv().await {
+        got.push(message);
+    }
+    let why = from_runner
+        .error()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    pool.shutdown().await;
+    (held, got, why)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_sending_past_its_channel_credit_is_cut_off_in_bounded_memory() {
+    bounded(BOUND, async {
+        // One message that never ends: 64 MiB of chunks.
+        let chunk = vec![1; 256 << 10];
+        let (held, got, why) =
+            greedy_runner(|id| (0..256).flat_map(|_| chan_part(id, 1, &chunk)).collect()).await;
+        eprintln!("an endless message: {} MiB held at most", held >> 20);
+        // The 8 MiB reassembled before the refusal, and a buffer growing to it.
+        assert!(held < 24 << 20, "{} MiB held at most", held >> 20);
+        assert!(got.is_empty());
+        assert!(
+            why.contains("more than 8388608 bytes (the pool's max_payload)"),
+            "{why}"
+        );
+
+        // Whole 3 MiB messages, 16 of them, none of them taken by the app: the second one
+        // overruns the 4 MiB window. (Before the window, the parent took 8 of them.)
+        let message = serde_bytes::ByteBuf::from(vec![2; 3 << 20]);
+        let (held, got, why) = greedy_runner(|id| {
+            (0..16)
+                .flat_map(|_| chan_message(id, 1, &message))
+                .collect()
+        })
+        .await;
+        eprintln!("messages past the window: {} MiB held at most", held >> 20);
+        assert!(held < 16 << 20, "{} MiB held at most", held >> 20);
+        assert_eq!(
+            got,
+            [message.into_vec()],
+            "what came within the credit is delivered"
+        );
+        assert!(
+            why.contains("sent more bytes than this channel's credit allows"),
+            "{why}"
+        );
     })
     .await;
 }

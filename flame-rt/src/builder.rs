@@ -60,7 +60,7 @@ pub enum Placement {
 /// | [`single_use`](Self::single_use) | false | each runner serves one call, then exits |
 /// | [`shutdown_timeout`](Self::shutdown_timeout) | 30 s | how long [`Pool::shutdown`] waits for calls in flight |
 /// | [`cancel_grace`](Self::cancel_grace) | 5 s | a cancelled call still running this long gets its runner recycled |
-/// | [`max_payload`](Self::max_payload) | 1 GiB | largest encoded argument list or result of one call |
+/// | [`max_payload`](Self::max_payload) | 1 GiB | largest encoded argument list or result of one call, or channel message |
 /// | [`prewarm_at`](Self::prewarm_at) | off | boot the next runner early at this utilisation |
 /// | [`placement`](Self::placement) | least loaded | which runner with a free slot a call goes to |
 /// | `tls` (feature `tls`) | off | encrypt runner connections, parent certificate pinned by fingerprint |
@@ -209,6 +209,10 @@ impl PoolBuilder {
     /// size at peak on each side: the encoded bytes and the decoded value). Over the limit, the
     /// call fails with [`ErrorKind::Codec`](crate::ErrorKind::Codec) naming both sizes; data
     /// larger than memory belongs in a [`channel`](crate::channel()), which streams it.
+    ///
+    /// It bounds one message on the pool's channels too: a bigger one fails the sending half
+    /// with `Codec`, and a runner that sends one anyway (a compromised runner) ends its channel
+    /// with `Protocol` before the parent buffers more than this.
     pub fn max_payload(mut self, bytes: usize) -> Self {
         self.config.max_payload = bytes;
         self

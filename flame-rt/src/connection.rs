@@ -310,6 +310,7 @@ pub(crate) fn start(
     });
     // On the protocol's runtime: the runner must hear our heartbeats, and we its, whatever the
     // app's tasks are doing with its workers.
+    conn.routes.set_max_message(shared.config.max_payload);
     let writer = crate::io_runtime::spawn(wire::write_loop(writer, conn.out.clone()));
     conn.push(&ToRunner::Welcome(welcome.clone()));
     crate::io_runtime::spawn(read(shared, key, conn.clone(), reader, writer, welcome));
@@ -452,7 +453,7 @@ async fn read(
     };
     tracing::debug!(runner = %id, reason = %reason, "flame: runner connection ended");
     writer.abort();
-    conn.out.close();
+    conn.out.abandon();
     // Forget the runner first, so the slots released below are not handed out on it.
     shared.runner_gone(key, &reason);
     let running = {

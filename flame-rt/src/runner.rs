@@ -225,10 +225,11 @@ impl Service {
                 );
             }
         };
-        service.max_payload.store(
-            usize::try_from(welcome.max_payload).unwrap_or(usize::MAX),
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        let max_payload = usize::try_from(welcome.max_payload).unwrap_or(usize::MAX);
+        service
+            .max_payload
+            .store(max_payload, std::sync::atomic::Ordering::Relaxed);
+        service.calls.routes.set_max_message(max_payload);
         // The pieces of big arguments received so far, by call: each call's `Run` brings the
         // last one.
         let mut uploads: CallMap<Vec<u8>> = CallMap::default();

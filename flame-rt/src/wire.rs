@@ -660,6 +660,14 @@ impl Outbox {
         self.drained.notify_waiters();
     }
 
+    /// Closes the outbox and lets go of the connection at once, unsent frames and all: the
+    /// connection is over, and whoever still holds the outbox (a channel's pump) must not keep
+    /// its socket open, nobody reading it.
+    pub(crate) fn abandon(&self) {
+        self.close();
+        drop(self.io.lock().unwrap_or_else(|e| e.into_inner()).take());
+    }
+
     /// Waits until at most `limit` bytes are queued (or the outbox is closed), so the chunks of
     /// one big message take turns with other frames instead of queueing all at once.
     pub(crate) async fn wait_below(&self, limit: usize) {

@@ -74,12 +74,12 @@ impl Puppet {
 
     /// A one-runner pool on this backend.
     pub async fn pool(&self, name: &str) -> Pool {
-        Pool::builder(name)
-            .backend(self.clone())
-            .max(1)
-            .start()
-            .await
-            .unwrap()
+        self.builder(name).start().await.unwrap()
+    }
+
+    /// The builder of a one-runner pool on this backend, for more settings.
+    pub fn builder(&self, name: &str) -> flame::PoolBuilder {
+        Pool::builder(name).backend(self.clone()).max(1)
     }
 
     /// Waits for a boot: `(parent address, runner id, hand-off)`.

@@ -6,11 +6,18 @@
 //! behind the other. The two pumps talk over the runner's connection in `Chan` frames:
 //!
 //! - an **outbound** pump takes messages from its `mpsc` receiver, encodes them and sends them
-//!   while it has credit (one credit per message, `capacity` to start with);
+//!   while it has credit: at most `capacity` messages in flight, and at most a byte window of
+//!   `capacity` MiB of them (a bigger message goes out once the window is half empty);
 //! - an **inbound** pump decodes arriving messages into its `mpsc` sender and grants the credit
-//!   back in batches as they are taken, so neither side buffers more than `capacity` messages on
-//!   the wire and `capacity` in its `mpsc`, and a slow channel never blocks the connection's
-//!   reader (which hands frames to pumps without waiting).
+//!   back in batches as they are taken, so neither side buffers more than `capacity` messages
+//!   (and the window's bytes) on the wire and `capacity` in its `mpsc`, and a slow channel never
+//!   blocks the connection's reader (which hands frames to pumps without waiting).
+//!
+//! Both sides keep the same books: the receiver counts what it has not yet granted back, the
+//! sender what it has not heard granted, which is never less. A peer that sends beyond its
+//! credit, or one message larger than the connection's `max_payload`, ends the channel with a
+//! [`Protocol`](ErrorKind::Protocol) error, so it can make this side hold no more than the
+//! window (or one message) beyond what the app's receiver holds.
 //!
 //! Channels belong to the call that carried them: [`Routes::end_call`] takes them down when it
 //! ends, is cancelled or loses its runner, and tells the local halves why through their
@@ -27,7 +34,7 @@ use bytes::{BufMut, Bytes};
 use futures::future::BoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Notify, mpsc};
 use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::error::{Error, ErrorKind};
@@ -40,11 +47,28 @@ use crate::wire::{
 #[derive(Default)]
 pub(crate) struct Link {
     reason: OnceLock<Error>,
+    /// Messages the app took from the receiving half, counted once the half is bridged: an
+    /// inbound pump grants credit for what the app took, not for what it was handed.
+    taken: AtomicUsize,
+    /// The count of `taken` at which the inbound pump wants to hear of it (0: no pump).
+    wake_at: AtomicUsize,
+    took: Notify,
 }
 
 impl Link {
     pub(crate) fn new() -> Arc<Link> {
         Arc::default()
+    }
+
+    /// The app took a message from the receiving half.
+    pub(crate) fn took(&self) {
+        let wake_at = self.wake_at.load(Ordering::Acquire);
+        if wake_at == 0 {
+            return;
+        }
+        if self.taken.fetch_add(1, Ordering::AcqRel) + 1 >= wake_at {
+            self.took.notify_one();
+        }
     }
 
     /// Records why the channel ended; the first reason stands.
@@ -93,9 +117,9 @@ impl Port {
         });
     }
 
-    /// Sends one message that fits a chunk, encoded straight into the connection's outbox.
-    /// Returns `false`, sending nothing, for a bigger one.
-    fn send_inline<T: Serialize + 'static>(&self, item: &T) -> postcard::Result<bool> {
+    /// Sends one message that fits a chunk (`len` bytes encoded), encoded straight into the
+    /// connection's outbox.
+    fn send_inline<T: Serialize + 'static>(&self, item: &T, len: usize) {
         /// A `Data` frame's fields up to its bytes, their length included: the encoded message
         /// follows, as the frame's last field.
         #[derive(Serialize)]
@@ -105,10 +129,6 @@ impl Port {
             chan: u32,
             body: u32,
             len: usize,
-        }
-        let len = postcard::experimental::serialized_size(item)?;
-        if len > PIECE {
-            return Ok(false);
         }
         let head = DataHead {
             variant: self.side.variant(),
@@ -133,7 +153,6 @@ impl Port {
                 postcard::to_io(item, buf.writer()).map(drop)
             });
         }
-        Ok(true)
     }
 
     /// Sends an encoded message in chunks that take turns with other frames.
@@ -178,14 +197,26 @@ impl End<'_> {
 
 /// The channels of every call on one connection, by `(call, channel number)`: where the
 /// connection's reader delivers their frames.
-#[derive(Default)]
 pub(crate) struct Routes {
     map: Mutex<HashMap<(u64, u32), Route>>,
+    /// The largest message a channel of this connection carries: the pool's `max_payload`.
+    max_message: AtomicUsize,
     /// Frames of calls whose arguments are still being decoded (big ones are decoded off the
     /// protocol thread), kept until their channels exist, in order.
     held: Mutex<HashMap<u64, Vec<Bytes>>>,
     /// How many calls are held, so delivering to a channel costs no second lock when none is.
     holding: std::sync::atomic::AtomicUsize,
+}
+
+impl Default for Routes {
+    fn default() -> Self {
+        Routes {
+            map: Mutex::default(),
+            max_message: AtomicUsize::new(MAX_MESSAGE),
+            held: Mutex::default(),
+            holding: AtomicUsize::new(0),
+        }
+    }
 }
 
 struct Route {
@@ -204,8 +235,7 @@ enum RouteKind {
     In(Option<Box<dyn Inbox>>),
     /// Messages leaving from a local sender, and how many the remote receiver will take.
     Out {
-        credits: Arc<Semaphore>,
-        capacity: usize,
+        credit: Arc<OutCredit>,
         /// Told when the call is over: the pump stops taking messages and flushes.
         finish: Arc<Notify>,
     },
@@ -214,6 +244,15 @@ enum RouteKind {
 impl Routes {
     fn lock(&self) -> MutexGuard<'_, HashMap<(u64, u32), Route>> {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets the largest message the channels of this connection carry, both ways.
+    pub(crate) fn set_max_message(&self, bytes: usize) {
+        self.max_message.store(bytes, Ordering::Relaxed);
+    }
+
+    fn max_message(&self) -> usize {
+        self.max_message.load(Ordering::Relaxed)
     }
 
     /// Spawns a channel's pump, unless the channel was taken down in between.
@@ -294,16 +333,7 @@ impl Routes {
                 ));
                 *inbox = None;
             }
-            (
-                ChanBodyRef::Credit(n),
-                RouteKind::Out {
-                    credits, capacity, ..
-                },
-            ) => {
-                // Never more than the capacity: a confused peer can't make us overrun it.
-                let room = capacity.saturating_sub(credits.available_permits());
-                credits.add_permits((n as usize).min(room));
-            }
+            (ChanBodyRef::Credit(n), RouteKind::Out { credit, .. }) => credit.granted(n),
             (ChanBodyRef::Close, RouteKind::Out { .. }) => {
                 route.link.end(Error::new(
                     ErrorKind::ChannelClosed,
@@ -379,11 +409,14 @@ where
     T: DeserializeOwned + Send + 'static,
 {
     let (arrived, arrivals) = mpsc::unbounded_channel();
-    let queued = Arc::new(AtomicUsize::new(0));
+    let capacity = tx.max_capacity();
+    let ungranted = Arc::new(InCredit::default());
     let inbox = Decoder {
         arrived,
-        queued: queued.clone(),
-        capacity: tx.max_capacity(),
+        ungranted: ungranted.clone(),
+        capacity,
+        window: window(capacity),
+        max_message: routes.max_message(),
         partial: Vec::new(),
         link: link.clone(),
     };
@@ -397,7 +430,7 @@ where
             closed: false,
         },
     );
-    Box::pin(inbound(tx, arrivals, queued, port, link))
+    Box::pin(inbound(tx, arrivals, ungranted, port, link))
 }
 
 /// Opens the route of a channel whose messages leave from `rx`; returns its pump.
@@ -410,15 +443,13 @@ pub(crate) fn open_outbound<T>(
 where
     T: Serialize + Send + 'static,
 {
-    let capacity = rx.max_capacity();
-    let credits = Arc::new(Semaphore::new(capacity));
+    let credit = Arc::new(OutCredit::new(rx.max_capacity(), routes.max_message()));
     let finish = Arc::new(Notify::new());
     routes.lock().insert(
         (port.call, port.chan),
         Route {
             kind: RouteKind::Out {
-                credits: credits.clone(),
-                capacity,
+                credit: credit.clone(),
                 finish: finish.clone(),
             },
             link: link.clone(),
@@ -427,7 +458,7 @@ where
             closed: false,
         },
     );
-    Box::pin(outbound(rx, port, credits, finish, link))
+    Box::pin(outbound(rx, port, credit, finish, link))
 }
 
 /// Where the connection's reader puts what arrives for an inbound channel: messages are decoded
@@ -440,17 +471,98 @@ trait Inbox: Send {
 }
 
 struct Decoder<T> {
-    arrived: mpsc::UnboundedSender<T>,
-    /// Messages decoded and not yet taken by the pump: never more than the credit given.
-    queued: Arc<AtomicUsize>,
+    /// Decoded messages, with their size on the wire.
+    arrived: mpsc::UnboundedSender<(T, usize)>,
+    /// What arrived and was not granted back yet: never more than the credit.
+    ungranted: Arc<InCredit>,
     capacity: usize,
+    window: usize,
+    max_message: usize,
     /// The chunks of a message still coming.
     partial: Vec<u8>,
     link: Arc<Link>,
 }
 
-/// The largest message a channel reassembles from chunks.
+/// The largest message a channel carries when the connection has not said (`max_payload`'s
+/// default).
 const MAX_MESSAGE: usize = 1 << 30;
+
+/// Bytes in flight a channel allows per message of its capacity.
+const WINDOW_PER_MESSAGE: usize = 1 << 20;
+
+/// The byte window of a channel of `capacity` messages.
+fn window(capacity: usize) -> usize {
+    capacity.saturating_mul(WINDOW_PER_MESSAGE)
+}
+
+/// Whether a message of `size` bytes may go out with `in_flight` bytes not yet granted back:
+/// while it fits the window, or, bigger, once the window is half empty. The sender waits for
+/// it; the receiver refuses a peer that did not.
+fn fits(in_flight: usize, size: usize, window: usize) -> bool {
+    in_flight <= window / 2 || in_flight.saturating_add(size) <= window
+}
+
+/// The receiver's books: messages and bytes arrived and not yet granted back.
+#[derive(Default)]
+struct InCredit {
+    messages: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+/// The sender's books: the sizes of the messages sent and not yet granted back, oldest first.
+struct OutCredit {
+    capacity: usize,
+    window: usize,
+    max_message: usize,
+    sent: Mutex<(std::collections::VecDeque<usize>, usize)>,
+    granted: Notify,
+}
+
+impl OutCredit {
+    fn new(capacity: usize, max_message: usize) -> Self {
+        OutCredit {
+            capacity,
+            window: window(capacity),
+            max_message,
+            sent: Mutex::default(),
+            granted: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, (std::collections::VecDeque<usize>, usize)> {
+        self.sent.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until a message of `size` bytes may go out, and books it.
+    async fn take(&self, size: usize) {
+        loop {
+            {
+                let mut sent = self.lock();
+                let (sizes, bytes) = &mut *sent;
+                if sizes.len() < self.capacity && fits(*bytes, size, self.window) {
+                    sizes.push_back(size);
+                    *bytes += size;
+                    return;
+                }
+            }
+            // One waiter, and a grant before this await leaves a permit: no wakeup is lost.
+            self.granted.notified().await;
+        }
+    }
+
+    /// The receiver took `n` more messages. Never more than were sent: a confused peer can't
+    /// make us overrun it.
+    fn granted(&self, n: u32) {
+        let mut sent = self.lock();
+        let (sizes, bytes) = &mut *sent;
+        for _ in 0..n {
+            let Some(size) = sizes.pop_front() else { break };
+            *bytes -= size;
+        }
+        drop(sent);
+        self.granted.notify_one();
+    }
+}
 
 impl<T> Decoder<T> {
     /// Ends the channel: the peer broke its rules.
@@ -462,11 +574,34 @@ impl<T> Decoder<T> {
         false
     }
 
-    fn deliver(&mut self, item: T) -> bool {
-        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.capacity {
+    /// Checks a message, or what arrived of it, against the credit: `size` bytes so far.
+    fn within_credit(&mut self, size: usize) -> bool {
+        if size > self.max_message {
+            let max = self.max_message;
+            return self.refuse(&format!(
+                "sent a message of more than {max} bytes (the pool's max_payload)"
+            ));
+        }
+        if self.ungranted.messages.load(Ordering::Acquire) >= self.capacity {
             return self.refuse("sent more messages than this channel's credit allows");
         }
-        let _ = self.arrived.send(item);
+        if !fits(
+            self.ungranted.bytes.load(Ordering::Acquire),
+            size,
+            self.window,
+        ) {
+            return self.refuse("sent more bytes than this channel's credit allows");
+        }
+        true
+    }
+
+    fn deliver(&mut self, item: T, size: usize) -> bool {
+        if !self.within_credit(size) {
+            return false;
+        }
+        self.ungranted.messages.fetch_add(1, Ordering::AcqRel);
+        self.ungranted.bytes.fetch_add(size, Ordering::AcqRel);
+        let _ = self.arrived.send((item, size));
         true
     }
 }
@@ -483,10 +618,13 @@ impl<T: DeserializeOwned + Send + 'static> Inbox for Decoder<T> {
             *slot = Some(frame.slice_ref(raw));
         }
         if let Some(item) = zero_copy {
-            return self.deliver(item);
+            return self.deliver(item, data.len());
         }
-        if self.partial.len() + data.len() > MAX_MESSAGE {
-            return self.refuse("sent a message of more than 1 GiB");
+        let size = self.partial.len() + data.len();
+        // Checked as the chunks arrive: what is reassembled stays within the credit.
+        if !self.within_credit(size) {
+            self.partial = Vec::new();
+            return false;
         }
         if !last || !self.partial.is_empty() {
             self.partial.extend_from_slice(data);
@@ -500,7 +638,7 @@ impl<T: DeserializeOwned + Send + 'static> Inbox for Decoder<T> {
         };
         self.partial = Vec::new();
         match decoded {
-            Ok(item) => self.deliver(item),
+            Ok(item) => self.deliver(item, size),
             Err(e) => {
                 self.link.end(Error::new(
                     ErrorKind::Codec,
@@ -518,22 +656,52 @@ impl<T: DeserializeOwned + Send + 'static> Inbox for Decoder<T> {
 
 async fn inbound<T>(
     tx: mpsc::Sender<T>,
-    mut arrivals: mpsc::UnboundedReceiver<T>,
-    queued: Arc<AtomicUsize>,
+    mut arrivals: mpsc::UnboundedReceiver<(T, usize)>,
+    ungranted: Arc<InCredit>,
     port: Port,
     link: Arc<Link>,
 ) {
     // Credit goes back in batches: a frame per message would double the traffic of small ones.
     let batch = (tx.max_capacity() / 4).max(1) as u32;
-    let mut owed = 0u32;
+    let half_window = window(tx.max_capacity()) / 2;
+    let (mut owed, mut owed_bytes) = (0u32, 0usize);
+    // The sizes of the messages handed to the app and not taken yet, oldest first.
+    let mut handed = std::collections::VecDeque::new();
+    let mut seen = link.taken.load(Ordering::Acquire);
+    let grant = |owed: &mut u32, owed_bytes: &mut usize| {
+        // The books first: what the sender sends on this credit may arrive at once.
+        ungranted
+            .messages
+            .fetch_sub(*owed as usize, Ordering::AcqRel);
+        ungranted.bytes.fetch_sub(*owed_bytes, Ordering::AcqRel);
+        port.send(ChanBodyRef::Credit(*owed));
+        (*owed, *owed_bytes) = (0, 0);
+    };
     loop {
-        let item = tokio::select! {
+        let taken = link.taken.load(Ordering::Acquire);
+        for _ in seen..taken {
+            let Some(size) = handed.pop_front() else {
+                break;
+            };
+            owed += 1;
+            owed_bytes += size;
+        }
+        seen = taken;
+        // A sender past half the window may be waiting for it back to send a big message.
+        let over_half = ungranted.bytes.load(Ordering::Acquire) > half_window;
+        if owed >= batch || (owed > 0 && over_half) {
+            grant(&mut owed, &mut owed_bytes);
+        }
+        let wanted = match over_half {
+            true => 1,
+            false => (batch - owed) as usize,
+        };
+        link.wake_at.store(seen + wanted, Ordering::Release);
+        let (item, size) = tokio::select! {
             biased;
+            () = link.took.notified() => continue,
             arrived = arrivals.recv() => match arrived {
-                Some(item) => {
-                    queued.fetch_sub(1, Ordering::AcqRel);
-                    item
-                }
+                Some(arrived) => arrived,
                 None => {
                     // Ended by a message that could not be decoded, or by a peer that broke the
                     // rules: the sender must stop too.
@@ -547,13 +715,9 @@ async fn inbound<T>(
             // it next sends.
             () = tx.closed() => return port.send(ChanBodyRef::Close),
         };
+        handed.push_back(size);
         if tx.send(item).await.is_err() {
             return port.send(ChanBodyRef::Close);
-        }
-        owed += 1;
-        if owed >= batch {
-            port.send(ChanBodyRef::Credit(owed));
-            owed = 0;
         }
     }
 }
@@ -561,7 +725,7 @@ async fn inbound<T>(
 async fn outbound<T: Serialize + 'static>(
     mut rx: mpsc::Receiver<T>,
     port: Port,
-    credits: Arc<Semaphore>,
+    credit: Arc<OutCredit>,
     finish: Arc<Notify>,
     link: Arc<Link>,
 ) {
@@ -596,20 +760,29 @@ async fn outbound<T: Serialize + 'static>(
                 _ => port.send(ChanBodyRef::Close),
             };
         };
-        match credits.acquire().await {
-            Ok(credit) => credit.forget(),
-            Err(_) => return,
-        }
-        let sent = port.send_inline(&item).and_then(|sent| {
-            if !sent {
+        // Sized first: the credit is booked by size before anything goes out.
+        let encoded = postcard::experimental::serialized_size(&item).and_then(|size| {
+            if size > PIECE {
                 spare.clear();
                 spare = postcard::to_extend(&item, std::mem::take(&mut spare))?;
             }
-            Ok(sent)
+            Ok(size)
         });
-        match sent {
-            Ok(true) => {}
-            Ok(false) => port.send_chunks(&spare).await,
+        let size = match encoded {
+            Ok(size) if size <= credit.max_message => size,
+            Ok(size) => {
+                link.end(Error::new(
+                    ErrorKind::Codec,
+                    format!(
+                        "a message of {size} bytes is more than a flame channel carries (the \
+                         pool's max_payload, {} bytes); raise PoolBuilder::max_payload, or send \
+                         it in smaller messages",
+                        credit.max_message
+                    ),
+                ));
+                let why = link.reason().map(ToString::to_string).unwrap_or_default();
+                return port.send(ChanBodyRef::Fail(&why));
+            }
             Err(e) => {
                 link.end(Error::new(
                     ErrorKind::Codec,
@@ -621,6 +794,11 @@ async fn outbound<T: Serialize + 'static>(
                 let why = link.reason().map(ToString::to_string).unwrap_or_default();
                 return port.send(ChanBodyRef::Fail(&why));
             }
+        };
+        credit.take(size).await;
+        match size <= PIECE {
+            true => port.send_inline(&item, size),
+            false => port.send_chunks(&spare).await,
         }
     }
 }

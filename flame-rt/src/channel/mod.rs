@@ -46,11 +46,16 @@
 //!
 //! # Semantics
 //!
-//! - **Backpressure end to end.** A channel of capacity `n` holds at most `n` messages on each
-//!   side of the connection: the receiving side grants credit as messages are taken, and a
-//!   sender without credit waits in `send`. One slow channel never holds up the others on the
+//! - **Backpressure end to end.** A channel of capacity `n` has at most `n` messages, and at
+//!   most `n` MiB of them, between the sending process and the receiving app: the receiving
+//!   side grants credit as the app takes messages, and a sender without credit waits in `send`
+//!   (a message bigger than the window waits until half of it is free). The sending process
+//!   holds at most `n` more in its `mpsc`. One slow channel never holds up the others on the
 //!   same runner, nor the calls' results. Messages bigger than 256 KiB go out in chunks that take
-//!   turns with other traffic.
+//!   turns with other traffic; one message may be as large as the pool's
+//!   [`max_payload`](crate::PoolBuilder::max_payload). A peer that sends past its credit (a
+//!   compromised runner, say) ends the channel with [`ErrorKind::Protocol`](crate::ErrorKind)
+//!   instead of making this side buffer it.
 //! - **Bulk data**: `bytes::Bytes` messages cross without a copy in user space on either side
 //!   (the frame's bytes are handed over as they are). A few messages of 64–256 KiB in flight are
 //!   fastest, since they stay in cache: [`stream_reader`] keeps 8 × 128 KiB.
@@ -348,7 +353,11 @@ impl<T> Receiver<T> {
     /// The next message; `None` once every sender is gone and all they sent was received, or
     /// once the call that carried the channel ended ([`error`](Receiver::error) says why).
     pub async fn recv(&mut self) -> Option<T> {
-        self.rx()?.recv().await
+        let message = self.rx()?.recv().await;
+        if message.is_some() {
+            self.link.took();
+        }
+        message
     }
 
     /// Why the channel ended, when it ended other than by its senders finishing: the call that
@@ -378,10 +387,15 @@ impl<T> Stream for Receiver<T> {
     type Item = T;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
-        match self.get_mut().rx() {
+        let this = self.get_mut();
+        let polled = match this.rx() {
             Some(rx) => rx.poll_recv(cx),
             None => Poll::Ready(None),
+        };
+        if let Poll::Ready(Some(_)) = &polled {
+            this.link.took();
         }
+        polled
     }
 }
 
