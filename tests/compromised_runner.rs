@@ -122,3 +122,66 @@ async fn a_runner_sending_past_its_channel_credit_is_cut_off_in_bounded_memory()
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_that_hangs_up_as_it_connects_is_never_kept() {
+    bounded(BOUND, async {
+        // The connection may end before the boot has added the runner to the pool; it must
+        // not be added then, or calls wait on it for ever. Found by the property test below.
+        for _ in 0..30 {
+            let puppet = Puppet::default();
+            let pool = puppet.pool("hangup").await;
+            let call = flame::spawn_on(&pool, add(1, 2));
+            puppet.hang_up_after_hello().await;
+            let mut waited = Duration::ZERO;
+            while pool.stats().runners > 0 || pool.stats().booted + pool.stats().failed_boots == 0 {
+                assert!(
+                    waited < Duration::from_secs(5),
+                    "a runner that hung up is kept: {:?}",
+                    pool.stats()
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                waited += Duration::from_millis(1);
+            }
+            drop(call);
+            pool.shutdown().await;
+        }
+    })
+    .await;
+}
+
+/// Three calls, the second with a channel each way and a message big enough to go in chunks.
+async fn three_calls(pool: flame::Pool) {
+    let first = flame::spawn_on(&pool, add(1, 2));
+    let (to_runner, blobs) = flame::channel(2);
+    let (back, mut from_runner) = flame::channel(2);
+    let second = flame::spawn_on(&pool, reverse_blobs(blobs, back));
+    let third = flame::spawn_on(&pool, add(3, 4));
+    let _ = to_runner.send(vec![7; 300 << 10]).await;
+    drop(to_runner);
+    let _ = (first.await, second.await, third.await);
+    while from_runner.recv().await.is_some() {}
+}
+
+static SESSION: std::sync::OnceLock<flame::fuzz::Session> = std::sync::OnceLock::new();
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig {
+        cases: 256,
+        failure_persistence: None,
+        ..Default::default()
+    })]
+
+    /// The property twin of the `runner` fuzz target (fuzz/fuzz_targets/runner.rs): whatever
+    /// a stranger sends while a runner boots, and whatever that runner then says, the runner is
+    /// welcomed, every call is resolved and every slot given back.
+    #[test]
+    fn any_runner_script_leaves_every_call_resolved_and_every_slot_free(
+        stranger in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+        script in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+    ) {
+        SESSION
+            .get_or_init(flame::fuzz::Session::new)
+            .run(&stranger, &script, three_calls);
+    }
+}

@@ -38,6 +38,9 @@ pub(crate) struct RunnerConn {
     /// arms a timer for the first: a cancel wakes no thread for it.
     overdue: Mutex<std::collections::VecDeque<(Instant, u64)>>,
     any_overdue: std::sync::atomic::AtomicBool,
+    /// Why the connection ended, set before the pool hears of it: a runner that hangs up before
+    /// its boot has added it to the pool must not be added after.
+    ended: std::sync::OnceLock<Error>,
 }
 
 #[derive(Default)]
@@ -282,6 +285,11 @@ impl RunnerConn {
         Ok(())
     }
 
+    /// Why the connection ended, once it has.
+    pub(crate) fn ended(&self) -> Option<&Error> {
+        self.ended.get()
+    }
+
     /// Takes the call's registration: its slot and what to resolve.
     fn finish(&self, call: u64) -> Option<Running> {
         self.lock().calls.remove(&call)
@@ -307,6 +315,7 @@ pub(crate) fn start(
         cancel_grace: shared.config.cancel_grace,
         overdue: Mutex::default(),
         any_overdue: std::sync::atomic::AtomicBool::new(false),
+        ended: std::sync::OnceLock::new(),
     });
     // On the protocol's runtime: the runner must hear our heartbeats, and we its, whatever the
     // app's tasks are doing with its workers.
@@ -454,6 +463,7 @@ async fn read(
     tracing::debug!(runner = %id, reason = %reason, "flame: runner connection ended");
     writer.abort();
     conn.out.abandon();
+    let _ = conn.ended.set(reason.clone());
     // Forget the runner first, so the slots released below are not handed out on it.
     shared.runner_gone(key, &reason);
     let running = {

@@ -614,7 +614,7 @@ impl Shared {
         });
         let started = Instant::now();
         let booted = self.boot_runner(key, &runner_id).await;
-        let error = booted.as_ref().err().cloned();
+        let mut error = booted.as_ref().err().cloned();
         let mut orphan = None;
         {
             let mut state = self.lock();
@@ -622,6 +622,18 @@ impl Shared {
             match booted {
                 Ok(runner) if state.closed.is_some() => {
                     orphan = Some((runner, Exiting::new(&self, &mut state)));
+                }
+                // It hung up before this could add it, so nobody else will take it out: it
+                // failed to boot.
+                Ok(runner) if runner.conn.ended().is_some() => {
+                    let why = runner.conn.ended().map(Error::message).unwrap_or_default();
+                    let failed = Error::new(
+                        ErrorKind::BootFailed,
+                        format!("{why}, right after it connected"),
+                    );
+                    orphan = Some((runner, Exiting::new(&self, &mut state)));
+                    error = Some(failed.clone());
+                    self.boot_failed(&mut state, failed);
                 }
                 Ok(runner) => {
                     state.runners.push(runner);

@@ -104,6 +104,20 @@ impl Puppet {
     }
 }
 
+impl Puppet {
+    /// Waits for a boot, dials back as its runner with the right token, and hangs up right
+    /// after its hello, before the parent's welcome.
+    pub async fn hang_up_after_hello(&self) {
+        let (addr, runner_id, handoff) = self.booting().await;
+        let token = unhex(crate::field(&handoff, "token").unwrap());
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        stream
+            .write_all(&flame::fuzz::impostor::hello(&runner_id, token))
+            .await
+            .unwrap();
+    }
+}
+
 /// The test's side of a runner connection that passed the handshake.
 pub struct Impostor {
     stream: tokio::net::TcpStream,

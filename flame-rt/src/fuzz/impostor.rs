@@ -2,7 +2,9 @@
 //! right token but breaks the rules (a compromised or buggy runner). Each returns a whole frame,
 //! length prefix included, ready to write to the parent's listener.
 
-use crate::wire::{self, ChanBody, ChanFrame, Hello, Outcome, ToParent, ToRunner};
+use crate::wire::{
+    self, ChanBody, ChanFrame, Hello, Outcome, Part, ToParent, ToRunner, WireErrorKind,
+};
 
 fn framed(msg: &ToParent) -> Vec<u8> {
     let body = wire::encode(msg).expect("encodable message");
@@ -69,5 +71,117 @@ pub fn describe(frame: &[u8]) -> String {
         Ok(ToRunner::Chan(_)) => "chan".into(),
         Ok(ToRunner::Part(_)) => "part".into(),
         Err(_) => "?".into(),
+    }
+}
+
+/// Frames of whatever `script` says, for the fuzz target and its property test: each op is a
+/// byte choosing a message the runner may send, then bytes for its fields (a call id among 0–4,
+/// of which 1–3 are the calls a session starts, a channel among 0–2, short payloads), or a
+/// frame of raw bytes. Any byte string is a script.
+pub fn script(script: &[u8]) -> Vec<u8> {
+    let mut cur = Cursor(script);
+    let mut out = Vec::new();
+    while let Some(op) = cur.next() {
+        let call = u64::from(cur.u8() % 5);
+        let chan = |cur: &mut Cursor<'_>, body| {
+            ToParent::Chan(ChanFrame {
+                call,
+                chan: u32::from(cur.u8() % 3),
+                body,
+            })
+        };
+        let msg = match op % 12 {
+            0 => ToParent::Done {
+                call,
+                outcome: Outcome::Ok(cur.bytes()),
+            },
+            1 => ToParent::Done {
+                call,
+                outcome: Outcome::Failed {
+                    kind: WireErrorKind::Codec,
+                    message: cur.text(),
+                },
+            },
+            2 => ToParent::Done {
+                call,
+                outcome: Outcome::Panicked(cur.text()),
+            },
+            3 => ToParent::Cancelled { call },
+            4 => {
+                let data = cur.bytes();
+                chan(&mut cur, ChanBody::Data(data))
+            }
+            5 => {
+                let data = cur.bytes();
+                chan(&mut cur, ChanBody::Part(data))
+            }
+            6 => {
+                let n = u32::from(cur.u8());
+                chan(&mut cur, ChanBody::Credit(n))
+            }
+            7 => chan(&mut cur, ChanBody::Close),
+            8 => {
+                let why = cur.text();
+                chan(&mut cur, ChanBody::Fail(why))
+            }
+            9 => ToParent::Part(Part {
+                call,
+                total: u64::from(cur.u8()) << (cur.u8() % 40),
+                data: cur.bytes(),
+            }),
+            10 => match cur.u8() % 6 {
+                0 => ToParent::Heartbeat,
+                1 => ToParent::Idle {
+                    idle_ms: u64::from(cur.u8()) * 100,
+                },
+                2 => ToParent::Stopping,
+                3 => ToParent::BootFailed { reason: cur.text() },
+                4 => ToParent::StartTls {
+                    runner_id: cur.text(),
+                },
+                _ => ToParent::Hello(Hello {
+                    protocol: wire::PROTOCOL_VERSION,
+                    runner_id: cur.text(),
+                    token: [0; 16],
+                    fingerprint: String::new(),
+                    manifest_hash: 0,
+                    manifest: Vec::new(),
+                }),
+            },
+            _ => {
+                let raw = cur.bytes();
+                out.extend_from_slice(&(raw.len() as u32).to_be_bytes());
+                out.extend_from_slice(&raw);
+                continue;
+            }
+        };
+        out.extend_from_slice(&framed(&msg));
+    }
+    out
+}
+
+/// Reads a script; past its end, every field is zero or empty.
+struct Cursor<'a>(&'a [u8]);
+
+impl Cursor<'_> {
+    fn next(&mut self) -> Option<u8> {
+        let (first, rest) = self.0.split_first()?;
+        self.0 = rest;
+        Some(*first)
+    }
+
+    fn u8(&mut self) -> u8 {
+        self.next().unwrap_or(0)
+    }
+
+    fn bytes(&mut self) -> bytes::Bytes {
+        let len = usize::from(self.u8()).min(self.0.len());
+        let (taken, rest) = self.0.split_at(len);
+        self.0 = rest;
+        bytes::Bytes::copy_from_slice(taken)
+    }
+
+    fn text(&mut self) -> String {
+        String::from_utf8_lossy(&self.bytes()).into_owned()
     }
 }

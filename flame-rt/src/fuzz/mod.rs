@@ -51,5 +51,7 @@ pub fn frames(data: &[u8]) {
 
 mod heap;
 pub mod impostor;
+mod session;
 
 pub use heap::HeapCounter;
+pub use session::Session;
