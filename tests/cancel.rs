@@ -123,19 +123,26 @@ async fn local_backend_cancels_too() {
     .await;
 }
 
+/// A pool of one slot, taken by a call that holds it until its handle is dropped: the next
+/// calls wait in the queue.
+async fn one_busy_slot(name: &str) -> (Pool, JoinHandle<()>) {
+    let pool = Pool::builder(name)
+        .backend(ProcessBackend::new().program(RUNNER))
+        .max(1)
+        .max_concurrency(1)
+        .start()
+        .await
+        .unwrap();
+    let busy_dir = scratch_dir(&format!("{name}-busy"));
+    let busy = flame::spawn_on(&pool, hold_child(busy_dir.clone()));
+    held_pids(&busy_dir).await;
+    (pool, busy)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queued_call_dropped_never_starts() {
     bounded(BOUND, async {
-        let pool = Pool::builder("queued")
-            .backend(ProcessBackend::new().program(RUNNER))
-            .max(1)
-            .max_concurrency(1)
-            .start()
-            .await
-            .unwrap();
-        let busy_dir = scratch_dir("queued-busy");
-        let busy = flame::spawn_on(&pool, hold_child(busy_dir.clone()));
-        held_pids(&busy_dir).await;
+        let (pool, busy) = one_busy_slot("queued").await;
 
         let queued_dir = scratch_dir("queued-waiting");
         let marker = queued_dir.join("ran");
@@ -164,16 +171,7 @@ async fn a_queued_call_dropped_never_starts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_calls_dropped_behind_a_busy_runner_free_their_arguments_at_once() {
     bounded(BOUND, async {
-        let pool = Pool::builder("queued-mib")
-            .backend(ProcessBackend::new().program(RUNNER))
-            .max(1)
-            .max_concurrency(1)
-            .start()
-            .await
-            .unwrap();
-        let busy_dir = scratch_dir("queued-mib-busy");
-        let busy = flame::spawn_on(&pool, hold_child(busy_dir.clone()));
-        held_pids(&busy_dir).await;
+        let (pool, busy) = one_busy_slot("queued-mib").await;
 
         flame::fuzz::HeapCounter::counting(true);
         let before = flame::fuzz::HeapCounter::net();

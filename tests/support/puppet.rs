@@ -91,23 +91,20 @@ impl Puppet {
     /// Waits for a boot and dials back as its runner, with the right token: the parent
     /// welcomes it. From there the test speaks for the runner.
     pub async fn impostor(&self) -> Impostor {
-        let (addr, runner_id, handoff) = self.booting().await;
-        let token = unhex(crate::field(&handoff, "token").unwrap());
-        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
-        stream
-            .write_all(&flame::fuzz::impostor::hello(&runner_id, token))
-            .await
-            .unwrap();
-        let mut impostor = Impostor { stream };
+        let mut impostor = Impostor {
+            stream: self.say_hello().await,
+        };
         assert_eq!(impostor.next().await.as_deref(), Some("welcome"));
         impostor
     }
-}
 
-impl Puppet {
     /// Waits for a boot, dials back as its runner with the right token, and hangs up right
     /// after its hello, before the parent's welcome.
     pub async fn hang_up_after_hello(&self) {
+        drop(self.say_hello().await);
+    }
+
+    async fn say_hello(&self) -> tokio::net::TcpStream {
         let (addr, runner_id, handoff) = self.booting().await;
         let token = unhex(crate::field(&handoff, "token").unwrap());
         let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
@@ -115,6 +112,7 @@ impl Puppet {
             .write_all(&flame::fuzz::impostor::hello(&runner_id, token))
             .await
             .unwrap();
+        stream
     }
 }
 
