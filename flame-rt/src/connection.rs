@@ -219,15 +219,23 @@ impl RunnerConn {
     /// or, if none comes within `cancel_grace`, when the runner is recycled.
     pub(crate) fn cancel(&self, call: u64) {
         let mut pending = self.lock();
-        if let Some(running) = pending.calls.get_mut(&call) {
-            running.cancelled = true;
-            self.push(&ToRunner::Cancel { call });
-            let due = crate::deadline::after(self.cancel_grace);
-            self.overdue
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push_back((due, call));
-            self.any_overdue.store(true, Ordering::Release);
+        let Some(running) = pending.calls.get_mut(&call) else {
+            return;
+        };
+        running.cancelled = true;
+        let chans = running.chans;
+        self.push(&ToRunner::Cancel { call });
+        drop(pending);
+        let due = crate::deadline::after(self.cancel_grace);
+        self.overdue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back((due, call));
+        self.any_overdue.store(true, Ordering::Release);
+        // Its channels end now, as cancelled: whatever the runner sends meanwhile (its senders
+        // dropped with the task's future, say) would only make the end look ordinary.
+        if chans > 0 {
+            self.routes.end_call(call, chans, End::Cancelled, false);
         }
     }
 
