@@ -77,6 +77,27 @@ async fn every_byte_vector_shape_round_trips() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_cross_whole_or_in_pieces_and_other_types_named_bytes_too() {
+    bounded(BOUND, async {
+        let pool = pool("bytes").await;
+        // Small ones in the call's frame; big ones in pieces, sliced out of the reassembled
+        // arguments on the runner and out of the reassembled result here.
+        for (head, tail) in [(10, 20), (3 << 20, 5 << 20)] {
+            let head = bytes::Bytes::from(pattern(head, 6));
+            let tail = bytes::Bytes::from(pattern(tail, 7));
+            let joined = flame::call(&pool, splice(head.clone(), 9, tail.clone()))
+                .await
+                .unwrap();
+            assert_eq!(joined, [&head[..], &[9], &tail[..]].concat());
+        }
+        let word = named::Bytes("hey".into());
+        assert_eq!(flame::call(&pool, shout(word)).await.unwrap(), "HEY");
+        pool.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_struct_with_byte_fields_round_trips() {
     bounded(BOUND, async {
         let pool = pool("blobs").await;

@@ -197,6 +197,14 @@ fn is_byte_vec(ty: &Type) -> bool {
     matches!(generic_arg(ty, "Box"), Some(Type::Slice(slice)) if is_u8(&slice.elem))
 }
 
+/// A type named `Bytes`, without generics: decoded through `Shared`, which slices a
+/// `bytes::Bytes` out of the call's arguments instead of copying it (any other type named
+/// `Bytes` decodes as usual).
+fn is_bytes(ty: &Type) -> bool {
+    matches!(ty, Type::Path(p) if p.qself.is_none()
+        && p.path.segments.last().is_some_and(|last| last.ident == "Bytes" && last.arguments.is_empty()))
+}
+
 /// `(T, E)` of a return type `Result<T, E>` whose `T` is a byte vector.
 fn byte_vec_result(ty: &Type) -> Option<(&Type, &Type)> {
     let Type::Path(path) = ty else { return None };
@@ -354,6 +362,8 @@ fn expand_task(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
         .map(|ty| {
             if is_byte_vec(ty) {
                 quote!(#private::FromBytes<#ty>)
+            } else if is_bytes(ty) {
+                quote!(#private::Shared<#ty>)
             } else {
                 quote!(#ty)
             }
@@ -362,7 +372,7 @@ fn expand_task(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
     let unwrap_args = idents
         .iter()
         .zip(&types)
-        .filter(|(_, ty)| is_byte_vec(ty))
+        .filter(|(_, ty)| is_byte_vec(ty) || is_bytes(ty))
         .map(|(ident, _)| quote!(let #ident = #ident.0;));
     let encode_args = respan(
         quote!(#private::encode_args(&(#(#encoded_args,)*))),

@@ -92,7 +92,7 @@ impl<R> JoinHandle<R> {
     }
 }
 
-impl<R: DeserializeOwned> Future for JoinHandle<R> {
+impl<R: DeserializeOwned + 'static> Future for JoinHandle<R> {
     type Output = Result<R, Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -121,8 +121,14 @@ impl<R: DeserializeOwned> Future for JoinHandle<R> {
     }
 }
 
-fn decode<R>(outcome: Outcome, decode: Decode<R>) -> Result<R, Error> {
+fn decode<R: 'static>(outcome: Outcome, decode: Decode<R>) -> Result<R, Error> {
     match outcome {
+        Ok(bytes)
+            if bytes.len() > crate::wire::PIECE
+                && let Some(whole) = as_whole::<R>(&bytes) =>
+        {
+            Ok(whole)
+        }
         Ok(bytes) => decode(&bytes).map_err(|e| {
             Error::new(
                 ErrorKind::Codec,
@@ -135,6 +141,17 @@ fn decode<R>(outcome: Outcome, decode: Decode<R>) -> Result<R, Error> {
         }),
         Err(e) => Err(e),
     }
+}
+
+/// A big `Bytes` result as a slice of the buffer it was reassembled in, instead of a copy of it
+/// in fresh memory. (A small one came in a frame that shares the reader's buffer: keeping that
+/// alive would cost the reader a new buffer, so it is copied.)
+fn as_whole<R: 'static>(bytes: &bytes::Bytes) -> Option<R> {
+    let mut whole = None::<R>;
+    let slot = (&mut whole as &mut dyn std::any::Any).downcast_mut::<Option<bytes::Bytes>>()?;
+    let raw: &[u8] = postcard::from_bytes(bytes).ok()?;
+    *slot = Some(bytes.slice_ref(raw));
+    whole
 }
 
 impl<R> Drop for JoinHandle<R> {

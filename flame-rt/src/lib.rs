@@ -83,7 +83,9 @@
 //!   `Ok` of a `Result` return — is written as one byte string by the code `#[flame::task]`
 //!   generates, as fast as `bytes::Bytes` (serde alone would write it a byte at a time, ~10×
 //!   slower). `Bytes`, `serde_bytes::ByteBuf` and `String` are fast anywhere; in a struct of your
-//!   own, mark `Vec<u8>` fields `#[serde(with = "serde_bytes")]`. Payloads above 256 KiB cross
+//!   own, mark `Vec<u8>` fields `#[serde(with = "serde_bytes")]`. Fastest of all is `Bytes` as a
+//!   task's parameter or whole return type: when it crosses in pieces, the task (or the caller)
+//!   gets a slice of the buffer it arrived in, with no copy. Payloads above 256 KiB cross
 //!   in pieces that take turns with other calls, up to [`PoolBuilder::max_payload`] (1 GiB by
 //!   default); data bigger than memory belongs in a [`channel()`], which streams it.
 //!
@@ -255,7 +257,7 @@ pub use flame_rt_macros::test;
 
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::payload::{AsBytes, FromBytes, decode_value, encode_args};
+    pub use crate::payload::{AsBytes, FromBytes, Shared, decode_value, encode_args};
     pub use crate::runtime::{MainOutput, run_main, run_test};
     pub use crate::state::{assert_state, local_state, task_state};
     pub use crate::task::{

@@ -465,7 +465,8 @@ impl Service {
             let body = match body {
                 Ok(body) => body,
                 Err(args) => {
-                    let body = prepare(&guard, def, &args);
+                    // `Bytes` arguments are slices of `args`, not copies of them.
+                    let body = crate::payload::sharing(&args, || prepare(&guard, def, &args));
                     drop(args);
                     guard.calls.routes.release(call);
                     match body {

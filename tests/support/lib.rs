@@ -34,6 +34,26 @@ fn here() -> Whereabouts {
     }
 }
 
+/// `head`, then `n` as a byte, then `tail`: `bytes::Bytes` both ways, sliced out of the call's
+/// arguments (and its result) when they cross in pieces.
+#[flame::task]
+pub async fn splice(head: bytes::Bytes, n: u8, tail: bytes::Bytes) -> bytes::Bytes {
+    [&head[..], &[n], &tail[..]].concat().into()
+}
+
+/// An app's own type that happens to be called `Bytes`.
+pub mod named {
+    /// Not `bytes::Bytes`.
+    #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+    pub struct Bytes(pub String);
+}
+
+/// Shouts the word.
+#[flame::task]
+pub async fn shout(word: named::Bytes) -> String {
+    word.0.to_uppercase()
+}
+
 /// Adds two numbers.
 #[flame::task]
 pub async fn add(a: u64, b: u64) -> u64 {
