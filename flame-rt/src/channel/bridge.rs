@@ -9,8 +9,8 @@
 //!   while it has credit: at most `capacity` messages in flight, and at most a byte window of
 //!   `capacity` MiB of them (a bigger message goes out once the window is half empty);
 //! - an **inbound** pump decodes arriving messages into its `mpsc` sender and grants the credit
-//!   back in batches as they are taken, so neither side buffers more than `capacity` messages
-//!   (and the window's bytes) on the wire and `capacity` in its `mpsc`, and a slow channel never
+//!   back in batches as the app takes them, so at most `capacity` messages (and the window's
+//!   bytes) are between the sending process and the receiving app, and a slow channel never
 //!   blocks the connection's reader (which hands frames to pumps without waiting).
 //!
 //! Both sides keep the same books: the receiver counts what it has not yet granted back, the
