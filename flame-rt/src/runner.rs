@@ -245,8 +245,13 @@ impl Service {
             tokio::time::sleep_until(idle_after.map_or(far_future, crate::deadline::after));
         let grace_timer = tokio::time::sleep_until(far_future);
         tokio::pin!(idle_timer, grace_timer);
-        // Once the parent asks us to stop: no new calls, and we end when the last one does.
+        // Once the parent or the platform asks us to stop: no new calls, and we end when the
+        // last one does.
         let mut draining = false;
+        // The parent itself gave a grace (a `Shutdown`): it stands even if the parent goes
+        // away. A platform's stop (SIGTERM) is drained only for the parent's sake: if the parent
+        // is lost meanwhile (the pod deleted with it, say), the failsafe stands.
+        let mut granted = false;
         let all_done = service.calls.wait_empty();
         tokio::pin!(all_done);
         let mut control_open = true;
@@ -338,12 +343,13 @@ impl Service {
                                 grace_timer.as_mut().reset(until);
                             }
                             draining = true;
+                            granted = true;
                         }
                         Some(Ok(other)) => break Exit::ParentLost(format!("unexpected message {other:?}")),
                         // A runner told to stop keeps the grace it was given even if the parent
                         // goes away meanwhile (Elixir FLAME #86): its tasks may be half-way
                         // through work worth finishing.
-                        Some(Err(_)) | None if draining => parent_open = false,
+                        Some(Err(_)) | None if granted => parent_open = false,
                         Some(Err(e)) => break Exit::ParentLost(e.to_string()),
                         None => break Exit::ParentLost("the parent closed the connection".into()),
                     }
@@ -351,7 +357,7 @@ impl Service {
                 _ = &mut all_done, if draining => break Exit::Stopped,
                 _ = ticker.tick() => {
                     if let Some(quiet) = watchdog.silent_for()
-                        && !draining
+                        && !granted
                     {
                         break Exit::ParentLost(format!("no word from the parent for {quiet:?}"));
                     }
