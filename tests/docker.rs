@@ -1,12 +1,11 @@
 //! The Docker backend on the real engine: the parent and its runners are containers of one image
-//! (`flame-test-docker-app` with its shared libraries and `sleep`, `FROM scratch`, built by
+//! (`flame-test-container-app` with its shared libraries and `sleep`, `FROM scratch`, built by
 //! `scripts/docker-image.sh`: nothing can be pulled), on a network of the test's own. Faults are the engine's: `kill`,
 //! `network disconnect`.
 //!
 //! These tests need a running Docker engine, and fail saying so when there is none.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use bollard::Docker;
@@ -14,108 +13,36 @@ use bollard::models::{
     ContainerCreateBody, EventMessage, HostConfig, NetworkCreateRequest, NetworkDisconnectRequest,
 };
 use bollard::query_parameters::{
-    CreateContainerOptions, EventsOptions, KillContainerOptions, ListContainersOptions,
-    RemoveContainerOptions, StopContainerOptions,
+    CreateContainerOptions, EventsOptions, KillContainerOptions, RemoveContainerOptions,
+    StopContainerOptions,
 };
 use flame::ErrorKind;
 use flame_backend_docker::{DockerBackend, LABEL_PARENT, LABEL_POOL, bollard};
+use flame_tests::containers::{
+    Control, connect_control, container_ip, engine, hostname, labelled, output, random_id, runs,
+    until,
+};
 use futures::StreamExt;
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
-use tokio::sync::OnceCell;
 
 /// The label on everything a test run creates (network, parent), valued with the run's id.
 const LABEL_RUN: &str = "flame.test.run";
 /// How long a whole test may take.
 const BOUND: Duration = Duration::from_secs(180);
+/// The app every container runs, parent and runners.
+const APP: &str = env!("CARGO_BIN_EXE_flame-test-container-app");
 /// The parent app's heartbeat, and its runners' failsafe window (5 missed).
 const HEARTBEAT: Duration = Duration::from_millis(200);
 const FAILSAFE_WINDOW: Duration = Duration::from_millis(1000);
 
 // ---- the engine, the image, a scenario -------------------------------------------------------
 
-async fn engine() -> Docker {
-    let connected = match Docker::connect_with_defaults() {
-        Ok(docker) => docker.negotiate_version().await,
-        Err(e) => Err(e),
-    };
-    connected.unwrap_or_else(|e| {
-        panic!(
-            "these tests need a running Docker engine (`docker info` must work; start dockerd): {e}"
-        )
-    })
-}
-
-/// Builds the image once per test binary, with the script the deployment docs use
-/// (`scripts/docker-image.sh`: `FROM scratch`, the app as `/app`, `sleep` in `/usr/bin`, and the
-/// libraries `ldd` names), tagged by the app's contents.
-async fn image() -> &'static str {
-    static IMAGE: OnceCell<String> = OnceCell::const_new();
-    IMAGE.get_or_init(build_image).await
-}
-
-async fn build_image() -> String {
-    let app = env!("CARGO_BIN_EXE_flame-test-docker-app");
-    let contents = std::fs::read(app).unwrap_or_else(|e| panic!("reading {app}: {e}"));
-    let tag = format!("flame-test-docker-app:{:016x}", fnv(&contents));
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/docker-image.sh");
-    let built = tokio::process::Command::new(script)
-        .args([tag.as_str(), app, "sleep"])
-        .output()
-        .await
-        .unwrap_or_else(|e| panic!("running {script}: {e}"));
-    assert!(
-        built.status.success(),
-        "{script} failed ({}): {}",
-        built.status,
-        String::from_utf8_lossy(&built.stderr)
-    );
-    // Earlier builds of the app are of no further use.
-    let docker = engine().await;
-    let filters = HashMap::from([(
-        "reference".to_string(),
-        vec!["flame-test-docker-app".to_string()],
-    )]);
-    let images = docker
-        .list_images(Some(bollard::query_parameters::ListImagesOptions {
-            filters: Some(filters),
-            ..Default::default()
-        }))
-        .await
-        .unwrap_or_default();
-    for image in images {
-        if !image.repo_tags.contains(&tag) {
-            let _ = docker
-                .remove_image(
-                    &image.id,
-                    None::<bollard::query_parameters::RemoveImageOptions>,
-                    None,
-                )
-                .await;
-        }
-    }
-    tag
-}
-
-fn fnv(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf29ce484222325, |hash, b| {
-        (hash ^ u64::from(*b)).wrapping_mul(0x100000001b3)
-    })
-}
-
-fn random_id() -> String {
-    let mut id = [0u8; 6];
-    getrandom::fill(&mut id).unwrap();
-    id.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// A parent container on a network of its own, and the connection the test commands it by.
 struct Scenario {
     docker: Docker,
     cleanup: Cleanup,
     parent_host: String,
-    control: BufReader<TcpStream>,
+    control: Control,
 }
 
 /// Removes what a test made, by ids and labels, even when the test panics: containers (a
@@ -182,7 +109,7 @@ impl Scenario {
     /// `start`, with more environment for the parent (its backend settings).
     async fn start_with(max: usize, env: &[String]) -> Scenario {
         let docker = engine().await;
-        let image = image().await;
+        let image = flame_tests::containers::app_image(APP).await;
         let run = random_id();
         let network = format!("flame-test-{run}");
         let labels = HashMap::from([(LABEL_RUN.to_string(), run.clone())]);
@@ -242,7 +169,7 @@ impl Scenario {
             parent_host: hostname(&docker, &created.id).await,
             docker,
             cleanup,
-            control: BufReader::new(control),
+            control,
         }
     }
 
@@ -254,40 +181,12 @@ impl Scenario {
         self.cleanup.network.as_deref().unwrap()
     }
 
-    /// Sends one command; its answer's `ok`, or the error's kind and message.
-    async fn command(&mut self, line: &str) -> Result<Value, (String, String)> {
-        let stream = self.control.get_mut();
-        stream
-            .write_all(format!("{line}\n").as_bytes())
-            .await
-            .unwrap();
-        let mut answer = String::new();
-        self.control.read_line(&mut answer).await.unwrap();
-        let answer: Value = serde_json::from_str(&answer)
-            .unwrap_or_else(|e| panic!("the parent's answer to {line:?} is {answer:?}: {e}"));
-        match answer.get("ok") {
-            Some(ok) => Ok(ok.clone()),
-            None => Err((
-                answer["kind"].as_str().unwrap_or("").to_string(),
-                answer["err"].as_str().unwrap_or("").to_string(),
-            )),
-        }
-    }
-
-    /// Awaits the call held as `name`, which must have failed with `RunnerLost`.
     async fn expect_lost(&mut self, name: &str) {
-        let (kind, message) = self
-            .command(&format!("await {name}"))
-            .await
-            .expect_err("the call survived");
-        assert_eq!(kind, "RunnerLost", "{message}");
+        self.control.expect_lost(name).await
     }
 
     async fn ok(&mut self, line: &str) -> Value {
-        match self.command(line).await {
-            Ok(value) => value,
-            Err((kind, message)) => panic!("{line}: {kind}: {message}"),
-        }
+        self.control.ok(line).await
     }
 
     /// Holds a call as `name` on the only runner, and returns that runner's container once the
@@ -317,122 +216,6 @@ impl Scenario {
         .await;
         self.runners().await.remove(0)
     }
-}
-
-/// The ids of the containers, running or not, with `label=value`.
-async fn labelled(docker: &Docker, label: &str, value: &str) -> Vec<String> {
-    let filters = HashMap::from([("label".to_string(), vec![format!("{label}={value}")])]);
-    docker
-        .list_containers(Some(ListContainersOptions {
-            all: true,
-            filters: Some(filters),
-            ..Default::default()
-        }))
-        .await
-        .unwrap()
-        .into_iter()
-        .filter_map(|c| c.id)
-        .collect()
-}
-
-async fn container_ip(docker: &Docker, id: &str, network: &str) -> IpAddr {
-    let inspected = docker
-        .inspect_container(
-            id,
-            None::<bollard::query_parameters::InspectContainerOptions>,
-        )
-        .await
-        .unwrap();
-    let ip = inspected
-        .network_settings
-        .and_then(|n| n.networks)
-        .and_then(|mut n| n.remove(network))
-        .and_then(|e| e.ip_address)
-        .unwrap_or_default();
-    ip.parse()
-        .unwrap_or_else(|_| panic!("container {id} has no address on {network}"))
-}
-
-async fn hostname(docker: &Docker, id: &str) -> String {
-    let inspected = docker
-        .inspect_container(
-            id,
-            None::<bollard::query_parameters::InspectContainerOptions>,
-        )
-        .await
-        .unwrap();
-    inspected
-        .config
-        .and_then(|c| c.hostname)
-        .unwrap_or_default()
-}
-
-/// Connects to the parent's control port once the parent says it listens (following its
-/// output); if it exits first, or stays silent, fails with what it printed.
-async fn connect_control(docker: &Docker, id: &str, ip: IpAddr) -> TcpStream {
-    let mut output = logs(docker, id, true);
-    let mut printed = String::new();
-    let ready = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(chunk) = output.next().await {
-            printed.push_str(&chunk);
-            if printed.contains("ready on port") {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
-    match ready {
-        Ok(true) => TcpStream::connect((ip, 7000))
-            .await
-            .unwrap_or_else(|e| panic!("the parent is ready but refuses commands: {e}")),
-        _ => panic!("the parent container never took commands; its output:\n{printed}"),
-    }
-}
-
-/// The container's output: what it printed so far, and, with `follow`, until it exits.
-fn logs(docker: &Docker, id: &str, follow: bool) -> impl futures::Stream<Item = String> + use<> {
-    let options = bollard::query_parameters::LogsOptions {
-        follow,
-        stdout: true,
-        stderr: true,
-        ..Default::default()
-    };
-    docker
-        .logs(id, Some(options))
-        .take_while(|chunk| std::future::ready(chunk.is_ok()))
-        .filter_map(|chunk| std::future::ready(chunk.ok().map(|c| c.to_string())))
-}
-
-/// What the container printed so far.
-async fn output(docker: &Docker, id: &str) -> String {
-    logs(docker, id, false).collect().await
-}
-
-/// Polls the engine until `check` holds, for at most `limit`; returns how long it took.
-async fn until<F, Fut>(what: &str, limit: Duration, mut check: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        assert!(start.elapsed() < limit, "not within {limit:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    start.elapsed()
-}
-
-/// Whether a process running `name` is in the container.
-async fn runs(docker: &Docker, id: &str, name: &str) -> bool {
-    let top = docker
-        .top_processes(id, None::<bollard::query_parameters::TopOptions>)
-        .await;
-    let Ok(top) = top else { return false };
-    top.processes
-        .unwrap_or_default()
-        .iter()
-        .any(|row| row.iter().any(|cell| cell.contains(name)))
 }
 
 /// The containers' events (die, kill, destroy, ...) from now on, even those that happen before
@@ -852,7 +635,7 @@ async fn gpus_on_an_engine_without_a_gpu_driver_fail_the_boot_with_its_message()
     bounded(async {
         engine().await;
         let backend = DockerBackend::builder()
-            .image(image().await)
+            .image(flame_tests::containers::app_image(APP).await)
             .gpus(1)
             .build()
             .await
@@ -873,7 +656,7 @@ async fn gpus_on_an_engine_without_a_gpu_driver_fail_the_boot_with_its_message()
 /// never become runners.
 async fn sleep_instead_of_the_app(args: &[&str]) -> DockerBackend {
     DockerBackend::builder()
-        .image(image().await)
+        .image(flame_tests::containers::app_image(APP).await)
         .entrypoint(["/usr/bin/sleep"])
         .cmd(args.iter().copied())
         .stop_grace(Duration::from_millis(200))
@@ -961,7 +744,7 @@ async fn an_unreachable_engine_says_so() {
 async fn the_sweep_removes_runners_whose_parent_is_gone_only() {
     alone(async {
         let docker = engine().await;
-        let image = image().await;
+        let image = flame_tests::containers::app_image(APP).await;
         let backend = DockerBackend::builder().image(image).build().await.unwrap();
         let run = random_id();
         let _cleanup = Cleanup::labelled(LABEL_RUN, run.clone());

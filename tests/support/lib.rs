@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 mod channels;
+pub mod containers;
 mod observability;
 mod puppet;
 pub use channels::*;

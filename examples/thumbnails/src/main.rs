@@ -18,12 +18,13 @@
 //! past videos from that database, and a chart of the pool's runners and busy slots.
 //!
 //! Configuration (environment): `BIND` (127.0.0.1), `PORT` (4000), `THUMBS_BACKEND` (`process`,
-//! the default: runners are child processes of this program; `local`; `docker`; or `fly`),
+//! the default: runners are child processes of this program; `local`; `docker`; `k8s`; or `fly`),
 //! `THUMBS_MAX` runners (4), `THUMBS_FPS` (1),
 //! `THUMBS_WIDTH` (240), `THUMBS_MAX_UPLOAD_MB` (512), `FFMPEG` (the ffmpeg program),
 //! `THUMBS_DATA` (the storage directory, `thumbnails-data`), `DATABASE_URL` (SQLite in the
 //! storage directory by default; a `postgres://` URL for runners on other hosts, which then also
-//! need the storage directory shared: `THUMBS_DATA_VOLUME` mounts it into Docker runners).
+//! need the storage directory shared: `THUMBS_DATA_VOLUME` names the Docker volume, or the pod's
+//! volume, that runners mount).
 
 mod gallery;
 mod thumbs;
@@ -133,10 +134,20 @@ async fn thumbs_pool() -> anyhow::Result<flame::Pool> {
             }
             builder.backend(docker.build().await?)
         }
+        // In a pod: runners are pods cloned from it, env and volumes included
+        // (docs/deploy-kubernetes.md).
+        Ok("k8s") => {
+            let mut k8s = flame_backend_k8s::K8sBackend::builder();
+            // The gallery's storage: a claim every runner pod mounts too.
+            if let Ok(volume) = std::env::var("THUMBS_DATA_VOLUME") {
+                k8s = k8s.share_volume(volume);
+            }
+            builder.backend(k8s.build().await?)
+        }
         // On Fly: FLY_* and the FLY_API_TOKEN secret configure it (docs/deploy-fly.md).
         Ok("fly") => builder.backend(flame_backend_fly::FlyBackend::builder().build()?),
         Ok(other) => anyhow::bail!(
-            "THUMBS_BACKEND={other:?}: this build knows `process` (the default), `local`, `docker` and `fly`"
+            "THUMBS_BACKEND={other:?}: this build knows `process` (the default), `local`, `docker`, `k8s` and `fly`"
         ),
     };
     Ok(builder.start().await?)

@@ -1,5 +1,6 @@
-//! The app `tests/docker.rs` runs in containers: as the parent (in a container, with the
-//! engine's socket mounted) it starts a pool on the Docker backend and takes commands from the
+//! The app `tests/docker.rs` and `tests/k8s.rs` run in containers: as the parent it starts a
+//! pool on the Docker backend (in a container, with the engine's socket mounted) or, with
+//! `FLAME_TEST_BACKEND=k8s`, on the Kubernetes backend (in a pod), and takes commands from the
 //! test on a TCP port, one per line, answering each with one JSON line; as a runner (booted by
 //! that pool from the same image) it serves the tasks below.
 //!
@@ -15,6 +16,7 @@ use std::time::Duration;
 
 use flame::{JoinHandle, Pool};
 use flame_backend_docker::DockerBackend;
+use flame_backend_k8s::K8sBackend;
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -72,23 +74,31 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 #[flame::main]
 async fn main() -> anyhow::Result<()> {
-    let mut builder = DockerBackend::builder();
-    if let Ok(bind) = std::env::var("FLAME_TEST_BIND") {
-        builder = builder.bind(bind);
-    }
-    let backend = builder
-        .memory_mb(256)
-        .cpus(0.5)
-        .env("FLAME_TEST_ROLE", "runner")
-        .stop_grace(Duration::from_millis(env_or(
-            "FLAME_TEST_STOP_GRACE_MS",
-            5000,
-        )))
-        .build()
-        .await?;
-    let parent_id = backend.parent_id().to_string();
-    let pool = Pool::builder("docker-test")
-        .backend(backend)
+    let grace = Duration::from_millis(env_or("FLAME_TEST_STOP_GRACE_MS", 5000));
+    let (pool, parent_id) = if std::env::var("FLAME_TEST_BACKEND").as_deref() == Ok("k8s") {
+        let backend = K8sBackend::builder()
+            .env("FLAME_TEST_ROLE", "runner")
+            .delete_grace(grace)
+            .build()
+            .await?;
+        let parent_id = backend.parent_uid().to_string();
+        (Pool::builder("k8s-test").backend(backend), parent_id)
+    } else {
+        let mut builder = DockerBackend::builder();
+        if let Ok(bind) = std::env::var("FLAME_TEST_BIND") {
+            builder = builder.bind(bind);
+        }
+        let backend = builder
+            .memory_mb(256)
+            .cpus(0.5)
+            .env("FLAME_TEST_ROLE", "runner")
+            .stop_grace(grace)
+            .build()
+            .await?;
+        let parent_id = backend.parent_id().to_string();
+        (Pool::builder("docker-test").backend(backend), parent_id)
+    };
+    let pool = pool
         .max(env_or("FLAME_TEST_MAX", 2))
         // One call per runner: two held calls mean two runner containers.
         .max_concurrency(1)
@@ -101,14 +111,14 @@ async fn main() -> anyhow::Result<()> {
         .start()
         .await?;
     let listener = TcpListener::bind(("0.0.0.0", CONTROL_PORT)).await?;
-    eprintln!("docker-app: parent {parent_id} ready on port {CONTROL_PORT}");
+    eprintln!("container-app: parent {parent_id} ready on port {CONTROL_PORT}");
     let held: Held = Arc::default();
     loop {
         let (stream, _) = listener.accept().await?;
         let (pool, held, parent_id) = (pool.clone(), held.clone(), parent_id.clone());
         tokio::spawn(async move {
             if let Err(e) = serve(stream, pool, held, parent_id).await {
-                eprintln!("docker-app: control connection: {e}");
+                eprintln!("container-app: control connection: {e}");
             }
         });
     }

@@ -1,0 +1,562 @@
+//! The parent's pod, made into a runner's: what is copied, what is dropped, and why.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use flame::{Error, ErrorKind};
+use k8s_openapi::api::core::v1::{
+    Container, EnvVar, EnvVarSource, Pod, PodSpec, ResourceRequirements, Secret, SecretKeySelector,
+    Toleration, Volume,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+
+use crate::{LABEL_MANAGED_BY, LABEL_PARENT, LABEL_POOL, LABEL_RUNNER, MANAGED_BY};
+
+/// Changes a runner pod just before it is created: the last word on its spec.
+pub(crate) type PodHook = Arc<dyn Fn(&mut Pod) + Send + Sync>;
+
+/// The builder's say on runner pods.
+#[derive(Clone, Default)]
+pub(crate) struct Knobs {
+    pub(crate) labels: BTreeMap<String, String>,
+    pub(crate) annotations: BTreeMap<String, String>,
+    pub(crate) env: BTreeMap<String, String>,
+    pub(crate) resources: Option<ResourceRequirements>,
+    pub(crate) node_selector: BTreeMap<String, String>,
+    pub(crate) tolerations: Vec<Toleration>,
+    pub(crate) runtime_class: Option<String>,
+    pub(crate) runner_api_access: bool,
+    /// Parent volumes runners mount whatever their kind (a shared claim).
+    pub(crate) shared_volumes: Vec<String>,
+    pub(crate) hook: Option<PodHook>,
+}
+
+/// A runner pod ready but for its name, labels and hand-off: made once per backend from the
+/// parent's pod.
+#[derive(Clone)]
+pub(crate) struct Template {
+    base: Pod,
+    /// The app container's name, in the parent and in runners.
+    pub(crate) container: String,
+    owner: OwnerReference,
+    parent_uid: String,
+    hook: Option<PodHook>,
+    labels: BTreeMap<String, String>,
+}
+
+/// The app container of `pod`: the one named, else the only one.
+pub(crate) fn app_container<'a>(
+    pod: &'a Pod,
+    wanted: Option<&str>,
+) -> Result<&'a Container, Error> {
+    let containers = pod
+        .spec
+        .as_ref()
+        .map(|spec| spec.containers.as_slice())
+        .unwrap_or_default();
+    let names = || {
+        containers
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match (wanted, containers) {
+        (Some(wanted), _) => containers.iter().find(|c| c.name == wanted).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Config,
+                format!(
+                    "the parent's pod has no container {wanted:?} (it has: {})",
+                    names()
+                ),
+            )
+        }),
+        (None, [only]) => Ok(only),
+        (None, []) => Err(Error::new(
+            ErrorKind::Config,
+            "the parent's pod has no containers to clone runners from",
+        )),
+        (None, _) => Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "the parent's pod has several containers ({}): say which one runs the app with \
+                 K8sBackendBuilder::container",
+                names()
+            ),
+        )),
+    }
+}
+
+/// The image the parent runs, pinned by digest when the status has it, so that a rolling
+/// deploy that moves the tag never pairs a parent with runners of another build.
+fn pinned_image(pod: &Pod, container: &Container) -> Option<(String, bool)> {
+    let spec_image = container.image.clone()?;
+    if spec_image.contains("@sha256:") {
+        return Some((spec_image, true));
+    }
+    let statuses = pod.status.as_ref()?.container_statuses.as_deref();
+    let digest = statuses
+        .unwrap_or_default()
+        .iter()
+        .find(|s| s.name == container.name)
+        .map(|s| s.image_id.trim_start_matches("docker-pullable://"))
+        .filter(|id| is_digest_ref(id));
+    Some(match digest {
+        Some(id) => (id.to_string(), true),
+        None => (spec_image, false),
+    })
+}
+
+/// `<repository>@sha256:<64 hex digits>`: the only image id form a pod spec can name.
+fn is_digest_ref(id: &str) -> bool {
+    match id.split_once("@sha256:") {
+        Some((repo, hex)) => {
+            !repo.is_empty()
+                && !repo.contains("://")
+                && hex.len() == 64
+                && hex.bytes().all(|b| b.is_ascii_hexdigit())
+        }
+        None => false,
+    }
+}
+
+/// Volumes that mean the same in every pod, and those the builder shares. Claims and host
+/// paths are shared state, so a runner mounts them only when asked; the auto-mounted API token
+/// is left to `runner_api_access`.
+fn keeps(volume: &Volume, shared: &[String]) -> bool {
+    if shared.contains(&volume.name) {
+        return true;
+    }
+    let api_token = volume.name.starts_with("kube-api-access-");
+    !api_token
+        && (volume.config_map.is_some()
+            || volume.secret.is_some()
+            || volume.projected.is_some()
+            || volume.downward_api.is_some()
+            || volume.empty_dir.is_some())
+}
+
+impl Template {
+    /// Makes the template from the parent's pod. `handoff_key` is the variable runners read
+    /// their hand-off from; the parent's own value of it, if any, is not inherited.
+    pub(crate) fn new(
+        parent: &Pod,
+        container: Option<&str>,
+        knobs: &Knobs,
+        handoff_key: &str,
+    ) -> Result<Template, Error> {
+        let app = app_container(parent, container)?;
+        let (image, pinned) = pinned_image(parent, app).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Config,
+                format!("the parent's container {:?} names no image", app.name),
+            )
+        })?;
+        let parent_spec = parent.spec.clone().unwrap_or_default();
+        let volumes: Vec<Volume> = parent_spec
+            .volumes
+            .iter()
+            .flatten()
+            .filter(|v| keeps(v, &knobs.shared_volumes))
+            .cloned()
+            .collect();
+        let mounts = app.volume_mounts.as_ref().map(|mounts| {
+            mounts
+                .iter()
+                .filter(|m| volumes.iter().any(|v| v.name == m.name))
+                .cloned()
+                .collect::<Vec<_>>()
+        });
+        let mut env: Vec<EnvVar> = app
+            .env
+            .iter()
+            .flatten()
+            .filter(|e| e.name != handoff_key && !knobs.env.contains_key(&e.name))
+            .cloned()
+            .collect();
+        env.extend(knobs.env.iter().map(|(name, value)| EnvVar {
+            name: name.clone(),
+            value: Some(value.clone()),
+            value_from: None,
+        }));
+        // Probes would fail (a runner does not serve the app's endpoints) and kill it;
+        // lifecycle hooks and ports belong to the serving app, not to a runner.
+        let runner = Container {
+            name: app.name.clone(),
+            image: Some(image),
+            image_pull_policy: if pinned {
+                Some("IfNotPresent".into())
+            } else {
+                app.image_pull_policy.clone()
+            },
+            command: app.command.clone(),
+            args: app.args.clone(),
+            env: Some(env),
+            env_from: app.env_from.clone(),
+            resources: knobs.resources.clone().or_else(|| app.resources.clone()),
+            volume_mounts: mounts,
+            working_dir: app.working_dir.clone(),
+            security_context: app.security_context.clone(),
+            ..Container::default()
+        };
+        let mut node_selector = parent_spec.node_selector.clone().unwrap_or_default();
+        node_selector.extend(knobs.node_selector.clone());
+        let mut tolerations = parent_spec.tolerations.clone().unwrap_or_default();
+        tolerations.extend(knobs.tolerations.iter().cloned());
+        // Only node affinity: the parent's pod (anti-)affinity is about the parent's replicas.
+        let affinity = parent_spec
+            .affinity
+            .as_ref()
+            .and_then(|a| a.node_affinity.clone())
+            .map(|node_affinity| k8s_openapi::api::core::v1::Affinity {
+                node_affinity: Some(node_affinity),
+                ..Default::default()
+            });
+        let spec = PodSpec {
+            containers: vec![runner],
+            // Migrations and other one-off setup run in the parent's init containers, never
+            // again per runner.
+            init_containers: None,
+            restart_policy: Some("Never".into()),
+            service_account_name: parent_spec.service_account_name.clone(),
+            automount_service_account_token: Some(knobs.runner_api_access),
+            enable_service_links: Some(false),
+            image_pull_secrets: parent_spec.image_pull_secrets.clone(),
+            node_selector: (!node_selector.is_empty()).then_some(node_selector),
+            tolerations: (!tolerations.is_empty()).then_some(tolerations),
+            affinity,
+            security_context: parent_spec.security_context.clone(),
+            priority_class_name: parent_spec.priority_class_name.clone(),
+            runtime_class_name: knobs
+                .runtime_class
+                .clone()
+                .or(parent_spec.runtime_class_name.clone()),
+            dns_policy: parent_spec.dns_policy.clone(),
+            dns_config: parent_spec.dns_config.clone(),
+            termination_grace_period_seconds: parent_spec.termination_grace_period_seconds,
+            volumes: (!volumes.is_empty()).then_some(volumes),
+            ..PodSpec::default()
+        };
+        let parent_name = parent.metadata.name.clone().unwrap_or_default();
+        let parent_uid = parent.metadata.uid.clone().ok_or_else(|| {
+            Error::new(
+                ErrorKind::Config,
+                format!("the parent's pod {parent_name:?} has no uid"),
+            )
+        })?;
+        // Never the parent's labels: a ReplicaSet adopts the pods its selector matches, and the
+        // controller owner reference below is what stops it.
+        let mut labels = knobs.labels.clone();
+        labels.insert(LABEL_PARENT.into(), parent_uid.clone());
+        labels.insert(LABEL_MANAGED_BY.into(), MANAGED_BY.into());
+        let base = Pod {
+            metadata: ObjectMeta {
+                namespace: parent.metadata.namespace.clone(),
+                annotations: (!knobs.annotations.is_empty()).then(|| knobs.annotations.clone()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(spec),
+            status: None,
+        };
+        Ok(Template {
+            base,
+            container: app.name.clone(),
+            owner: OwnerReference {
+                api_version: "v1".into(),
+                kind: "Pod".into(),
+                name: parent_name,
+                uid: parent_uid.clone(),
+                // Stops adoption by any controller; blockOwnerDeletion would need finalizer
+                // rights on pods, which the parent's Role does not grant.
+                controller: Some(true),
+                block_owner_deletion: None,
+            },
+            parent_uid,
+            hook: knobs.hook.clone(),
+            labels,
+        })
+    }
+
+    /// The parent pod's uid, which runner pods and secrets carry in [`LABEL_PARENT`].
+    pub(crate) fn parent_uid(&self) -> &str {
+        &self.parent_uid
+    }
+
+    /// The name of the parent's pod.
+    pub(crate) fn parent_name(&self) -> &str {
+        &self.owner.name
+    }
+
+    /// The labels of one runner's pod and secret.
+    pub(crate) fn labels(&self, pool: &str, runner_id: &str) -> BTreeMap<String, String> {
+        let mut labels = self.labels.clone();
+        labels.insert(LABEL_POOL.into(), label_value(pool));
+        labels.insert(LABEL_RUNNER.into(), label_value(runner_id));
+        labels
+    }
+
+    /// One runner's pod: the template, named, labelled, owned by the parent's pod, its
+    /// hand-off read from the secret of the same name; then the pod hook.
+    pub(crate) fn pod(&self, name: &str, pool: &str, runner_id: &str, handoff_key: &str) -> Pod {
+        let mut pod = self.base.clone();
+        pod.metadata.name = Some(name.into());
+        pod.metadata.labels = Some(self.labels(pool, runner_id));
+        pod.metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(ANNOTATION_POOL.into(), pool.into());
+        pod.metadata.owner_references = Some(vec![self.owner.clone()]);
+        if let Some(spec) = pod.spec.as_mut() {
+            for container in &mut spec.containers {
+                container.env.get_or_insert_with(Vec::new).push(EnvVar {
+                    name: handoff_key.into(),
+                    value: None,
+                    value_from: Some(EnvVarSource {
+                        secret_key_ref: Some(SecretKeySelector {
+                            name: name.into(),
+                            key: handoff_key.into(),
+                            optional: None,
+                        }),
+                        ..EnvVarSource::default()
+                    }),
+                });
+            }
+        }
+        if let Some(hook) = &self.hook {
+            hook(&mut pod);
+        }
+        pod
+    }
+
+    /// The secret holding one runner's hand-off. It starts owned by the parent's pod, so that
+    /// a parent that dies before its runner pod exists leaves nothing behind.
+    pub(crate) fn secret(
+        &self,
+        name: &str,
+        labels: BTreeMap<String, String>,
+        key: &str,
+        value: &str,
+    ) -> Secret {
+        Secret {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: self.base.metadata.namespace.clone(),
+                labels: Some(labels),
+                owner_references: Some(vec![self.owner.clone()]),
+                ..ObjectMeta::default()
+            },
+            type_: Some("Opaque".into()),
+            string_data: Some(BTreeMap::from([(key.into(), value.into())])),
+            ..Secret::default()
+        }
+    }
+}
+
+/// Holds a runner pod's pool name as given (label values are cleaned).
+pub(crate) const ANNOTATION_POOL: &str = "flame.pool-name";
+
+/// The owner reference that ties a secret to its runner pod.
+pub(crate) fn owned_by(pod: &Pod) -> OwnerReference {
+    OwnerReference {
+        api_version: "v1".into(),
+        kind: "Pod".into(),
+        name: pod.metadata.name.clone().unwrap_or_default(),
+        uid: pod.metadata.uid.clone().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: None,
+    }
+}
+
+/// `<parent>-<runner>-<tail>`: a DNS-1123 label (lowercase alphanumerics and `-`, at most 63,
+/// alphanumeric at both ends), as a pod's name is also its hostname.
+pub(crate) fn pod_name(parent: &str, runner_id: &str, tail: &str) -> String {
+    let clean = |s: &str, max: usize| -> String {
+        let cleaned: String = s
+            .chars()
+            .map(|c| c.to_ascii_lowercase())
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .take(max)
+            .collect();
+        cleaned.trim_matches('-').to_string()
+    };
+    let parts = [clean(parent, 30), clean(runner_id, 24), clean(tail, 8)];
+    let name = parts
+        .iter()
+        .filter(|p| !p.is_empty())
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("-");
+    let name = name.trim_matches('-');
+    if name.is_empty() {
+        "flame-runner".into()
+    } else {
+        name.into()
+    }
+}
+
+/// A label value: at most 63 of `[A-Za-z0-9._-]`, alphanumeric at both ends.
+pub(crate) fn label_value(s: &str) -> String {
+    let cleaned: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(63)
+        .collect();
+    cleaned
+        .trim_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const DIGEST: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn parent() -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "thumbs-7d9f-abcde", "namespace": "prod", "uid": "u-1",
+                "labels": {"app": "thumbs", "pod-template-hash": "7d9f"}},
+            "spec": {
+                "serviceAccountName": "thumbs",
+                "nodeSelector": {"pool": "general"},
+                "initContainers": [{"name": "migrate", "image": "thumbs:1.2"}],
+                "containers": [
+                    {"name": "app", "image": "thumbs:1.2", "command": ["/app"], "args": ["serve"],
+                     "env": [{"name": "DATABASE_URL", "value": "postgres://db"},
+                             {"name": "FLAME_PARENT", "value": "stale"},
+                             {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+                     "ports": [{"containerPort": 8080}],
+                     "readinessProbe": {"httpGet": {"path": "/health", "port": 8080}},
+                     "volumeMounts": [{"name": "config", "mountPath": "/etc/app"},
+                                      {"name": "data", "mountPath": "/data"},
+                                      {"name": "kube-api-access-x1", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}]},
+                    {"name": "sidecar", "image": "proxy:3"}],
+                "volumes": [{"name": "config", "configMap": {"name": "app-config"}},
+                            {"name": "data", "persistentVolumeClaim": {"claimName": "data"}},
+                            {"name": "kube-api-access-x1", "projected": {"sources": []}}]},
+            "status": {"containerStatuses": [{"name": "app", "image": "thumbs:1.2",
+                "imageID": format!("registry.example.com/thumbs@sha256:{DIGEST}"),
+                "ready": true, "restartCount": 0}]}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn runner_pods_clone_the_app_container_pinned_and_without_what_serves() {
+        let template =
+            Template::new(&parent(), Some("app"), &Knobs::default(), "FLAME_PARENT").unwrap();
+        let pod = template.pod(
+            "thumbs-7d9f-abcde-thumbs-1-ab12",
+            "thumbs",
+            "thumbs-1",
+            "FLAME_PARENT",
+        );
+        let value = serde_json::to_value(&pod).unwrap();
+        let spec = &value["spec"];
+        assert_eq!(spec["restartPolicy"], "Never");
+        assert_eq!(spec["automountServiceAccountToken"], false);
+        assert_eq!(spec["serviceAccountName"], "thumbs");
+        assert_eq!(spec["nodeSelector"], json!({"pool": "general"}));
+        assert!(spec.get("initContainers").is_none());
+        let containers = spec["containers"].as_array().unwrap();
+        assert_eq!(containers.len(), 1, "the sidecar stays with the parent");
+        let app = &containers[0];
+        assert_eq!(
+            app["image"],
+            format!("registry.example.com/thumbs@sha256:{DIGEST}")
+        );
+        assert_eq!(app["imagePullPolicy"], "IfNotPresent");
+        assert_eq!(app["args"], json!(["serve"]));
+        assert!(app.get("readinessProbe").is_none() && app.get("ports").is_none());
+        assert_eq!(
+            app["volumeMounts"],
+            json!([{"name": "config", "mountPath": "/etc/app"}])
+        );
+        assert_eq!(
+            spec["volumes"],
+            json!([{"name": "config", "configMap": {"name": "app-config"}}])
+        );
+        let env = app["env"].as_array().unwrap();
+        let names: Vec<&str> = env.iter().map(|e| e["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["DATABASE_URL", "POD_IP", "FLAME_PARENT"]);
+        assert_eq!(
+            env[2]["valueFrom"],
+            json!({"secretKeyRef": {"name": "thumbs-7d9f-abcde-thumbs-1-ab12", "key": "FLAME_PARENT"}})
+        );
+        let meta = &value["metadata"];
+        assert_eq!(meta["namespace"], "prod");
+        assert_eq!(
+            meta["labels"],
+            json!({"flame.parent": "u-1", "flame.pool": "thumbs", "flame.runner": "thumbs-1",
+                   "app.kubernetes.io/managed-by": "flame-rt"})
+        );
+        assert_eq!(
+            meta["ownerReferences"],
+            json!([{"apiVersion": "v1", "kind": "Pod", "name": "thumbs-7d9f-abcde", "uid": "u-1", "controller": true}])
+        );
+    }
+
+    #[test]
+    fn a_pod_with_several_containers_needs_one_named() {
+        let err = Template::new(&parent(), None, &Knobs::default(), "FLAME_PARENT")
+            .err()
+            .unwrap();
+        assert_eq!(err.kind(), ErrorKind::Config);
+        assert!(err.to_string().contains("app, sidecar"), "{err}");
+        let err = Template::new(&parent(), Some("web"), &Knobs::default(), "FLAME_PARENT")
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("no container \"web\""), "{err}");
+    }
+
+    #[test]
+    fn the_hook_and_knobs_have_the_last_word() {
+        let knobs = Knobs {
+            env: BTreeMap::from([("DATABASE_URL".into(), "postgres://replica".into())]),
+            shared_volumes: vec!["data".into()],
+            runtime_class: Some("nvidia".into()),
+            hook: Some(Arc::new(|pod: &mut Pod| {
+                pod.spec.as_mut().unwrap().priority_class_name = Some("batch".into());
+            })),
+            ..Knobs::default()
+        };
+        let template = Template::new(&parent(), Some("app"), &knobs, "FLAME_PARENT").unwrap();
+        let pod = template.pod("p", "thumbs", "thumbs-1", "FLAME_PARENT");
+        let spec = pod.spec.unwrap();
+        let volumes: Vec<&str> = spec
+            .volumes
+            .iter()
+            .flatten()
+            .map(|v| v.name.as_str())
+            .collect();
+        assert_eq!(volumes, ["config", "data"], "the shared claim is kept");
+        let mounts = spec.containers[0].volume_mounts.clone().unwrap();
+        assert_eq!(mounts.len(), 2);
+        assert_eq!(spec.priority_class_name.as_deref(), Some("batch"));
+        assert_eq!(spec.runtime_class_name.as_deref(), Some("nvidia"));
+        let env = spec.containers[0].env.clone().unwrap();
+        let db: Vec<_> = env.iter().filter(|e| e.name == "DATABASE_URL").collect();
+        assert_eq!(db.len(), 1);
+        assert_eq!(db[0].value.as_deref(), Some("postgres://replica"));
+    }
+
+    #[test]
+    fn names_and_label_values_keep_to_kubernetes_alphabets() {
+        assert_eq!(
+            pod_name("Thumbs_App-7d9f", "thumbs/ü 3", "ab12"),
+            "thumbs-app-7d9f-thumbs---3-ab12"
+        );
+        let long = pod_name(&"p".repeat(80), &"r".repeat(80), "ab12");
+        assert!(long.len() <= 63, "{long}");
+        assert_eq!(label_value("-thumbs/ü 3."), "thumbs___3");
+        assert!(!is_digest_ref("docker-pullable://x@sha256:00"));
+        assert!(is_digest_ref(&format!("x@sha256:{DIGEST}")));
+    }
+}
