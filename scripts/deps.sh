@@ -2,8 +2,9 @@
 # Installs the system programs the showcase and the tests use, when missing (Debian/Ubuntu):
 # ffmpeg (the showcase's thumbnails), chromium and chromium-driver (its browser tests), coreutils'
 # `sleep`/`true` (stand-ins for a task's child and for a program that is no flame app), and the
-# Docker engine (the Docker backend's tests), which it also starts when it is not running, and
-# PostgreSQL's server binaries (the showcase's gallery on Postgres).
+# Docker engine (the Docker and Kubernetes backends' tests), which it also starts when it is not
+# running, PostgreSQL's server binaries (the showcase's gallery on Postgres), and kubectl (the
+# Kubernetes tests run it against their API emulator).
 set -euo pipefail
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -17,6 +18,8 @@ command -v dockerd >/dev/null || missing+=(docker.io)
 # The showcase's gallery on Postgres: its test starts a private server from these binaries.
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
 command -v runuser >/dev/null || missing+=(util-linux)
+# The Kubernetes backend's tests check the API emulator against the real client.
+command -v kubectl >/dev/null || missing+=(kubernetes-client)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   $sudo apt-get update -qq
