@@ -778,8 +778,10 @@ async fn the_sweep_deletes_runner_pods_of_gone_parents_only() {
         let sibling = cluster.idle_parent().await;
         let backend = cluster.backend(&parent, SERVICE_ACCOUNT).build().await.unwrap();
 
-        // Runner pods and secrets as a parent leaves them: one of a parent that is gone, one of
-        // a live sibling. Their image is not there, so no container runs.
+        // Runner pods and secrets as a parent leaves them when the cluster did not collect them
+        // (`kubectl delete --cascade=orphan`, say): one of a parent that is gone, one of a live
+        // sibling, each with a running container.
+        let image = app_image(APP).await;
         let gone_uid = "00000000-0000-0000-0000-00000000dead";
         let sibling_uid = sibling.metadata.uid.clone().unwrap();
         for (name, parent_uid) in [("orphan", gone_uid), ("siblings", sibling_uid.as_str())] {
@@ -790,19 +792,25 @@ async fn the_sweep_deletes_runner_pods_of_gone_parents_only() {
             ]);
             let pod: Pod = serde_json::from_value(json!({
                 "metadata": {"name": name, "labels": labels},
-                "spec": {"containers": [{"name": "app", "image": "flame-test-no-such-image:0"}], "restartPolicy": "Never"}
+                "spec": {"containers": [{"name": "app", "image": image, "command": ["/usr/bin/sleep"], "args": ["600"]}],
+                         "restartPolicy": "Never", "terminationGracePeriodSeconds": 1}
             }))
             .unwrap();
-            cluster.pods().create(&PostParams::default(), &pod).await.unwrap();
+            cluster.run_pod(&pod).await;
             let secret: Secret = serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}, "stringData": {"k": "v"}})).unwrap();
             cluster.secrets().create(&PostParams::default(), &secret).await.unwrap();
         }
+        let orphan_container = cluster.emu.container_of(&cluster.namespace, "orphan").await.unwrap();
+        let siblings_container = cluster.emu.container_of(&cluster.namespace, "siblings").await.unwrap();
         let removed = backend.sweep_leftovers().await.unwrap();
         assert_eq!(removed, ["orphan"]);
         until_pod(&cluster.pods(), "orphan", "the orphan is deleted", |pod| pod.is_none()).await;
+        let left = labelled(&cluster.docker, POD_NAME_LABEL, "orphan").await;
+        assert!(!left.contains(&orphan_container), "the orphan's container is still there");
         assert!(cluster.secrets().get_opt("orphan").await.unwrap().is_none(), "the orphan's secret stays");
         assert!(cluster.pods().get_opt("siblings").await.unwrap().is_some(), "a live parent's runner was swept");
         assert!(cluster.secrets().get_opt("siblings").await.unwrap().is_some());
+        assert!(runs(&cluster.docker, &siblings_container, "sleep").await, "a live parent's runner was stopped");
         assert_eq!(backend.sweep_leftovers().await.unwrap(), Vec::<String>::new());
         cluster.emu.shutdown().await;
     })
