@@ -696,6 +696,43 @@ async fn pods_that_cannot_start_fail_the_boot_at_once_with_the_clusters_reason()
         );
         assert!(took < Duration::from_secs(5), "not at once: {took:?}");
 
+        // A runner that dies before dialing back: its code and its last words.
+        let dies = cluster
+            .backend(&parent, SERVICE_ACCOUNT)
+            .pod_template(|pod| {
+                let container = &mut pod.spec.as_mut().unwrap().containers[0];
+                container.command = Some(vec!["/usr/bin/sleep".into()]);
+                container.args = Some(vec!["not-a-number".into()]);
+            })
+            .build()
+            .await
+            .unwrap();
+        let (err, took) = failed_call("dies", dies).await;
+        eprintln!("dies: {took:?}: {err}");
+        assert_eq!(err.kind(), ErrorKind::BootFailed, "{err}");
+        assert!(
+            err.to_string().contains("exited with code 1 (Error)"),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains("its last words: Try '/usr/bin/sleep --help' for more information."),
+            "{err}"
+        );
+
+        // With a grace for the autoscaler, an unschedulable pod fails only once it has run out.
+        let grace = Duration::from_millis(1500);
+        let patient = cluster
+            .backend(&parent, SERVICE_ACCOUNT)
+            .node_selector("accelerator", "tpu-v9")
+            .unschedulable_grace(grace)
+            .build()
+            .await
+            .unwrap();
+        let (err, took) = failed_call("patient", patient).await;
+        assert!(err.to_string().contains("Unschedulable"), "{err}");
+        assert!(took >= grace, "failed after {took:?}, within its grace");
+
         assert!(
             cluster.runner_pods(&uid).await.is_empty(),
             "failed runner pods left"

@@ -46,6 +46,7 @@
 //! | `pods` | `list`, `watch` | following a booting runner; the sweep |
 //! | `pods` | `create`, `delete` | runners |
 //! | `secrets` | `create`, `patch`, `delete`, `list` | hand-off secrets: made, re-owned by their pod, removed, swept |
+//! | `pods/log` | `get` | optional: the last line of a runner that died before dialing back |
 //!
 //! Runners need no API access: their pods get no service-account token unless
 //! [`runner_api_access`](K8sBackendBuilder::runner_api_access) says so.

@@ -9,7 +9,8 @@ use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::Api;
 use kube::api::{
-    DeleteParams, Patch, PatchParams, PostParams, PropagationPolicy, WatchEvent, WatchParams,
+    DeleteParams, LogParams, Patch, PatchParams, PostParams, PropagationPolicy, WatchEvent,
+    WatchParams,
 };
 use tokio::sync::watch;
 
@@ -125,9 +126,19 @@ fn random_tail() -> String {
     tail.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Follows one pod from `resource_version` on, publishing the first fatal state and its end.
-/// A watch the server ends (its timeout, a restart, a too-old version) is resumed from a fresh
-/// read, so nothing between the two is missed.
+/// Follows one runner pod for the backend, publishing the first fatal state and its end.
+struct PodWatch {
+    pods: Api<Pod>,
+    name: String,
+    container: String,
+    unschedulable_grace: Duration,
+    /// Since when the scheduler has found no node, while its grace runs.
+    unschedulable_since: Option<tokio::time::Instant>,
+    tx: watch::Sender<Seen>,
+}
+
+/// Follows one pod from `resource_version` on. A watch the server ends (its timeout, a restart,
+/// a too-old version) is resumed from a fresh read, so nothing between the two is missed.
 async fn watch_pod(
     pods: Api<Pod>,
     name: String,
@@ -136,51 +147,31 @@ async fn watch_pod(
     unschedulable_grace: Duration,
     tx: watch::Sender<Seen>,
 ) {
-    let mut unschedulable_since: Option<tokio::time::Instant> = None;
-    let observe = |pod: &Pod, since: &mut Option<tokio::time::Instant>| {
-        let patient = !unschedulable_grace.is_zero();
-        let reason = fatal(pod, &container, patient).or_else(|| {
-            if !patient {
-                return None;
-            }
-            let unschedulable = fatal(pod, &container, false)?;
-            let first = *since.get_or_insert_with(tokio::time::Instant::now);
-            (first.elapsed() >= unschedulable_grace).then_some(unschedulable)
-        });
-        if reason.is_none() {
-            *since = None;
-        }
-        if let Some(reason) = reason {
-            tx.send_if_modified(|seen| {
-                let first = seen.fatal.is_none();
-                seen.fatal.get_or_insert(reason);
-                first
-            });
-        }
+    let mut watch = PodWatch {
+        pods,
+        name,
+        container,
+        unschedulable_grace,
+        unschedulable_since: None,
+        tx,
     };
-    let gone = |tx: &watch::Sender<Seen>| {
-        tx.send_modify(|seen| {
-            seen.fatal
-                .get_or_insert_with(|| "its pod was deleted".into());
-            seen.gone = true;
-        });
-    };
+    let fields = format!("metadata.name={}", watch.name);
     loop {
-        let params = WatchParams::default()
-            .fields(&format!("metadata.name={name}"))
-            .timeout(290);
-        match pods.watch(&params, &resource_version).await {
+        let params = WatchParams::default().fields(&fields).timeout(290);
+        match watch.pods.watch(&params, &resource_version).await {
             Ok(stream) => {
                 let mut stream = std::pin::pin!(stream);
                 loop {
                     // While the pod waits for a node, wake up when its grace runs out.
-                    let wake = unschedulable_since.map(|since| since + unschedulable_grace);
+                    let wake = watch
+                        .unschedulable_since
+                        .map(|since| since + unschedulable_grace);
                     let next = match wake {
                         Some(at) => match tokio::time::timeout_at(at, stream.next()).await {
                             Ok(next) => next,
                             Err(_) => {
-                                if let Ok(Some(pod)) = pods.get_opt(&name).await {
-                                    observe(&pod, &mut unschedulable_since);
+                                if let Ok(Some(pod)) = watch.pods.get_opt(&watch.name).await {
+                                    watch.observe(&pod).await;
                                 }
                                 continue;
                             }
@@ -192,12 +183,9 @@ async fn watch_pod(
                             if let Some(rv) = &pod.metadata.resource_version {
                                 resource_version = rv.clone();
                             }
-                            observe(&pod, &mut unschedulable_since);
+                            watch.observe(&pod).await;
                         }
-                        Some(Ok(WatchEvent::Deleted(_))) => {
-                            gone(&tx);
-                            return;
-                        }
+                        Some(Ok(WatchEvent::Deleted(_))) => return watch.gone(),
                         Some(Ok(WatchEvent::Bookmark(bookmark))) => {
                             resource_version = bookmark.metadata.resource_version;
                         }
@@ -207,22 +195,95 @@ async fn watch_pod(
                 }
             }
             Err(e) => {
-                tracing::debug!(pod = %name, error = %e, "flame: watching a runner pod failed; reading it instead");
+                tracing::debug!(pod = %watch.name, error = %e, "flame: watching a runner pod failed; reading it instead");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
-        match pods.get_opt(&name).await {
+        match watch.pods.get_opt(&watch.name).await {
             Ok(Some(pod)) => {
                 resource_version = pod.metadata.resource_version.clone().unwrap_or_default();
-                observe(&pod, &mut unschedulable_since);
+                watch.observe(&pod).await;
             }
-            Ok(None) => {
-                gone(&tx);
-                return;
-            }
+            Ok(None) => return watch.gone(),
             Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
         }
     }
+}
+
+impl PodWatch {
+    /// Publishes why the pod's runner will never dial back, the first time its status says so.
+    async fn observe(&mut self, pod: &Pod) {
+        if self.tx.borrow().fatal.is_some() {
+            return;
+        }
+        let patient = !self.unschedulable_grace.is_zero();
+        let mut reason = fatal(pod, &self.container, patient);
+        if reason.is_none() && patient {
+            // Only an unschedulable pod is fatal now: fail once it has waited its grace.
+            reason = fatal(pod, &self.container, false);
+            match reason {
+                Some(_) => {
+                    let since = *self
+                        .unschedulable_since
+                        .get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() < self.unschedulable_grace {
+                        reason = None;
+                    }
+                }
+                None => self.unschedulable_since = None,
+            }
+        }
+        let Some(mut reason) = reason else { return };
+        if terminated(pod)
+            && let Some(last) = self.last_words().await
+        {
+            reason = format!("{reason}; its last words: {last}");
+        }
+        self.tx.send_if_modified(|seen| {
+            let first = seen.fatal.is_none();
+            seen.fatal.get_or_insert(reason);
+            first
+        });
+    }
+
+    /// The last line the runner's container wrote, as the cluster keeps it: what a runner that
+    /// exits before dialing back says about why. Needs `get` on `pods/log`; without it, nothing.
+    async fn last_words(&self) -> Option<String> {
+        let params = LogParams {
+            container: Some(self.container.clone()),
+            tail_lines: Some(LAST_LINES),
+            ..LogParams::default()
+        };
+        let log = self.pods.logs(&self.name, &params).await.ok()?;
+        log.lines()
+            .rev()
+            .map(str::trim)
+            .find(|line| !line.is_empty())
+            .map(str::to_string)
+    }
+
+    fn gone(&self) {
+        self.tx.send_modify(|seen| {
+            seen.fatal
+                .get_or_insert_with(|| "its pod was deleted".into());
+            seen.gone = true;
+        });
+    }
+}
+
+/// How many of a dead runner's last lines are read to find its last words.
+const LAST_LINES: i64 = 20;
+
+/// Whether the pod's container has ended (rather than never started).
+fn terminated(pod: &Pod) -> bool {
+    pod.status
+        .iter()
+        .flat_map(|s| s.container_statuses.iter().flatten())
+        .any(|s| {
+            s.state
+                .as_ref()
+                .is_some_and(|state| state.terminated.is_some())
+        })
 }
 
 impl K8sRunner {
