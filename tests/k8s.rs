@@ -854,6 +854,67 @@ async fn the_sweep_deletes_runner_pods_of_gone_parents_only() {
     .await;
 }
 
+/// The container app run on this host, as a parent outside any pod: its stderr once it says
+/// it is ready or has exited.
+async fn app_on_the_host(env: &[(&str, String)]) -> (Option<std::process::ExitStatus>, String) {
+    let mut app = tokio::process::Command::new(APP)
+        .env("FLAME_TEST_BACKEND", "k8s")
+        .env("FLAME_TEST_CONTROL_PORT", "0")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = tokio::io::BufReader::new(app.stderr.take().unwrap());
+    let mut said = String::new();
+    loop {
+        let mut line = String::new();
+        let read = tokio::io::AsyncBufReadExt::read_line(&mut stderr, &mut line)
+            .await
+            .unwrap();
+        said.push_str(&line);
+        if read == 0 {
+            return (Some(app.wait().await.unwrap()), said);
+        }
+        if line.contains("ready on port") {
+            app.kill().await.unwrap();
+            return (None, said);
+        }
+    }
+}
+
+#[tokio::test]
+async fn outside_a_pod_the_kubeconfig_is_used() {
+    bounded(async {
+        let cluster = Cluster::start().await;
+        let parent = cluster.idle_parent().await;
+        let dir = flame_tests::scratch_dir("k8s-kubeconfig");
+        let kubeconfig = dir.join("kubeconfig");
+        cluster.emu.write_kubeconfig(&kubeconfig).unwrap();
+        let pod = [
+            ("POD_NAME", parent.metadata.name.clone().unwrap()),
+            ("POD_NAMESPACE", cluster.namespace.clone()),
+            ("POD_IP", "127.0.0.1".to_string()),
+        ];
+        let mut env = vec![("KUBECONFIG", kubeconfig.display().to_string())];
+        env.extend(pod.iter().cloned());
+        let (exited, said) = app_on_the_host(&env).await;
+        assert_eq!(exited, None, "the app did not start: {said}");
+
+        let mut env = vec![("KUBECONFIG", dir.join("missing").display().to_string())];
+        env.extend(pod.iter().cloned());
+        let (exited, said) = app_on_the_host(&env).await;
+        assert!(exited.is_some_and(|status| !status.success()), "{said}");
+        assert!(
+            said.contains("no usable kubeconfig ($KUBECONFIG or ~/.kube/config)"),
+            "{said}"
+        );
+        cluster.emu.shutdown().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_parent_outside_any_pod_says_what_to_set() {
     bounded(async {

@@ -21,7 +21,8 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
-/// The port the parent takes commands on.
+/// The port the parent takes commands on (`FLAME_TEST_CONTROL_PORT` on a host, where 7000 may be
+/// taken: 0 picks a free one).
 const CONTROL_PORT: u16 = 7000;
 
 #[flame::task]
@@ -110,8 +111,10 @@ async fn main() -> anyhow::Result<()> {
         .boot_timeout(Duration::from_secs(30))
         .start()
         .await?;
-    let listener = TcpListener::bind(("0.0.0.0", CONTROL_PORT)).await?;
-    eprintln!("container-app: parent {parent_id} ready on port {CONTROL_PORT}");
+    let port = env_or("FLAME_TEST_CONTROL_PORT", CONTROL_PORT);
+    let listener = TcpListener::bind(("0.0.0.0", port)).await?;
+    let port = listener.local_addr()?.port();
+    eprintln!("container-app: parent {parent_id} ready on port {port}");
     let held: Held = Arc::default();
     loop {
         let (stream, _) = listener.accept().await?;
