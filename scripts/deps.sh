@@ -20,6 +20,8 @@ compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql
 command -v runuser >/dev/null || missing+=(util-linux)
 # The Kubernetes backend's tests check the API emulator against the real client.
 command -v kubectl >/dev/null || missing+=(kubernetes-client)
+# The Kubernetes emulator's tests call the API from inside a pod with curl.
+command -v curl >/dev/null || missing+=(curl)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   $sudo apt-get update -qq

@@ -522,8 +522,20 @@ fn validate_pod(kind: &Kind, name: &str, object: &Value) -> Result<(), Value> {
     Ok(())
 }
 
-fn strict(query: &HashMap<String, String>) -> bool {
-    query.get("fieldValidation").map(String::as_str) == Some("Strict")
+/// A request's body as an object of `kind`, as the apiserver's decoder reads it.
+fn decode_body(kind: &Kind, body: &[u8]) -> Result<Value, Value> {
+    let mut object = parse_object(body)?;
+    own_kind(kind, &mut object)?;
+    Ok(object)
+}
+
+/// The object as it is stored: through its type (strictly under `fieldValidation=Strict`), with
+/// a Secret's `stringData` folded into `data`.
+fn storable(kind: &Kind, object: &Value, query: &HashMap<String, String>) -> Result<Value, Value> {
+    let strict = query.get("fieldValidation").map(String::as_str) == Some("Strict");
+    let mut object = typed(kind, object, strict)?;
+    fold_string_data(kind, &mut object);
+    Ok(object)
 }
 
 fn create(
@@ -533,8 +545,7 @@ fn create(
     query: &HashMap<String, String>,
     body: &[u8],
 ) -> Answer {
-    let mut object = parse_object(body)?;
-    own_kind(kind, &mut object)?;
+    let object = decode_body(kind, body)?;
     if kind.namespaced {
         match meta(&object, "namespace") {
             Some(given) if !given.is_empty() && given != ns => {
@@ -545,8 +556,7 @@ fn create(
             _ => {}
         }
     }
-    let mut object = typed(kind, &object, strict(query))?;
-    fold_string_data(kind, &mut object);
+    let mut object = storable(kind, &object, query)?;
     let mut store = lock(&shared.store);
     let Some(name) = store.name_for(kind.resource, ns, &object) else {
         return Err(auth::invalid(
@@ -634,8 +644,7 @@ fn update(
     query: &HashMap<String, String>,
     body: &[u8],
 ) -> Answer {
-    let mut object = parse_object(body)?;
-    own_kind(kind, &mut object)?;
+    let mut object = decode_body(kind, body)?;
     let mut store = lock(&shared.store);
     let current = store
         .get(kind.resource, ns, name)
@@ -647,8 +656,7 @@ fn update(
         return Err(auth::conflict(kind.group, kind.resource, name, auth::STALE));
     }
     keep_server_fields(kind, &current, &mut object);
-    let mut object = typed(kind, &object, strict(query))?;
-    fold_string_data(kind, &mut object);
+    let object = storable(kind, &object, query)?;
     Ok((
         200,
         store.write(kind.resource, ns, name, object, "MODIFIED"),
@@ -703,8 +711,7 @@ fn patch(
     }
     keep_server_fields(kind, &current, &mut object);
     own_kind(kind, &mut object)?;
-    let mut object = typed(kind, &object, strict(query))?;
-    fold_string_data(kind, &mut object);
+    let object = storable(kind, &object, query)?;
     Ok((
         200,
         store.write(kind.resource, ns, name, object, "MODIFIED"),

@@ -129,20 +129,16 @@ async fn terminate(
     }
 }
 
-/// The Docker ids of a pod's containers, oldest first (the first container first).
-pub(crate) async fn containers_of(shared: &Shared, uid: &str) -> Vec<String> {
-    let filters = HashMap::from([(
-        "label".to_string(),
-        vec![
-            format!("{LABEL_EMULATOR}={}", shared.run_id),
-            format!("io.kubernetes.pod.uid={uid}"),
-        ],
-    )]);
+/// The Docker ids of this emulator's containers that also carry every one of `labels`, oldest
+/// first; none when Docker does not answer.
+async fn container_ids(shared: &Shared, labels: &[String]) -> Vec<String> {
+    let mut wanted = vec![format!("{LABEL_EMULATOR}={}", shared.run_id)];
+    wanted.extend_from_slice(labels);
     let mut listed = shared
         .docker
         .list_containers(Some(ListContainersOptions {
             all: true,
-            filters: Some(filters),
+            filters: Some(HashMap::from([("label".to_string(), wanted)])),
             ..Default::default()
         }))
         .await
@@ -151,24 +147,16 @@ pub(crate) async fn containers_of(shared: &Shared, uid: &str) -> Vec<String> {
     listed.into_iter().filter_map(|c| c.id).collect()
 }
 
+/// The Docker ids of a pod's containers, oldest first (the first container first).
+pub(crate) async fn containers_of(shared: &Shared, uid: &str) -> Vec<String> {
+    container_ids(shared, &[format!("io.kubernetes.pod.uid={uid}")]).await
+}
+
 /// Removes every container this emulator made.
 pub(crate) async fn remove_all(shared: &Shared) {
-    let filters = HashMap::from([(
-        "label".to_string(),
-        vec![format!("{LABEL_EMULATOR}={}", shared.run_id)],
-    )]);
-    let listed = shared
-        .docker
-        .list_containers(Some(ListContainersOptions {
-            all: true,
-            filters: Some(filters),
-            ..Default::default()
-        }))
+    let removals = container_ids(shared, &[])
         .await
-        .unwrap_or_default();
-    let removals = listed
         .into_iter()
-        .filter_map(|c| c.id)
         .map(|id| async move {
             let _ = shared
                 .docker
@@ -191,25 +179,11 @@ pub(crate) async fn logs(
     container: &str,
     tail: Option<u64>,
 ) -> Option<String> {
-    let filters = HashMap::from([(
-        "label".to_string(),
-        vec![
-            format!("{LABEL_EMULATOR}={}", shared.run_id),
-            format!("io.kubernetes.pod.uid={uid}"),
-            format!("io.kubernetes.container.name={container}"),
-        ],
-    )]);
-    let id = shared
-        .docker
-        .list_containers(Some(ListContainersOptions {
-            all: true,
-            filters: Some(filters),
-            ..Default::default()
-        }))
-        .await
-        .ok()?
-        .into_iter()
-        .find_map(|c| c.id)?;
+    let labels = [
+        format!("io.kubernetes.pod.uid={uid}"),
+        format!("io.kubernetes.container.name={container}"),
+    ];
+    let id = container_ids(shared, &labels).await.into_iter().next()?;
     let mut stream = shared.docker.logs(
         &id,
         Some(LogsOptions {
@@ -425,6 +399,47 @@ fn decode(data: &Value) -> String {
         .unwrap_or_default()
 }
 
+/// `value[key]` as text; empty when it is absent.
+fn text_at<'a>(value: &'a Value, key: &str) -> &'a str {
+    value.get(key).and_then(Value::as_str).unwrap_or_default()
+}
+
+/// The items of the array `value[key]`; none when it is absent.
+fn items_at<'a>(value: &'a Value, key: &str) -> impl Iterator<Item = &'a Value> {
+    value
+        .get(key)
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+}
+
+/// The secret or configmap a reference (`secretRef`, `configMapKeyRef`...) names; `Err` is the
+/// kubelet's message. `Ok(None)`: optional and absent.
+fn referenced(
+    shared: &Shared,
+    ns: &str,
+    resource: &'static str,
+    reference: &Value,
+) -> Result<Option<Value>, String> {
+    let name = text_at(reference, "name");
+    let optional = reference.get("optional").and_then(Value::as_bool) == Some(true);
+    match lock(&shared.store).get(resource, ns, name).cloned() {
+        Some(object) => Ok(Some(object)),
+        None if optional => Ok(None),
+        None if resource == "secrets" => Err(format!("secret \"{name}\" not found")),
+        None => Err(format!("configmap \"{name}\" not found")),
+    }
+}
+
+/// A value of a secret's (base64) or a configmap's (text) `data`, as text.
+fn data_text(resource: &str, value: &Value) -> String {
+    if resource == "secrets" {
+        decode(value)
+    } else {
+        value.as_str().unwrap_or_default().to_string()
+    }
+}
+
 /// A key of a secret or configmap; `Err` is the kubelet's message. `Ok(None)`: optional and absent.
 fn key_of(
     shared: &Shared,
@@ -432,33 +447,23 @@ fn key_of(
     resource: &'static str,
     reference: &Value,
 ) -> Result<Option<String>, String> {
-    let name = reference
-        .get("name")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    let key = reference
-        .get("key")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
+    let Some(object) = referenced(shared, ns, resource, reference)? else {
+        return Ok(None);
+    };
+    let key = text_at(reference, "key");
     let optional = reference.get("optional").and_then(Value::as_bool) == Some(true);
-    let (what, field, kind) = if resource == "secrets" {
-        ("secret", "data", "Secret")
-    } else {
-        ("configmap", "data", "ConfigMap")
-    };
-    let object = lock(&shared.store).get(resource, ns, name).cloned();
-    let Some(object) = object else {
-        return if optional {
-            Ok(None)
-        } else {
-            Err(format!("{what} \"{name}\" not found"))
-        };
-    };
-    match object.get(field).and_then(|d| d.get(key)) {
-        Some(value) if resource == "secrets" => Ok(Some(decode(value))),
-        Some(value) => Ok(Some(value.as_str().unwrap_or_default().to_string())),
+    match object.get("data").and_then(|d| d.get(key)) {
+        Some(value) => Ok(Some(data_text(resource, value))),
         None if optional => Ok(None),
-        None => Err(format!("couldn't find key {key} in {kind} {ns}/{name}")),
+        None => {
+            let kind = if resource == "secrets" {
+                "Secret"
+            } else {
+                "ConfigMap"
+            };
+            let name = text_at(reference, "name");
+            Err(format!("couldn't find key {key} in {kind} {ns}/{name}"))
+        }
     }
 }
 
@@ -518,37 +523,15 @@ fn environment(
         vars.retain(|(n, _)| *n != name);
         vars.push((name, value));
     };
-    for source in container
-        .get("envFrom")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let prefix = source
-            .get("prefix")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
+    for source in items_at(container, "envFrom") {
+        let prefix = text_at(source, "prefix");
         let (resource, reference) = match (source.get("secretRef"), source.get("configMapRef")) {
             (Some(r), _) => ("secrets", r),
             (_, Some(r)) => ("configmaps", r),
             _ => continue,
         };
-        let name = reference
-            .get("name")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        let optional = reference.get("optional").and_then(Value::as_bool) == Some(true);
-        let object = lock(&shared.store).get(resource, &ns, name).cloned();
-        let Some(object) = object else {
-            if optional {
-                continue;
-            }
-            let what = if resource == "secrets" {
-                "secret"
-            } else {
-                "configmap"
-            };
-            return Err(format!("{what} \"{name}\" not found"));
+        let Some(object) = referenced(shared, &ns, resource, reference)? else {
+            continue;
         };
         for (key, value) in object
             .get("data")
@@ -556,35 +539,21 @@ fn environment(
             .into_iter()
             .flatten()
         {
-            let value = if resource == "secrets" {
-                decode(value)
-            } else {
-                value.as_str().unwrap_or_default().to_string()
-            };
-            set(&mut vars, format!("{prefix}{key}"), value);
+            set(
+                &mut vars,
+                format!("{prefix}{key}"),
+                data_text(resource, value),
+            );
         }
     }
-    for entry in container
-        .get("env")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let name = entry
-            .get("name")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string();
+    for entry in items_at(container, "env") {
+        let name = text_at(entry, "name").to_string();
         let known: HashMap<String, String> = vars.iter().cloned().collect();
         let value = if let Some(value) = entry.get("value").and_then(Value::as_str) {
             Some(expand(value, &known))
         } else if let Some(from) = entry.get("valueFrom") {
             if let Some(field) = from.get("fieldRef") {
-                let path = field
-                    .get("fieldPath")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default();
-                Some(field_ref(pod, path, ip, &host_ip)?)
+                Some(field_ref(pod, text_at(field, "fieldPath"), ip, &host_ip)?)
             } else if let Some(reference) = from.get("secretKeyRef") {
                 key_of(shared, &ns, "secrets", reference)?
             } else if let Some(reference) = from.get("configMapKeyRef") {
@@ -777,21 +746,11 @@ async fn lifecycle(
         .unwrap_or_default();
     let names: Vec<String> = containers
         .iter()
-        .map(|c| {
-            c.get("name")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string()
-        })
+        .map(|c| text_at(c, "name").to_string())
         .collect();
     let images: Vec<String> = containers
         .iter()
-        .map(|c| {
-            c.get("image")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string()
-        })
+        .map(|c| text_at(c, "image").to_string())
         .collect();
     let creating = |statuses: &mut Vec<Value>| {
         *statuses = names

@@ -1,7 +1,10 @@
 //! The API through kube's typed client: every kind round-trips through k8s-openapi, selectors,
 //! watches, RBAC, secrets, patches, strict validation and injected faults.
 
-use std::future::Future;
+// The pod helpers go unused here: this file's pods need not run.
+#[allow(dead_code)]
+mod support;
+
 use std::time::Duration;
 
 use flame_k8s_emulator::{Emulator, Fault, Options};
@@ -13,14 +16,7 @@ use kube::api::{
     Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
 };
 use serde_json::json;
-
-const LIMIT: Duration = Duration::from_secs(90);
-
-async fn bounded<F: Future>(f: F) -> F::Output {
-    tokio::time::timeout(LIMIT, f)
-        .await
-        .expect("the test took too long")
-}
+use support::bounded;
 
 fn api_error(e: kube::Error) -> kube::core::Status {
     match e {

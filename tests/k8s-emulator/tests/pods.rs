@@ -1,127 +1,18 @@
 //! Pods as real containers on the local Docker engine: environment, hostname, IPs, the
 //! service-account mount and the HTTPS API, image and scheduling failures, deletion, garbage
-//! collection, and containers dying under the emulator.
-//!
-//! The image is `FROM scratch` with `/bin/sh` as `/app` and `sleep`, `cat` and `env` in
-//! `/usr/bin`, built by `scripts/docker-image.sh` (nothing can be pulled).
+//! collection, and containers dying under the emulator. The image is `support::image()`'s.
 
-use std::future::Future;
+mod support;
+
 use std::time::{Duration, Instant};
 
 use flame_k8s_emulator::{Emulator, LABEL_EMULATOR, Options};
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{ContainerState, Pod, Secret};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams, WatchEvent, WatchParams};
 use serde_json::{Value, json};
-use tokio::sync::OnceCell;
-
-const LIMIT: Duration = Duration::from_secs(120);
-
-async fn bounded<F: Future>(f: F) -> F::Output {
-    tokio::time::timeout(LIMIT, f)
-        .await
-        .expect("the test took too long")
-}
-
-fn fnv(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf29ce484222325, |hash, b| {
-        (hash ^ u64::from(*b)).wrapping_mul(0x100000001b3)
-    })
-}
-
-/// Builds the test image once per test binary, tagged by the contents that go into it.
-async fn image() -> &'static str {
-    static IMAGE: OnceCell<String> = OnceCell::const_new();
-    IMAGE
-        .get_or_init(|| async {
-            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/docker-image.sh");
-            let mut contents = std::fs::read(script).unwrap();
-            let mut programs = vec!["sleep", "cat", "env"];
-            // curl, where the host has it, lets a pod call the API the way incluster() does.
-            if std::path::Path::new("/usr/bin/curl").exists() {
-                programs.push("curl");
-            }
-            for program in ["/bin/sh".to_string()]
-                .into_iter()
-                .chain(programs.iter().map(|p| format!("/usr/bin/{p}")))
-            {
-                contents.extend(
-                    std::fs::read(&program).unwrap_or_else(|e| panic!("reading {program}: {e}")),
-                );
-            }
-            let tag = format!("flame-k8s-emu-test:{:016x}", fnv(&contents));
-            let built = tokio::process::Command::new(script)
-                .args([tag.as_str(), "/bin/sh"])
-                .args(&programs)
-                .output()
-                .await
-                .unwrap_or_else(|e| panic!("running {script}: {e}"));
-            assert!(
-                built.status.success(),
-                "{script} failed: {}",
-                String::from_utf8_lossy(&built.stderr)
-            );
-            tag
-        })
-        .await
-}
-
-fn docker() -> bollard::Docker {
-    bollard::Docker::connect_with_local_defaults().unwrap()
-}
-
-async fn container_exists(id: &str) -> bool {
-    docker()
-        .inspect_container(
-            id,
-            None::<bollard::query_parameters::InspectContainerOptions>,
-        )
-        .await
-        .is_ok()
-}
-
-fn pod(name: &str, image: &str, script: &str, extra: Value) -> Pod {
-    let mut pod = json!({
-        "metadata": {"name": name, "labels": {"app": "x"}},
-        "spec": {
-            "restartPolicy": "Never",
-            "terminationGracePeriodSeconds": 2,
-            "containers": [{"name": "main", "image": image, "args": ["-c", script]}],
-        },
-    });
-    merge(&mut pod, &extra);
-    serde_json::from_value(pod).unwrap()
-}
-
-fn merge(target: &mut Value, patch: &Value) {
-    match (target, patch) {
-        (Value::Object(t), Value::Object(p)) => {
-            for (k, v) in p {
-                merge(t.entry(k.clone()).or_insert(Value::Null), v);
-            }
-        }
-        (t, p) => *t = p.clone(),
-    }
-}
-
-/// Watches one pod until `done` holds for it; the pod as it then is.
-async fn until(pods: &Api<Pod>, name: &str, done: impl Fn(&Pod) -> bool) -> Pod {
-    loop {
-        let params = WatchParams::default()
-            .fields(&format!("metadata.name={name}"))
-            .timeout(60);
-        let mut events = pods.watch(&params, "0").await.unwrap().boxed();
-        while let Some(event) = events.try_next().await.unwrap() {
-            match event {
-                WatchEvent::Added(p) | WatchEvent::Modified(p) if done(&p) => return p,
-                WatchEvent::Deleted(p) => panic!("{name} was deleted: {p:?}"),
-                WatchEvent::Error(e) => panic!("watch error {e:?}"),
-                _ => {}
-            }
-        }
-    }
-}
+use support::{bounded, container_exists, docker, image, phase, pod, until};
 
 /// Waits for the pod's DELETED event (or finds it already gone).
 async fn until_deleted(pods: &Api<Pod>, name: &str) {
@@ -141,23 +32,19 @@ async fn until_deleted(pods: &Api<Pod>, name: &str) {
     panic!("no DELETED event for {name}");
 }
 
-fn phase(p: &Pod) -> &str {
+/// The state of the pod's first container.
+fn state(p: &Pod) -> Option<&ContainerState> {
     p.status
-        .as_ref()
-        .and_then(|s| s.phase.as_deref())
-        .unwrap_or("")
-}
-
-fn waiting_reason(p: &Pod) -> Option<(String, String)> {
-    let state = p
-        .status
         .as_ref()?
         .container_statuses
         .as_ref()?
         .first()?
         .state
-        .as_ref()?;
-    let waiting = state.waiting.as_ref()?;
+        .as_ref()
+}
+
+fn waiting_reason(p: &Pod) -> Option<(String, String)> {
+    let waiting = state(p)?.waiting.as_ref()?;
     Some((
         waiting.reason.clone()?,
         waiting.message.clone().unwrap_or_default(),
@@ -165,15 +52,7 @@ fn waiting_reason(p: &Pod) -> Option<(String, String)> {
 }
 
 fn terminated(p: &Pod) -> Option<(i32, String)> {
-    let state = p
-        .status
-        .as_ref()?
-        .container_statuses
-        .as_ref()?
-        .first()?
-        .state
-        .as_ref()?;
-    let t = state.terminated.as_ref()?;
+    let t = state(p)?.terminated.as_ref()?;
     Some((t.exit_code, t.reason.clone().unwrap_or_default()))
 }
 
@@ -187,6 +66,32 @@ async fn log_with(pods: &Api<Pod>, name: &str, marker: &str) -> String {
         // Output has no event to wait for.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Nothing of the emulator's run is left in Docker: no container with its label, nor its network.
+async fn assert_nothing_left(run: &str, network: &str) {
+    let filters = std::collections::HashMap::from([(
+        "label".to_string(),
+        vec![format!("{LABEL_EMULATOR}={run}")],
+    )]);
+    let left = docker()
+        .list_containers(Some(bollard::query_parameters::ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(
+        docker()
+            .inspect_network(
+                network,
+                None::<bollard::query_parameters::InspectNetworkOptions>
+            )
+            .await
+            .is_err()
+    );
 }
 
 #[tokio::test]
@@ -211,10 +116,9 @@ async fn pod_runs_as_a_container_with_its_environment() {
         let script = "echo host=$(cat /etc/hostname); env; SA=/var/run/secrets/kubernetes.io/serviceaccount; \
             for f in token ca.crt namespace; do test -s $SA/$f && echo has-$f; done; \
             echo ns-file=$(cat $SA/namespace); \
-            if command -v curl >/dev/null; then \
-              curl -sS --cacert $SA/ca.crt -H \"Authorization: Bearer $(cat $SA/token)\" -o /tmp/pods \
-                \"https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT/api/v1/namespaces/$POD_NAMESPACE/pods?fieldSelector=metadata.name%3D$POD_NAME\"; \
-              echo api=$(cat /tmp/pods); fi; \
+            curl -sS --cacert $SA/ca.crt -H \"Authorization: Bearer $(cat $SA/token)\" -o /tmp/pods \
+              \"https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT/api/v1/namespaces/$POD_NAMESPACE/pods?fieldSelector=metadata.name%3D$POD_NAME\"; \
+            echo api=$(cat /tmp/pods); \
             echo done; exec sleep 300";
         let spec = pod("web-1", image, script, json!({"spec": {"containers": [{
             "name": "main", "image": image, "args": ["-c", script],
@@ -291,13 +195,11 @@ async fn pod_runs_as_a_container_with_its_environment() {
             assert!(lines.contains(&expected.as_str()), "{expected} is not in the log:\n{log}");
         }
         assert!(emu.https_url().starts_with(&format!("https://{gateway}:")));
-        if std::path::Path::new("/usr/bin/curl").exists() {
-            // In the pod: https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT with the
-            // mounted ca.crt and token, as kube::Config::incluster() builds it.
-            let answer = lines.iter().find_map(|l| l.strip_prefix("api=")).unwrap_or_else(|| panic!("no api= line in:\n{log}"));
-            let answer: Value = serde_json::from_str(answer).unwrap_or_else(|e| panic!("{e}: {answer}"));
-            assert_eq!(answer["items"][0]["metadata"]["name"], "web-1", "{answer}");
-        }
+        // In the pod: https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT with the mounted
+        // ca.crt and token, as kube::Config::incluster() builds it.
+        let answer = lines.iter().find_map(|l| l.strip_prefix("api=")).unwrap_or_else(|| panic!("no api= line in:\n{log}"));
+        let answer: Value = serde_json::from_str(answer).unwrap_or_else(|e| panic!("{e}: {answer}\n{log}"));
+        assert_eq!(answer["items"][0]["metadata"]["name"], "web-1", "{answer}");
         let tail = pods.logs("web-1", &LogParams { tail_lines: Some(1), ..Default::default() }).await.unwrap();
         assert_eq!(tail, "done\n");
 
@@ -477,28 +379,7 @@ async fn deletion_grace_and_garbage_collection() {
     let run = emu.run_id().to_string();
     let network = emu.network().to_string();
     emu.shutdown().await;
-    let filters = std::collections::HashMap::from([(
-        "label".to_string(),
-        vec![format!("{LABEL_EMULATOR}={run}")],
-    )]);
-    let left = docker()
-        .list_containers(Some(bollard::query_parameters::ListContainersOptions {
-            all: true,
-            filters: Some(filters),
-            ..Default::default()
-        }))
-        .await
-        .unwrap();
-    assert!(left.is_empty(), "{left:?}");
-    assert!(
-        docker()
-            .inspect_network(
-                &network,
-                None::<bollard::query_parameters::InspectNetworkOptions>
-            )
-            .await
-            .is_err()
-    );
+    assert_nothing_left(&run, &network).await;
 }
 
 #[tokio::test]
@@ -520,26 +401,5 @@ async fn dropping_the_emulator_cleans_up() {
     .await;
     // No shutdown(): Drop removes what it made with the Docker CLI.
     drop(emu);
-    let filters = std::collections::HashMap::from([(
-        "label".to_string(),
-        vec![format!("{LABEL_EMULATOR}={run}")],
-    )]);
-    let left = docker()
-        .list_containers(Some(bollard::query_parameters::ListContainersOptions {
-            all: true,
-            filters: Some(filters),
-            ..Default::default()
-        }))
-        .await
-        .unwrap();
-    assert!(left.is_empty(), "{left:?}");
-    assert!(
-        docker()
-            .inspect_network(
-                &network,
-                None::<bollard::query_parameters::InspectNetworkOptions>
-            )
-            .await
-            .is_err()
-    );
+    assert_nothing_left(&run, &network).await;
 }
