@@ -34,12 +34,23 @@ pub(crate) async fn client() -> Result<kube::Client, Error> {
     // A refused create fails the boot at once; the pool's own boot retries (with backoff)
     // decide what happens next, rather than a client retrying for minutes underneath.
     config.default_retry = false;
+    use_ring_unless_chosen();
     kube::Client::try_from(config).map_err(|e| {
         Error::new(
             ErrorKind::Config,
             format!("making the Kubernetes client: {e}"),
         )
     })
+}
+
+/// Makes `ring` rustls's process-wide provider unless the app chose one. kube does this itself
+/// for `aws-lc-rs` but not for `ring` (the provider flame-rt uses everywhere): without it, an app
+/// whose dependencies enable both providers panics the first time kube opens a TLS connection.
+pub(crate) fn use_ring_unless_chosen() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Losing a race to another installer is fine: a provider is chosen either way.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
 }
 
 /// The parent's own pod name: `POD_NAME` (the downward API), else the hostname, which is the

@@ -238,6 +238,12 @@ impl Emulator {
     /// a /24 subnet so pods get fixed IPs), the plain HTTP API on 127.0.0.1 and the HTTPS API on
     /// the network's gateway. Panics if Docker cannot be reached.
     pub async fn start(options: Options) -> Emulator {
+        // kube picks a rustls provider by itself only for aws-lc-rs; with both providers
+        // compiled in (a workspace-wide build), the clients this emulator hands out need one
+        // chosen, as flame-backend-k8s chooses ring.
+        if rustls::crypto::CryptoProvider::get_default().is_none() {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
         let connected = match Docker::connect_with_local_defaults() {
             Ok(docker) => docker.negotiate_version().await,
             Err(e) => Err(e),
