@@ -471,6 +471,26 @@ async fn a_refusal_that_passes_is_retried_by_the_pool() {
 }
 
 #[tokio::test]
+async fn runner_pods_take_big_payloads_and_tasks_that_never_yield() {
+    bounded(async {
+        let cluster = Cluster::start().await;
+        let mut parent = cluster.start_parent(1).await;
+        // 8 s without yielding, against a failsafe of 5 missed 200 ms heartbeats.
+        let host = parent.control.ok("spin 8000").await;
+        let runners = cluster.runner_pods(&parent.uid).await;
+        assert_eq!(runners.len(), 1, "the runner was lost and replaced");
+        assert_eq!(runners[0].metadata.name.as_deref(), host.as_str());
+        // 256 MiB to the runner pod and back, over the pod network, every byte checked.
+        let bulk = parent.control.ok("bulk 256").await;
+        eprintln!("256 MiB each way through a runner pod: {bulk}");
+        assert_eq!(bulk["bytes"], 256 << 20);
+        assert_eq!(cluster.runner_pods(&parent.uid).await.len(), 1);
+        cluster.emu.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn dropping_a_handle_kills_the_child_in_the_runner_pod() {
     bounded(async {
         let cluster = Cluster::start().await;

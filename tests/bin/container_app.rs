@@ -5,6 +5,8 @@
 //! that pool from the same image) it serves the tasks below.
 //!
 //! Commands: `id` (the backend's parent id), `whoami` (a call: the runner's hostname),
+//! `spin MS` (a call that holds its thread for MS without yielding, then says where it ran),
+//! `bulk MIB` (a call that sends MIB MiB and gets them back reversed, checked byte for byte),
 //! `hold NAME` (spawn a task that runs `sleep 600` in its container, keep its handle),
 //! `work NAME SECS` (spawn a task that runs `sleep SECS` and then succeeds), `read PATH` (a
 //! call: the file at PATH in the runner's container), `await NAME`,
@@ -62,6 +64,29 @@ async fn work(secs: u64) -> Result<(), String> {
         .success()
         .then_some(())
         .ok_or_else(|| format!("sleep failed: {status}"))
+}
+
+/// Returns `data` reversed: a big payload each way, every byte checked by the parent.
+#[flame::task]
+async fn reversed(mut data: Vec<u8>) -> Vec<u8> {
+    data.reverse();
+    data
+}
+
+/// Holds its worker thread for `ms` without yielding, as a codec or a model's inference does;
+/// the runner must keep its heartbeats going meanwhile. Returns where it ran.
+#[flame::task]
+async fn spin(ms: u64) -> Result<String, String> {
+    let end = std::time::Instant::now() + Duration::from_millis(ms);
+    while std::time::Instant::now() < end {
+        std::hint::spin_loop();
+    }
+    whoami().await
+}
+
+/// `len` bytes of a pattern that a shifted or truncated copy cannot match.
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i.wrapping_mul(31) % 251) as u8).collect()
 }
 
 type Held = Arc<Mutex<HashMap<String, JoinHandle<Result<(), String>>>>>;
@@ -136,6 +161,24 @@ async fn serve(stream: TcpStream, pool: Pool, held: Held, parent_id: String) -> 
         let answer = match command {
             "id" => json!({ "ok": parent_id }),
             "whoami" => outcome(flame::call(&pool, whoami()).await),
+            "spin" => outcome(flame::call(&pool, spin(name.parse().unwrap_or(1000))).await),
+            "bulk" => {
+                let len = name.parse::<usize>().unwrap_or(1) << 20;
+                let mut expected = pattern(len);
+                let started = std::time::Instant::now();
+                match flame::call(&pool, reversed(pattern(len))).await {
+                    Ok(back) => {
+                        let secs = started.elapsed().as_secs_f64();
+                        expected.reverse();
+                        if back == expected {
+                            json!({ "ok": { "bytes": len, "secs": secs } })
+                        } else {
+                            json!({ "err": format!("{} bytes came back, not the {len} sent, reversed", back.len()) })
+                        }
+                    }
+                    Err(e) => json!({ "err": e.to_string(), "kind": format!("{:?}", e.kind()) }),
+                }
+            }
             "read" => outcome(flame::call(&pool, read_file(name.clone())).await),
             "hold" => {
                 let handle = flame::spawn_on(&pool, sleep_child(600));
