@@ -52,6 +52,11 @@
 //! [`runner_api_access`](K8sBackendBuilder::runner_api_access) says so.
 //! `docs/deploy-kubernetes.md` in the repository has the manifests.
 //!
+//! **TLS.** kube reaches the API server over rustls. When the app has not chosen a process-wide
+//! rustls provider, the backend chooses `ring` (the one flame-rt uses) before it makes its
+//! client: kube chooses one by itself only with its `aws-lc-rs` feature, and an app whose
+//! dependencies compile both providers would otherwise panic at its first API call.
+//!
 //! **Versions.** Like every library on `k8s-openapi`, this crate leaves the Kubernetes API level
 //! to the application: turn on one of `k8s-openapi`'s `v1_*` features in your binary (the
 //! oldest, `v1_33`, works with any newer cluster), or set `K8S_OPENAPI_ENABLED_VERSION` when
