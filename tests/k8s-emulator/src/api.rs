@@ -538,7 +538,7 @@ fn storable(kind: &Kind, object: &Value, query: &HashMap<String, String>) -> Res
     Ok(object)
 }
 
-fn create(
+pub(crate) fn create(
     shared: &Arc<Shared>,
     kind: &'static Kind,
     ns: &str,

@@ -18,6 +18,8 @@
 //!   environment (`fieldRef`, `secretKeyRef`, `envFrom`, `$(VAR)`), the service-account mount and
 //!   `KUBERNETES_SERVICE_*`, status transitions from Docker, graceful deletion (`docker stop -t`),
 //!   and `pods/log`.
+//! - A Deployment controller: `spec.replicas` pods of `spec.template`, replaced on a template
+//!   change (so `kubectl apply` and `kubectl rollout restart` work), and a minimal `status`.
 //! - Garbage collection by ownerReferences, bearer tokens, and RBAC through Roles and RoleBindings.
 //!
 //! ```no_run
@@ -55,11 +57,30 @@
 //!   discovery and `/openapi` are open to any token.
 //! - [`Emulator::write_kubeconfig`] points at the HTTPS URL: kubectl (client-go) sends no
 //!   credentials over plain HTTP.
-//! - Deployments are stored only: there is no controller, so no ReplicaSets or pods come of them.
+//! - Deployments have no ReplicaSets: the controller owns pods itself (ownerReferences
+//!   `apps/v1` Deployment, `controller: true`, `blockOwnerDeletion: true`), names them
+//!   `<deployment>-<hash>-<5 chars>` and labels them with the template's labels plus
+//!   `pod-template-hash` (FNV-1a of the template's JSON, 10 characters; not the real hash). Its
+//!   pods are those of its namespace it controls by uid; pods merely matching `spec.selector` are
+//!   never adopted (the selector is not looked at), and pods of another controller are left alone.
+//!   It reacts to every Deployment and pod event, while the emulator runs.
+//! - Every strategy is a simplified surge rollout (`strategy`, `maxSurge`, `maxUnavailable`,
+//!   `minReadySeconds`, `paused`, `revisionHistoryLimit` and `progressDeadlineSeconds` are
+//!   ignored): all pods of the new template are created at once; an old pod that is not Running
+//!   is deleted at once, and a Running one as a new pod is Running in its place (Running counts
+//!   as ready: there are no probes). Scaling down deletes pods not Running first, then the
+//!   newest. Deletions go through the clients' path with the pod's own grace. A rollout needs
+//!   room on the node for both templates' pods at once, or it waits (new pods unschedulable,
+//!   old pods kept). A pod of the current template whose containers have exited still counts
+//!   (a real kubelet would restart them) and is not replaced.
+//! - A Deployment's `status` has only `replicas`, `updatedReplicas`, and `readyReplicas` and
+//!   `availableReplicas` (Running pods of the current template); no `observedGeneration` (no
+//!   `metadata.generation` is kept) and no conditions, so `kubectl rollout status` is not
+//!   supported.
 //! - Authorization knows Roles and RoleBindings with ServiceAccount subjects only; a service
 //!   account can do nothing at cluster scope.
 //!
-//! Not covered: real scheduling and preemption, Services and DNS, NetworkPolicy, PVCs, image
+//! Not covered: ReplicaSets and every other controller, real scheduling and preemption, Services and DNS, NetworkPolicy, PVCs, image
 //! pulls, admission webhooks, ResourceQuota objects (inject the 403 with [`Fault`]),
 //! ClusterRoles and ClusterRoleBindings, server-side apply, JSON patch (415), `deletecollection`,
 //! subresources other than `pods/log` (no `status`, `exec`, `attach`, `eviction`), Table output,
@@ -81,6 +102,7 @@ use tokio::task::JoinHandle;
 
 mod api;
 mod auth;
+mod deployments;
 mod kubelet;
 mod store;
 mod tls;
@@ -326,6 +348,7 @@ impl Emulator {
                 let _ = axum::serve(http, plain).await;
             }),
             tokio::spawn(async move { tls::serve(https, &certificates, router).await }),
+            tokio::spawn(deployments::run(shared.clone())),
         ];
         Emulator {
             shared,

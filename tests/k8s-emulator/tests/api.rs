@@ -476,8 +476,10 @@ async fn secrets_patches_validation_and_faults() {
             .unwrap();
         assert_eq!(raw["data"]["FLAME_PARENT"], "aGVsbG8=");
 
-        // Strategic merge: lists of containers merge by name; directives are dropped.
-        let deployments = Api::<Deployment>::namespaced(client.clone(), "s");
+        // Strategic merge: lists of containers merge by name; directives are dropped. (In a
+        // namespace of its own: its controller's pods come and go, and each removal collects the
+        // dangling owner references made below.)
+        let deployments = Api::<Deployment>::namespaced(client.clone(), "s-apps");
         let deployment: Deployment = serde_json::from_value(json!({
             "metadata": {"name": "d"},
             "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "d"}},

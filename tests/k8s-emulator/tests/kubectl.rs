@@ -1,6 +1,7 @@
 //! The real kubectl against the emulator, with server-side field validation on: `apply` of the
 //! deploy guide's manifest (`deploy/k8s/flame-app.yaml`) with a Secret beside it, again unchanged,
-//! and again changed (a strategic merge patch); then `get -l -o json`, `get -o yaml` and `delete`.
+//! and again changed (a strategic merge patch), `rollout restart`; then `get -l -o json`,
+//! `get -o yaml` and `delete`.
 
 mod support;
 
@@ -198,6 +199,19 @@ async fn kubectl_apply_get_delete() {
             Some("registry.example.com/thumbs:1.1")
         );
         assert_eq!(template.containers[0].env.as_ref().unwrap().len(), 3);
+
+        // `rollout restart`: a strategic merge patch of the template's annotations.
+        let restarted = kubectl(&dir.0, &["rollout", "restart", "deployment/thumbs"]).await;
+        assert!(
+            restarted.contains("deployment.apps/thumbs restarted"),
+            "{restarted}"
+        );
+        let third = deployments.get("thumbs").await.unwrap();
+        let annotations = third.spec.unwrap().template.metadata.unwrap().annotations;
+        assert!(
+            annotations.is_some_and(|a| a.contains_key("kubectl.kubernetes.io/restartedAt")),
+            "no restartedAt annotation"
+        );
 
         // Pods: get by label as JSON, one as YAML, then delete one.
         let pods = Api::<Pod>::namespaced(client.clone(), "default");
