@@ -25,7 +25,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::Api;
-use kube::api::{DeleteParams, ListParams, PostParams, WatchEvent, WatchParams};
+use kube::api::{DeleteParams, ListParams, PostParams, WatchParams};
 use serde_json::{Value, json};
 
 /// The app every container runs, parent and runners.
@@ -68,11 +68,27 @@ fn of_kind(kind: &str) -> Value {
 }
 
 impl Cluster {
-    async fn start() -> Cluster {
+    /// An emulated cluster and a namespace with nothing in it.
+    async fn empty() -> Cluster {
         let docker = engine().await;
         let emu = Emulator::start(Options::default()).await;
         let namespace = format!("flame-{}", random_id());
         let admin = emu.client(&namespace);
+        Cluster {
+            emu,
+            namespace,
+            admin,
+            docker,
+        }
+    }
+
+    async fn start() -> Cluster {
+        let Cluster {
+            emu,
+            namespace,
+            admin,
+            docker,
+        } = Cluster::empty().await;
         let post = PostParams::default();
         let mut account: ServiceAccount =
             serde_json::from_value(of_kind("ServiceAccount")).unwrap();
@@ -156,6 +172,11 @@ impl Cluster {
             ],
         );
         let running = self.run_pod(&pod).await;
+        self.parent_of(&running).await
+    }
+
+    /// The control line of a running parent pod.
+    async fn parent_of(&self, running: &Pod) -> Parent {
         let name = running.metadata.name.clone().unwrap();
         let ip: IpAddr = running
             .status
@@ -171,7 +192,7 @@ impl Cluster {
         Parent {
             name,
             uid: running.metadata.uid.clone().unwrap(),
-            pod: running,
+            pod: running.clone(),
             control,
         }
     }
@@ -308,47 +329,47 @@ impl Parent {
     }
 }
 
-/// Follows the pod through the API (a list, then a watch from its version) until `check`
-/// holds for it (`None`: it does not exist), for at most 60 s.
+/// Follows the pod through the API until `check` holds for it (`None`: it does not exist), for
+/// at most 60 s.
 async fn until_pod(
     pods: &Api<Pod>,
     name: &str,
     what: &str,
     check: impl Fn(Option<&Pod>) -> bool,
 ) -> Option<Pod> {
-    let fields = format!("metadata.name={name}");
+    let selected = ListParams::default().fields(&format!("metadata.name={name}"));
+    let found = until_pods(pods, &selected, &format!("{what} ({name})"), |pods| {
+        check(pods.first())
+    })
+    .await;
+    found.into_iter().next()
+}
+
+/// Follows the pods `selected` through the API (a list, then a watch from its version, again
+/// after every change) until `check` holds for them, for at most 60 s.
+async fn until_pods(
+    pods: &Api<Pod>,
+    selected: &ListParams,
+    what: &str,
+    check: impl Fn(&[Pod]) -> bool,
+) -> Vec<Pod> {
     let followed = tokio::time::timeout(Duration::from_secs(60), async {
         loop {
-            let listed = pods
-                .list(&ListParams::default().fields(&fields))
-                .await
-                .unwrap();
-            let current = listed.items.into_iter().next();
-            if check(current.as_ref()) {
-                return current;
+            let listed = pods.list(selected).await.unwrap();
+            if check(&listed.items) {
+                return listed.items;
             }
             let version = listed.metadata.resource_version.unwrap_or_default();
-            let params = WatchParams::default().fields(&fields).timeout(20);
+            let mut params = WatchParams::default().timeout(20);
+            params.label_selector = selected.label_selector.clone();
+            params.field_selector = selected.field_selector.clone();
             let mut events = std::pin::pin!(pods.watch(&params, &version).await.unwrap());
-            while let Some(event) = events.next().await {
-                match event {
-                    Ok(WatchEvent::Added(pod) | WatchEvent::Modified(pod)) if check(Some(&pod)) => {
-                        return Some(pod);
-                    }
-                    Ok(WatchEvent::Deleted(_)) if check(None) => return None,
-                    Ok(
-                        WatchEvent::Added(_)
-                        | WatchEvent::Modified(_)
-                        | WatchEvent::Deleted(_)
-                        | WatchEvent::Bookmark(_),
-                    ) => {}
-                    Ok(WatchEvent::Error(_)) | Err(_) => break,
-                }
-            }
+            // Any change: list again and look.
+            let _ = events.next().await;
         }
     })
     .await;
-    followed.unwrap_or_else(|_| panic!("not within 60 s: {what} ({name})"))
+    followed.unwrap_or_else(|_| panic!("not within 60 s: {what}"))
 }
 
 /// A call on a pool of `backend` that cannot boot: its error, and how long it took.
@@ -553,6 +574,80 @@ async fn a_deleted_or_killed_runner_fails_its_call_and_is_replaced() {
             .filter_map(|p| p.metadata.name)
             .collect();
         assert_eq!(live, [host.to_string()]);
+        cluster.emu.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_deploy_guide_applied_with_kubectl_runs_and_rolls_out() {
+    bounded(async {
+        let cluster = Cluster::empty().await;
+        // The guide's manifest as a user edits it: their image and namespace, one replica; and
+        // the test's settings for the app.
+        let dir = flame_tests::scratch_dir("k8s-apply");
+        let image = app_image(APP).await;
+        for (i, mut doc) in manifest().into_iter().enumerate() {
+            match doc["kind"].as_str() {
+                Some("RoleBinding") => doc["subjects"][0]["namespace"] = json!(cluster.namespace),
+                Some("Deployment") => {
+                    doc["spec"]["replicas"] = json!(1);
+                    let app = &mut doc["spec"]["template"]["spec"]["containers"][0];
+                    app["image"] = json!(image);
+                    let env = app["env"].as_array_mut().unwrap();
+                    env.push(json!({"name": "FLAME_TEST_BACKEND", "value": "k8s"}));
+                    env.push(json!({"name": "FLAME_TEST_MAX", "value": "1"}));
+                    env.push(json!({"name": "FLAME_TEST_HEARTBEAT_MS", "value": HEARTBEAT.as_millis().to_string()}));
+                }
+                _ => {}
+            }
+            std::fs::write(dir.join(format!("{i}.json")), doc.to_string()).unwrap();
+        }
+        let applied = cluster.kubectl(&["apply", "-f", dir.to_str().unwrap()]).await;
+        assert!(applied.contains("deployment.apps/thumbs created"), "{applied}");
+
+        let parents = ListParams::default().labels("app=thumbs");
+        let running = |pods: &[Pod]| {
+            pods.iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        let first = until_pods(&cluster.pods(), &parents, "the Deployment's parent pod runs", |pods| {
+            running(pods).len() == 1
+        })
+        .await;
+        let mut old = cluster.parent_of(&running(&first)[0]).await;
+        let host = old.control.ok("whoami").await;
+        let runners = cluster.runner_pods(&old.uid).await;
+        assert_eq!(runners.len(), 1);
+        assert_eq!(runners[0].metadata.name.as_deref(), host.as_str());
+
+        // A rollout: a new parent pod comes up, the old one goes, and its runner pods with it.
+        cluster.kubectl(&["rollout", "restart", "deployment/thumbs"]).await;
+        let old_name = old.name.clone();
+        let rolled = until_pods(&cluster.pods(), &parents, "the rollout replaces the parent pod", |pods| {
+            let running = running(pods);
+            pods.iter().all(|p| p.metadata.name.as_deref() != Some(&old_name))
+                && running.len() == 1
+        })
+        .await;
+        let uid = old.uid.clone();
+        until("the old parent's runner pods are gone", Duration::from_secs(30), || async {
+            cluster.runner_pods(&uid).await.is_empty()
+        })
+        .await;
+        let mut new = cluster.parent_of(&running(&rolled)[0]).await;
+        let host = new.control.ok("whoami").await;
+        let runners = cluster.runner_pods(&new.uid).await;
+        assert_eq!(runners.len(), 1, "the new parent's runner");
+        assert_eq!(runners[0].metadata.name.as_deref(), host.as_str());
+        assert_eq!(
+            until_pods(&cluster.pods(), &parents, "the runner pod is no replica", |pods| running(pods).len() == 1).await.len(),
+            1,
+            "the Deployment counts a runner pod as its own"
+        );
         cluster.emu.shutdown().await;
     })
     .await;
