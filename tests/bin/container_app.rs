@@ -33,15 +33,20 @@ async fn whoami() -> Result<String, String> {
     Ok(hostname.trim().to_string())
 }
 
-/// Runs a child process in the runner's container until cancelled (`kill_on_drop`).
-#[flame::task]
-async fn sleep_child(secs: u64) -> Result<(), String> {
-    let status = tokio::process::Command::new("sleep")
+/// `sleep SECS` as a child in the runner's container, killed if the task is dropped.
+async fn sleep(secs: u64) -> Result<std::process::ExitStatus, String> {
+    tokio::process::Command::new("sleep")
         .arg(secs.to_string())
         .kill_on_drop(true)
         .status()
         .await
-        .map_err(|e| format!("running sleep: {e}"))?;
+        .map_err(|e| format!("running sleep: {e}"))
+}
+
+/// Runs a child process in the runner's container until cancelled.
+#[flame::task]
+async fn sleep_child(secs: u64) -> Result<(), String> {
+    let status = sleep(secs).await?;
     Err(format!("sleep ended by itself: {status}"))
 }
 
@@ -54,12 +59,7 @@ async fn read_file(path: String) -> Result<String, String> {
 /// Works for `secs` (a `sleep` child in the runner's container), then succeeds.
 #[flame::task]
 async fn work(secs: u64) -> Result<(), String> {
-    let status = tokio::process::Command::new("sleep")
-        .arg(secs.to_string())
-        .kill_on_drop(true)
-        .status()
-        .await
-        .map_err(|e| format!("running sleep: {e}"))?;
+    let status = sleep(secs).await?;
     status
         .success()
         .then_some(())

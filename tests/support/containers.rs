@@ -108,16 +108,21 @@ pub async fn labelled(docker: &Docker, label: &str, value: &str) -> Vec<String> 
         .collect()
 }
 
-/// The container's address on `network`.
-pub async fn container_ip(docker: &Docker, id: &str, network: &str) -> IpAddr {
-    let inspected = docker
+/// What the engine says of a container that must exist.
+pub async fn inspect(docker: &Docker, id: &str) -> bollard::models::ContainerInspectResponse {
+    docker
         .inspect_container(
             id,
             None::<bollard::query_parameters::InspectContainerOptions>,
         )
         .await
-        .unwrap();
-    let ip = inspected
+        .unwrap_or_else(|e| panic!("inspecting container {id}: {e}"))
+}
+
+/// The container's address on `network`.
+pub async fn container_ip(docker: &Docker, id: &str, network: &str) -> IpAddr {
+    let ip = inspect(docker, id)
+        .await
         .network_settings
         .and_then(|n| n.networks)
         .and_then(|mut n| n.remove(network))
@@ -129,14 +134,8 @@ pub async fn container_ip(docker: &Docker, id: &str, network: &str) -> IpAddr {
 
 /// The container's hostname.
 pub async fn hostname(docker: &Docker, id: &str) -> String {
-    let inspected = docker
-        .inspect_container(
-            id,
-            None::<bollard::query_parameters::InspectContainerOptions>,
-        )
+    inspect(docker, id)
         .await
-        .unwrap();
-    inspected
         .config
         .and_then(|c| c.hostname)
         .unwrap_or_default()
