@@ -18,9 +18,9 @@
 //! resources, working directory and security context, the volumes that mean the same in every
 //! pod (configMap, secret, projected, downwardAPI, a fresh emptyDir), and from the pod its
 //! service account, image pull secrets, node selector, tolerations, node affinity, priority and
-//! runtime class. Left behind: probes (a runner does not serve the app's endpoints), ports,
-//! lifecycle hooks, the other containers, init containers (a migration runs once, with the
-//! parent), claims and host paths, and the parent's labels. Every knob on the builder, then
+//! runtime class, DNS settings and service links. Left behind: probes (a runner does not serve
+//! the app's endpoints), ports, lifecycle hooks, the other containers, init containers (a
+//! migration runs once, with the parent), claims and host paths, and the parent's labels. Every knob on the builder, then
 //! [`pod_template`](K8sBackendBuilder::pod_template), has the last word.
 //!
 //! **Lifecycle.** Runner pods have `restartPolicy: Never` and a controller owner reference to

@@ -220,7 +220,9 @@ impl Template {
             restart_policy: Some("Never".into()),
             service_account_name: parent_spec.service_account_name.clone(),
             automount_service_account_token: Some(knobs.runner_api_access),
-            enable_service_links: Some(false),
+            // The services' variables are part of the app's config for apps that find their
+            // peers by them: a runner sees what its parent sees.
+            enable_service_links: parent_spec.enable_service_links,
             image_pull_secrets: parent_spec.image_pull_secrets.clone(),
             node_selector: (!node_selector.is_empty()).then_some(node_selector),
             tolerations: (!tolerations.is_empty()).then_some(tolerations),
@@ -462,6 +464,10 @@ mod tests {
         let spec = &value["spec"];
         assert_eq!(spec["restartPolicy"], "Never");
         assert_eq!(spec["automountServiceAccountToken"], false);
+        assert!(
+            spec.get("enableServiceLinks").is_none(),
+            "the parent's default stands"
+        );
         assert_eq!(spec["serviceAccountName"], "thumbs");
         assert_eq!(spec["nodeSelector"], json!({"pool": "general"}));
         assert!(spec.get("initContainers").is_none());
