@@ -148,6 +148,14 @@ impl Drop for CallGuard {
         }
         // Dropped before its arguments were decoded: nothing waits for its frames.
         self.calls.routes.release(self.call);
+        // Told before the call leaves the list: a stopping runner closes its outbox once the
+        // list is empty, and a word sent after that would be lost (the parent then heard only
+        // "closed its connection", 1 run in 2 of runner_loss's SIGTERM test under load).
+        if !self.finished.get() {
+            self.calls
+                .out
+                .send(&ToParent::Cancelled { call: self.call });
+        }
         let mut running = self.calls.lock();
         running.remove(&self.call);
         if running.is_empty() {
@@ -159,11 +167,6 @@ impl Drop for CallGuard {
             self.calls.emptied.notify_waiters();
         }
         drop(running);
-        if !self.finished.get() {
-            self.calls
-                .out
-                .send(&ToParent::Cancelled { call: self.call });
-        }
     }
 }
 
