@@ -36,7 +36,8 @@
 //!
 //! **The hand-off token is in no pod object.** Each runner reads it from a `Secret` of its own,
 //! through `secretKeyRef`; the secret is owned by the runner's pod, so it goes with it. Whoever
-//! can `get pods` sees a reference, not the token. The parent needs no `get` on secrets.
+//! can `get pods` sees a reference, not the token. The parent needs no `get` on secrets; its
+//! `list` (for the sweep) does return secrets' data, so give the app a namespace of its own.
 //!
 //! **RBAC** for the parent's service account (a Role in its namespace):
 //!
