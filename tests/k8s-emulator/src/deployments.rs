@@ -96,16 +96,7 @@ fn delete_pod(shared: &Arc<Shared>, ns: &str, pod: &Value) {
     let (Some(name), Some(uid)) = (meta(pod, "name"), meta(pod, "uid")) else {
         return;
     };
-    let _ = store::delete_object(
-        shared,
-        store::kind_by_resource("pods"),
-        ns,
-        &name,
-        None,
-        Some("Background"),
-        Some(&uid),
-        None,
-    );
+    store::delete_in_background(shared, "pods", ns, &name, &uid);
 }
 
 /// Newest first, pods not Running before Running ones: the order pods are scaled down in.

@@ -634,15 +634,27 @@ pub(crate) fn removed_hook(shared: &Arc<crate::Shared>, ns: &str, uid: &str) {
     }
     let orphans = crate::lock(&shared.store).orphans(ns);
     for (resource, name, uid) in orphans {
-        let _ = delete_object(
-            shared,
-            kind_by_resource(resource),
-            ns,
-            &name,
-            None,
-            Some("Background"),
-            Some(&uid),
-            None,
-        );
+        delete_in_background(shared, resource, ns, &name, &uid);
     }
+}
+
+/// Deletes the object a controller decided to remove, as the collector does: in the background,
+/// with its own grace, and only if `uid` still names it (gone or replaced meanwhile: nothing).
+pub(crate) fn delete_in_background(
+    shared: &Arc<crate::Shared>,
+    resource: &str,
+    ns: &str,
+    name: &str,
+    uid: &str,
+) {
+    let _ = delete_object(
+        shared,
+        kind_by_resource(resource),
+        ns,
+        name,
+        None,
+        Some("Background"),
+        Some(uid),
+        None,
+    );
 }
