@@ -12,6 +12,10 @@ const RUNNER: &str = env!("CARGO_BIN_EXE_flame-test-runner");
 /// Counts what the parent holds for queued calls.
 #[global_allocator]
 static HEAP: flame::fuzz::HeapCounter = flame::fuzz::HeapCounter;
+
+/// The counter counts the whole process, so the test that measures runs alone: every other
+/// test of this file holds a read guard.
+static MEASURING: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 const BOUND: Duration = Duration::from_secs(30);
 
 async fn process_pool(name: &str) -> Pool {
@@ -78,6 +82,7 @@ async fn cancel_kills_the_child(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_handle_cancels_the_running_task() {
+    let _alone = MEASURING.read().await;
     bounded(BOUND, async {
         let pool = process_pool("dropcancel").await;
         cancel_kills_the_child(&pool, "drop", |handle| {
@@ -92,6 +97,7 @@ async fn dropping_the_handle_cancels_the_running_task() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_cancels_the_running_task() {
+    let _alone = MEASURING.read().await;
     bounded(BOUND, async {
         let pool = process_pool("abort").await;
         cancel_kills_the_child(&pool, "abort", |handle| {
@@ -106,6 +112,7 @@ async fn abort_cancels_the_running_task() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_backend_cancels_too() {
+    let _alone = MEASURING.read().await;
     bounded(BOUND, async {
         let pool = Pool::builder("localcancel")
             .backend(LocalBackend::new())
@@ -141,6 +148,7 @@ async fn one_busy_slot(name: &str) -> (Pool, JoinHandle<()>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queued_call_dropped_never_starts() {
+    let _alone = MEASURING.read().await;
     bounded(BOUND, async {
         let (pool, busy) = one_busy_slot("queued").await;
 
@@ -170,6 +178,7 @@ async fn a_queued_call_dropped_never_starts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_calls_dropped_behind_a_busy_runner_free_their_arguments_at_once() {
+    let _alone = MEASURING.write().await;
     bounded(BOUND, async {
         let (pool, busy) = one_busy_slot("queued-mib").await;
 
@@ -183,7 +192,6 @@ async fn queued_calls_dropped_behind_a_busy_runner_free_their_arguments_at_once(
         // Nothing else looks at the queue meanwhile: the runner is busy, nobody asks for stats.
         let left = flame::fuzz::HeapCounter::net() - before;
         flame::fuzz::HeapCounter::counting(false);
-        // Other tests run meanwhile and free a little: the bounds leave them room.
         assert!(held > 190 << 20, "200 MiB of arguments wait: {held} B held");
         assert!(
             left < 4 << 20,
@@ -202,6 +210,7 @@ async fn queued_calls_dropped_behind_a_busy_runner_free_their_arguments_at_once(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn awaiting_a_mutable_reference_is_cancel_safe() {
+    let _alone = MEASURING.read().await;
     bounded(BOUND, async {
         let pool = process_pool("cancelsafe").await;
         let mut handle = flame::spawn_on(&pool, sleep_ms(300));
@@ -235,6 +244,7 @@ async fn recycling_pool(name: &str) -> Pool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelled_tasks_that_never_yield_get_their_runner_recycled() {
+    let _alone = MEASURING.read().await;
     bounded(BOUND, async {
         let pool = recycling_pool("recycled").await;
         let runner = flame::call(&pool, whereabouts()).await.unwrap().pid;
@@ -269,6 +279,7 @@ async fn cancelled_tasks_that_never_yield_get_their_runner_recycled() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recycled_runners_other_calls_finish_before_it_stops() {
+    let _alone = MEASURING.read().await;
     bounded(BOUND, async {
         let pool = recycling_pool("recycled-others").await;
         let marker = scratch_dir("recycled-others").join("spinning");
