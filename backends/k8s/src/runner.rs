@@ -137,6 +137,14 @@ struct PodWatch {
     tx: watch::Sender<Seen>,
 }
 
+/// How long the server keeps one watch open before the watch is resumed. Shorter than the
+/// client's read timeout (config.rs), so only a server gone silent trips that.
+pub(crate) const WATCH_SECONDS: u32 = 45;
+
+/// The first pause after a failed watch or read, doubled up to [`MAX_BACKOFF`] while they fail.
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
 /// Follows one pod from `resource_version` on. A watch the server ends (its timeout, a restart,
 /// a too-old version) is resumed from a fresh read, so nothing between the two is missed.
 async fn watch_pod(
@@ -156,10 +164,15 @@ async fn watch_pod(
         tx,
     };
     let fields = format!("metadata.name={}", watch.name);
+    let mut backoff = FIRST_BACKOFF;
+    let mut warned = false;
     loop {
-        let params = WatchParams::default().fields(&fields).timeout(290);
+        let params = WatchParams::default()
+            .fields(&fields)
+            .timeout(WATCH_SECONDS);
         match watch.pods.watch(&params, &resource_version).await {
             Ok(stream) => {
+                backoff = FIRST_BACKOFF;
                 let mut stream = std::pin::pin!(stream);
                 loop {
                     // While the pod waits for a node, wake up when its grace runs out.
@@ -169,12 +182,8 @@ async fn watch_pod(
                     let next = match wake {
                         Some(at) => match tokio::time::timeout_at(at, stream.next()).await {
                             Ok(next) => next,
-                            Err(_) => {
-                                if let Ok(Some(pod)) = watch.pods.get_opt(&watch.name).await {
-                                    watch.observe(&pod).await;
-                                }
-                                continue;
-                            }
+                            // The read below looks at the pod again.
+                            Err(_) => break,
                         },
                         None => stream.next().await,
                     };
@@ -195,8 +204,16 @@ async fn watch_pod(
                 }
             }
             Err(e) => {
-                tracing::debug!(pod = %watch.name, error = %e, "flame: watching a runner pod failed; reading it instead");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                // Not fatal to the runner, which may be up and serving: the pool still learns
+                // of its end through its connection, only later for a pod that never dials.
+                if !warned && (is_code(&e, 401) || is_code(&e, 403)) {
+                    warned = true;
+                    tracing::warn!(pod = %watch.name, error = %e, "flame: the cluster refuses to let the parent watch its runner pods; boot failures are then found only at boot_timeout (the Role needs watch on pods, docs/deploy-kubernetes.md)");
+                } else {
+                    tracing::debug!(pod = %watch.name, error = %e, "flame: watching a runner pod failed; reading it instead");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
         match watch.pods.get_opt(&watch.name).await {
@@ -205,7 +222,10 @@ async fn watch_pod(
                 watch.observe(&pod).await;
             }
             Ok(None) => return watch.gone(),
-            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            Err(_) => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
         }
     }
 }
@@ -214,6 +234,8 @@ impl PodWatch {
     /// Publishes why the pod's runner will never dial back, the first time its status says so.
     async fn observe(&mut self, pod: &Pod) {
         if self.tx.borrow().fatal.is_some() {
+            // Nothing left to wait for: no wake-up for an unschedulable grace either.
+            self.unschedulable_since = None;
             return;
         }
         let patient = !self.unschedulable_grace.is_zero();
@@ -234,6 +256,7 @@ impl PodWatch {
             }
         }
         let Some(mut reason) = reason else { return };
+        self.unschedulable_since = None;
         if terminated(pod)
             && let Some(last) = self.last_words().await
         {
