@@ -435,7 +435,14 @@ async fn calls_run_in_runner_pods_cloned_from_the_parent_and_shutdown_deletes_th
         assert_eq!(spec.service_account_name.as_deref(), Some(SERVICE_ACCOUNT));
         assert_eq!(spec.automount_service_account_token, Some(false));
         let parent_image_id = &parent.pod.status.as_ref().unwrap().container_statuses.as_ref().unwrap()[0].image_id;
-        assert_eq!(spec.containers[0].image.as_ref(), Some(parent_image_id), "pinned by digest");
+        let digest = parent_image_id.split_once("@sha256:").unwrap().1;
+        let spec_image = parent.pod.spec.as_ref().unwrap().containers[0].image.clone().unwrap();
+        let repository = spec_image.rsplit_once(':').map_or(spec_image.as_str(), |(repository, _tag)| repository);
+        assert_eq!(
+            spec.containers[0].image.clone(),
+            Some(format!("{repository}@sha256:{digest}")),
+            "the parent's repository, pinned by the digest it runs"
+        );
         let env = env_of(runner);
         assert!(env.contains(&json!({"name": "FLAME_TEST_ROLE", "value": "runner"})), "{env:?}");
         assert!(
@@ -873,7 +880,7 @@ async fn api_refusals_fail_the_boot_with_the_servers_message() {
         let role: Role = serde_json::from_value(json!({
             "metadata": {"name": "no-create"},
             "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "delete"]},
-                      {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "patch", "delete", "list"]}]
+                      {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "patch", "delete"]}]
         }))
         .unwrap();
         Api::<Role>::namespaced(cluster.admin.clone(), &cluster.namespace).create(&post, &role).await.unwrap();
@@ -964,6 +971,14 @@ async fn the_sweep_deletes_runner_pods_of_gone_parents_only() {
         assert!(cluster.secrets().get_opt("siblings").await.unwrap().is_some());
         assert!(runs(&cluster.docker, &siblings_container, "sleep").await, "a live parent's runner was stopped");
         assert_eq!(backend.sweep_leftovers().await.unwrap(), Vec::<String>::new());
+
+        // The sweep needs no read of secrets, and the guide's Role grants none.
+        let token = cluster.emu.service_account_token(&cluster.namespace, SERVICE_ACCOUNT);
+        let as_parent: Api<Secret> = Api::namespaced(cluster.emu.client_with_token(&cluster.namespace, &token), &cluster.namespace);
+        for refused in [as_parent.list(&ListParams::default()).await.map(drop), as_parent.get("siblings").await.map(drop)] {
+            let err = refused.expect_err("the parent's account reads secrets");
+            assert!(err.to_string().contains("403"), "{err}");
+        }
         cluster.emu.shutdown().await;
     })
     .await;
@@ -1044,6 +1059,42 @@ async fn a_parent_outside_any_pod_says_what_to_set() {
             .expect("a backend without a pod to clone");
         assert_eq!(err.kind(), ErrorKind::Config, "{err}");
         assert!(err.to_string().contains("POD_NAME"), "{err}");
+        cluster.emu.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_parent_listens_on_its_pod_ip_on_the_port_asked() {
+    bounded(async {
+        let cluster = Cluster::start().await;
+        let parent = cluster.idle_parent().await;
+        let pod_ip: IpAddr = parent
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.as_deref())
+            .unwrap()
+            .parse()
+            .unwrap();
+        let token = cluster
+            .emu
+            .service_account_token(&cluster.namespace, SERVICE_ACCOUNT);
+        let builder = || {
+            K8sBackend::builder()
+                .client(cluster.emu.client_with_token(&cluster.namespace, &token))
+                .namespace(&cluster.namespace)
+                .pod(parent.metadata.name.clone().unwrap())
+        };
+        let chosen = builder().build().await.unwrap();
+        assert_eq!(
+            flame::Backend::listen_addr(&chosen),
+            SocketAddr::new(pod_ip, 0)
+        );
+        let fixed = builder().listen_port(4040).build().await.unwrap();
+        assert_eq!(
+            flame::Backend::listen_addr(&fixed),
+            SocketAddr::new(pod_ip, 4040)
+        );
         cluster.emu.shutdown().await;
     })
     .await;

@@ -15,8 +15,8 @@
 //! own pod (`POD_NAME` and `POD_NAMESPACE`, from the downward API) and takes from its app
 //! container the image — by digest when the pod's status has it, so a rolling deploy never
 //! pairs a parent with runners of another build — the command and arguments, env and envFrom,
-//! resources, working directory and security context, the volumes that mean the same in every
-//! pod (configMap, secret, projected, downwardAPI, a fresh emptyDir), and from the pod its
+//! resources, working directory and security context, the volumes it mounts that mean the same
+//! in every pod (configMap, secret, projected, downwardAPI, a fresh emptyDir), and from the pod its
 //! service account, image pull secrets, node selector, tolerations, node affinity, priority and
 //! runtime class, DNS settings and service links. Left behind: probes (a runner does not serve
 //! the app's endpoints), ports, lifecycle hooks, the other containers, init containers (a
@@ -36,8 +36,8 @@
 //!
 //! **The hand-off token is in no pod object.** Each runner reads it from a `Secret` of its own,
 //! through `secretKeyRef`; the secret is owned by the runner's pod, so it goes with it. Whoever
-//! can `get pods` sees a reference, not the token. The parent needs no `get` on secrets; its
-//! `list` (for the sweep) does return secrets' data, so give the app a namespace of its own.
+//! can `get pods` sees a reference, not the token. The parent needs no `get`, `list` or
+//! `watch` on secrets, so it can read no secret, not even the ones it made.
 //!
 //! **RBAC** for the parent's service account (a Role in its namespace):
 //!
@@ -46,7 +46,7 @@
 //! | `pods` | `get` | its own pod (the template), runner pods' status |
 //! | `pods` | `list`, `watch` | following a booting runner; the sweep |
 //! | `pods` | `create`, `delete` | runners |
-//! | `secrets` | `create`, `patch`, `delete`, `list` | hand-off secrets: made, re-owned by their pod, removed, swept |
+//! | `secrets` | `create`, `patch`, `delete` | hand-off secrets: made, re-owned by their pod, removed |
 //! | `pods/log` | `get` | optional: the last line of a runner that died before dialing back |
 //!
 //! Runners need no API access: their pods get no service-account token unless
@@ -128,6 +128,7 @@ pub struct K8sBackendBuilder {
     pod: Option<String>,
     container: Option<String>,
     listen: Option<SocketAddr>,
+    listen_port: u16,
     knobs: Knobs,
     delete_grace: Duration,
     unschedulable_grace: Duration,
@@ -140,6 +141,7 @@ impl fmt::Debug for K8sBackendBuilder {
             .field("pod", &self.pod)
             .field("container", &self.container)
             .field("listen", &self.listen)
+            .field("listen_port", &self.listen_port)
             .field("delete_grace", &self.delete_grace)
             .finish_non_exhaustive()
     }
@@ -154,6 +156,7 @@ impl K8sBackend {
             pod: None,
             container: None,
             listen: None,
+            listen_port: 0,
             knobs: Knobs::default(),
             delete_grace: Duration::from_secs(5),
             unschedulable_grace: Duration::ZERO,
@@ -219,29 +222,24 @@ impl K8sBackend {
                 continue;
             }
             match cluster.pods.delete(&name, &delete_exactly(uid)).await {
-                Ok(_) => removed.push(name),
-                Err(e) if is_code(&e, 404) || is_code(&e, 409) => {}
+                Ok(_) => {}
+                Err(e) if is_code(&e, 404) || is_code(&e, 409) => continue,
                 Err(e) => return Err(listing(&e, &format!("deleting runner pod {name}"))),
             }
-        }
-        let secrets = cluster
-            .secrets
-            .list(&flame_made)
-            .await
-            .map_err(|e| listing(&e, "listing runner secrets"))?;
-        for secret in secrets.items {
-            let (Some(name), Some(uid)) =
-                (secret.metadata.name.clone(), secret.metadata.uid.clone())
-            else {
-                continue;
-            };
-            if orphaned(&secret.metadata.labels) {
-                match cluster.secrets.delete(&name, &delete_exactly(uid)).await {
-                    Ok(_) => {}
-                    Err(e) if is_code(&e, 404) || is_code(&e, 409) => {}
-                    Err(e) => return Err(listing(&e, &format!("deleting runner secret {name}"))),
+            // Its secret carries its name; the collector would take it with the pod, this
+            // only spares it the work. Secrets are never listed: a list returns their data.
+            match cluster
+                .secrets
+                .delete(&name, &DeleteParams::default())
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if is_code(&e, 404) => {}
+                Err(e) => {
+                    tracing::debug!(secret = %name, error = %e, "flame: could not delete a swept runner's secret; the cluster collects it with its pod");
                 }
             }
+            removed.push(name);
         }
         if !removed.is_empty() {
             tracing::info!(
@@ -298,6 +296,13 @@ impl K8sBackendBuilder {
         self
     }
 
+    /// The port the parent listens on for runners, on its pod IP, instead of one the system
+    /// picks: for a NetworkPolicy that admits runners to that port only.
+    pub fn listen_port(mut self, port: u16) -> Self {
+        self.listen_port = port;
+        self
+    }
+
     /// A label on runner pods and secrets, besides flame's own.
     pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.knobs.labels.insert(key.into(), value.into());
@@ -310,7 +315,9 @@ impl K8sBackendBuilder {
         self
     }
 
-    /// An environment variable for runners, replacing the parent's of that name.
+    /// An environment variable for runners, replacing the parent's of that name in its place
+    /// (so the parent's later variables that refer to it as `$(NAME)` see the new value). The
+    /// value is taken literally: a `$(` in it is not expanded.
     pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.knobs.env.insert(key.into(), value.into());
         self
@@ -348,8 +355,8 @@ impl K8sBackendBuilder {
     }
 
     /// Mounts the parent's volume `name` in runners whatever its kind: a `ReadWriteMany` claim
-    /// or a host path the app shares with its runners. (configMap, secret, projected,
-    /// downwardAPI and emptyDir volumes are always kept.)
+    /// or a host path the app shares with its runners. (The configMap, secret, projected,
+    /// downwardAPI and emptyDir volumes the app container mounts are always kept.)
     pub fn share_volume(mut self, name: impl Into<String>) -> Self {
         self.knobs.shared_volumes.push(name.into());
         self
@@ -434,7 +441,7 @@ impl K8sBackendBuilder {
                         ),
                     )
                 })?;
-                SocketAddr::new(ip, 0)
+                SocketAddr::new(ip, self.listen_port)
             }
         };
         Ok(K8sBackend {

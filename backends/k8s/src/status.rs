@@ -98,7 +98,11 @@ pub(crate) fn api_error(kind: ErrorKind, doing: &str, error: &kube::Error) -> Er
     let said = match error {
         kube::Error::Api(status) => {
             let hint = match status.code {
-                403 if status.message.contains("cannot") => {
+                // RBAC's own wording; a quota or an admission webhook also answers 403.
+                403 if status.reason == "Forbidden"
+                    && status.message.contains(" cannot ")
+                    && status.message.contains(" resource ") =>
+                {
                     " (the parent's service account lacks this permission: docs/deploy-kubernetes.md lists the Role it needs)"
                 }
                 _ => "",
@@ -107,6 +111,9 @@ pub(crate) fn api_error(kind: ErrorKind, doing: &str, error: &kube::Error) -> Er
                 "{doing}: {} (HTTP {} {}){hint}",
                 status.message, status.code, status.reason
             )
+        }
+        kube::Error::SerdeError(e) => {
+            format!("{doing}: the Kubernetes API's answer could not be read: {e}")
         }
         other => format!("{doing}: the Kubernetes API cannot be reached: {other}"),
     };

@@ -88,7 +88,9 @@ pub(crate) fn app_container<'a>(
 }
 
 /// The image the parent runs, pinned by digest when the status has it, so that a rolling
-/// deploy that moves the tag never pairs a parent with runners of another build.
+/// deploy that moves the tag never pairs a parent with runners of another build. The digest
+/// goes on the spec's own repository: the status may name a mirror the runner's node has no
+/// credentials for.
 fn pinned_image(pod: &Pod, container: &Container) -> Option<(String, bool)> {
     let spec_image = container.image.clone()?;
     if spec_image.contains("@sha256:") {
@@ -100,11 +102,23 @@ fn pinned_image(pod: &Pod, container: &Container) -> Option<(String, bool)> {
         .iter()
         .find(|s| s.name == container.name)
         .map(|s| s.image_id.trim_start_matches("docker-pullable://"))
-        .filter(|id| is_digest_ref(id));
+        .filter(|id| is_digest_ref(id))
+        .and_then(|id| id.split_once("@sha256:"))
+        .map(|(_, hex)| hex);
     Some(match digest {
-        Some(id) => (id.to_string(), true),
+        Some(hex) => (format!("{}@sha256:{hex}", without_tag(&spec_image)), true),
         None => (spec_image, false),
     })
+}
+
+/// `registry:5000/app:1.2` → `registry:5000/app`: a tag is what follows the last `:` after
+/// the last `/`.
+fn without_tag(image: &str) -> &str {
+    let name_start = image.rfind('/').map_or(0, |slash| slash + 1);
+    match image[name_start..].rfind(':') {
+        Some(colon) => &image[..name_start + colon],
+        None => image,
+    }
 }
 
 /// `<repository>@sha256:<64 hex digits>`: the only image id form a pod spec can name.
@@ -121,19 +135,33 @@ fn is_digest_ref(id: &str) -> bool {
 }
 
 /// Volumes that mean the same in every pod, and those the builder shares. Claims and host
-/// paths are shared state, so a runner mounts them only when asked; the auto-mounted API token
-/// is left to `runner_api_access`.
-fn keeps(volume: &Volume, shared: &[String]) -> bool {
-    if shared.contains(&volume.name) {
+/// paths are shared state, so a runner mounts them only when asked; service-account tokens
+/// (the auto-mounted one, or one projected by hand) only with `runner_api_access`, and the
+/// auto-mounted one never, as the cluster adds its own then.
+fn keeps(volume: &Volume, knobs: &Knobs) -> bool {
+    if knobs.shared_volumes.contains(&volume.name) {
         return true;
     }
-    let api_token = volume.name.starts_with("kube-api-access-");
-    !api_token
+    let token = volume.name.starts_with("kube-api-access-")
+        || (!knobs.runner_api_access
+            && volume.projected.as_ref().is_some_and(|projected| {
+                projected
+                    .sources
+                    .iter()
+                    .flatten()
+                    .any(|source| source.service_account_token.is_some())
+            }));
+    !token
         && (volume.config_map.is_some()
             || volume.secret.is_some()
             || volume.projected.is_some()
             || volume.downward_api.is_some()
             || volume.empty_dir.is_some())
+}
+
+/// Kubernetes expands `$(NAME)` in an env value; a value the builder gives is meant as is.
+fn literal(value: &str) -> String {
+    value.replace("$(", "$$(")
 }
 
 impl Template {
@@ -153,11 +181,13 @@ impl Template {
             )
         })?;
         let parent_spec = parent.spec.clone().unwrap_or_default();
+        // Only what the app container mounts: the sidecars' volumes stay with the parent.
+        let mounted = |v: &Volume| app.volume_mounts.iter().flatten().any(|m| m.name == v.name);
         let volumes: Vec<Volume> = parent_spec
             .volumes
             .iter()
             .flatten()
-            .filter(|v| keeps(v, &knobs.shared_volumes))
+            .filter(|v| keeps(v, knobs) && (mounted(v) || knobs.shared_volumes.contains(&v.name)))
             .cloned()
             .collect();
         let mounts = app.volume_mounts.as_ref().map(|mounts| {
@@ -167,27 +197,40 @@ impl Template {
                 .cloned()
                 .collect::<Vec<_>>()
         });
+        // An override takes its variable's place: a later variable may refer to it as `$(NAME)`.
+        let knob = |name: &str, value: &str| EnvVar {
+            name: name.into(),
+            value: Some(literal(value)),
+            value_from: None,
+        };
         let mut env: Vec<EnvVar> = app
             .env
             .iter()
             .flatten()
-            .filter(|e| e.name != handoff_key && !knobs.env.contains_key(&e.name))
-            .cloned()
+            .filter(|e| e.name != handoff_key)
+            .map(|e| match knobs.env.get(&e.name) {
+                Some(value) => knob(&e.name, value),
+                None => e.clone(),
+            })
             .collect();
-        env.extend(knobs.env.iter().map(|(name, value)| EnvVar {
-            name: name.clone(),
-            value: Some(value.clone()),
-            value_from: None,
-        }));
+        let added: Vec<EnvVar> = knobs
+            .env
+            .iter()
+            .filter(|(name, _)| !env.iter().any(|e| &e.name == *name))
+            .map(|(name, value)| knob(name, value))
+            .collect();
+        env.extend(added);
         // Probes would fail (a runner does not serve the app's endpoints) and kill it;
         // lifecycle hooks and ports belong to the serving app, not to a runner.
         let runner = Container {
             name: app.name.clone(),
             image: Some(image),
-            image_pull_policy: if pinned {
-                Some("IfNotPresent".into())
-            } else {
-                app.image_pull_policy.clone()
+            // A digest never moves, so a node that has it need not ask the registry; an app
+            // that never pulls (images preloaded on nodes) keeps it so.
+            image_pull_policy: match app.image_pull_policy.as_deref() {
+                Some("Never") => Some("Never".into()),
+                _ if pinned => Some("IfNotPresent".into()),
+                other => other.map(str::to_string),
             },
             command: app.command.clone(),
             args: app.args.clone(),
@@ -438,10 +481,15 @@ mod tests {
                      "readinessProbe": {"httpGet": {"path": "/health", "port": 8080}},
                      "volumeMounts": [{"name": "config", "mountPath": "/etc/app"},
                                       {"name": "data", "mountPath": "/data"},
+                                      {"name": "vault-token", "mountPath": "/var/run/vault"},
                                       {"name": "kube-api-access-x1", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}]},
-                    {"name": "sidecar", "image": "proxy:3"}],
+                    {"name": "sidecar", "image": "proxy:3",
+                     "volumeMounts": [{"name": "proxy-certs", "mountPath": "/certs"}]}],
                 "volumes": [{"name": "config", "configMap": {"name": "app-config"}},
                             {"name": "data", "persistentVolumeClaim": {"claimName": "data"}},
+                            {"name": "proxy-certs", "secret": {"secretName": "proxy-certs"}},
+                            {"name": "vault-token", "projected": {"sources": [
+                                {"serviceAccountToken": {"path": "token", "audience": "vault"}}]}},
                             {"name": "kube-api-access-x1", "projected": {"sources": []}}]},
             "status": {"containerStatuses": [{"name": "app", "image": "thumbs:1.2",
                 "imageID": format!("registry.example.com/thumbs@sha256:{DIGEST}"),
@@ -476,7 +524,8 @@ mod tests {
         let app = &containers[0];
         assert_eq!(
             app["image"],
-            format!("registry.example.com/thumbs@sha256:{DIGEST}")
+            format!("thumbs@sha256:{DIGEST}"),
+            "the spec's repository, at the digest the parent runs"
         );
         assert_eq!(app["imagePullPolicy"], "IfNotPresent");
         assert_eq!(app["args"], json!(["serve"]));
@@ -525,7 +574,10 @@ mod tests {
     #[test]
     fn the_hook_and_knobs_have_the_last_word() {
         let knobs = Knobs {
-            env: BTreeMap::from([("DATABASE_URL".into(), "postgres://replica".into())]),
+            env: BTreeMap::from([
+                ("DATABASE_URL".into(), "postgres://replica".into()),
+                ("PRICE".into(), "$(5)".into()),
+            ]),
             shared_volumes: vec!["data".into()],
             runtime_class: Some("nvidia".into()),
             hook: Some(Arc::new(|pod: &mut Pod| {
@@ -542,15 +594,61 @@ mod tests {
             .flatten()
             .map(|v| v.name.as_str())
             .collect();
-        assert_eq!(volumes, ["config", "data"], "the shared claim is kept");
+        assert_eq!(
+            volumes,
+            ["config", "data"],
+            "the shared claim is kept, a token only with API access"
+        );
         let mounts = spec.containers[0].volume_mounts.clone().unwrap();
         assert_eq!(mounts.len(), 2);
         assert_eq!(spec.priority_class_name.as_deref(), Some("batch"));
         assert_eq!(spec.runtime_class_name.as_deref(), Some("nvidia"));
         let env = spec.containers[0].env.clone().unwrap();
-        let db: Vec<_> = env.iter().filter(|e| e.name == "DATABASE_URL").collect();
-        assert_eq!(db.len(), 1);
-        assert_eq!(db[0].value.as_deref(), Some("postgres://replica"));
+        let names: Vec<&str> = env.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["DATABASE_URL", "POD_IP", "PRICE", "FLAME_PARENT"],
+            "an override keeps its place"
+        );
+        assert_eq!(env[0].value.as_deref(), Some("postgres://replica"));
+        assert_eq!(env[2].value.as_deref(), Some("$$(5)"), "taken literally");
+
+        let with_api = Knobs {
+            runner_api_access: true,
+            ..Knobs::default()
+        };
+        let template = Template::new(&parent(), Some("app"), &with_api, "FLAME_PARENT").unwrap();
+        let volumes: Vec<String> = template
+            .pod("p", "thumbs", "thumbs-1", "FLAME_PARENT")
+            .spec
+            .unwrap()
+            .volumes
+            .unwrap()
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
+        assert_eq!(volumes, ["config", "vault-token"]);
+    }
+
+    #[test]
+    fn a_pinned_image_keeps_the_specs_repository_and_a_never_pull_policy() {
+        assert_eq!(
+            without_tag("registry:5000/team/thumbs:1.2"),
+            "registry:5000/team/thumbs"
+        );
+        assert_eq!(without_tag("registry:5000/thumbs"), "registry:5000/thumbs");
+        assert_eq!(without_tag("thumbs"), "thumbs");
+        let mut parent = parent();
+        parent.spec.as_mut().unwrap().containers[0].image_pull_policy = Some("Never".into());
+        let template =
+            Template::new(&parent, Some("app"), &Knobs::default(), "FLAME_PARENT").unwrap();
+        let app = &template
+            .pod("p", "thumbs", "thumbs-1", "FLAME_PARENT")
+            .spec
+            .unwrap()
+            .containers[0];
+        assert_eq!(app.image_pull_policy.as_deref(), Some("Never"));
+        assert!(app.image.as_deref().unwrap().ends_with(DIGEST));
     }
 
     #[test]
