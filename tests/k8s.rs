@@ -475,7 +475,7 @@ async fn calls_run_in_runner_pods_cloned_from_the_parent_and_shutdown_deletes_th
 }
 
 #[tokio::test]
-async fn a_refusal_that_passes_is_retried_by_the_pool() {
+async fn refusals_that_pass_are_retried_and_a_refused_watch_fails_nothing() {
     bounded(async {
         let cluster = Cluster::start().await;
         let mut parent = cluster.start_parent(1).await;
@@ -488,6 +488,17 @@ async fn a_refusal_that_passes_is_retried_by_the_pool() {
             message: "Too many requests, please try again later.".into(),
             times: 1,
             retry_after: Some(1),
+        });
+        // And refuses the watches on the runner pod: the boot goes on (with reads, backing off)
+        // and ends when the runner dials back.
+        cluster.emu.inject(Fault::Status {
+            verb: "watch",
+            resource: "pods",
+            code: 403,
+            reason: "Forbidden".into(),
+            message: "pods is forbidden: cannot watch resource \"pods\"".into(),
+            times: 3,
+            retry_after: None,
         });
         let host = parent.control.ok("whoami").await;
         let runners = cluster.runner_pods(&parent.uid).await;
