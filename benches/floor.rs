@@ -265,7 +265,8 @@ async fn call_burst(pool: &flame::Pool, calls: usize) -> anyhow::Result<f64> {
     Ok(calls as f64 / t.elapsed().as_secs_f64())
 }
 
-/// A profiling aid: repeats one flame-rt measurement (`throughput`, `bulk` or `payload`) for 10 s, so
+/// A profiling aid: repeats one flame-rt measurement (`throughput`, `bulk`, `payload` (a 32 MiB
+/// `Vec<u8>` argument) or `result` (a 32 MiB `Vec<u8>` result)) for 10 s, so
 /// `perf record` sees little else: `FLAME_BENCH_PROFILE=throughput perf record -g <bench binary>`.
 async fn profile(pool: &flame::Pool, what: &str) -> anyhow::Result<()> {
     let until = Instant::now() + Duration::from_secs(10);
@@ -281,8 +282,15 @@ async fn profile(pool: &flame::Pool, what: &str) -> anyhow::Result<()> {
                 flame::call(pool, take_vec(data)).await?;
                 (32 << 20) as f64 / t.elapsed().as_secs_f64()
             }
+            "result" => {
+                let t = Instant::now();
+                flame::call(pool, give_vec(32 << 20)).await?;
+                (32 << 20) as f64 / t.elapsed().as_secs_f64()
+            }
             other => {
-                anyhow::bail!("FLAME_BENCH_PROFILE={other:?}: `throughput`, `bulk` or `payload`")
+                anyhow::bail!(
+                    "FLAME_BENCH_PROFILE={other:?}: `throughput`, `bulk`, `payload` or `result`"
+                )
             }
         });
     }

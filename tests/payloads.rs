@@ -46,6 +46,33 @@ async fn a_48_mib_vec_goes_and_comes_back_intact() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vecs_around_the_piece_size_come_back_intact() {
+    bounded(BOUND, async {
+        // A result above one piece is taken over from the buffer it was reassembled in, past
+        // its length prefix (3 bytes up to 2 MiB, 4 above): each side of those edges.
+        let pool = pool("piece-edges").await;
+        let piece = 256 << 10;
+        for (i, len) in [
+            piece - 1,
+            piece,
+            piece + 1,
+            piece + 7,
+            (2 << 20) - 1,
+            (2 << 20) + 1,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let data = pattern(len, i as u64);
+            let back = flame::call(&pool, echo(data.clone())).await.unwrap();
+            assert!(back == data, "{len} bytes came back different");
+        }
+        pool.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_byte_vector_shape_round_trips() {
     bounded(BOUND, async {
         let pool = pool("byte-shapes").await;
