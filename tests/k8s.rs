@@ -717,6 +717,11 @@ async fn deleting_the_parent_pod_takes_its_runner_pods_with_it() {
         let (first, _) = parent.hold(&cluster, "a", &[]).await;
         let (_, stopping) = parent.hold(&cluster, "b", &[&first]).await;
         assert_eq!(cluster.runner_pods(&parent.uid).await.len(), 2);
+        assert_eq!(
+            cluster.emu.open_watches("pods"),
+            1,
+            "one watch follows both runner pods"
+        );
         // One runner is being stopped by its platform (a node drain, say): it finishes its
         // call for its parent's sake, which must not outlast the parent.
         cluster

@@ -35,7 +35,7 @@ pub(crate) async fn client() -> Result<kube::Client, Error> {
     // decide what happens next, rather than a client retrying for minutes underneath.
     config.default_retry = false;
     // No request may hang a boot, a destroy or the watch for ever on a server gone silent. The
-    // watches end on the server's side well within this (runner.rs, WATCH_SECONDS).
+    // watches end on the server's side well within this (watch.rs, WATCH_SECONDS).
     config.read_timeout = Some(READ_TIMEOUT);
     config.reset_reader_on_write = true;
     use_ring_unless_chosen();
@@ -49,7 +49,7 @@ pub(crate) async fn client() -> Result<kube::Client, Error> {
 
 /// The longest the client waits for a byte of a response.
 const READ_TIMEOUT: std::time::Duration =
-    std::time::Duration::from_secs(crate::runner::WATCH_SECONDS as u64 + 15);
+    std::time::Duration::from_secs(crate::watch::WATCH_SECONDS as u64 + 15);
 
 /// Makes `ring` rustls's process-wide provider unless the app chose one. kube does this itself
 /// for `aws-lc-rs` but not for `ring` (the provider flame-rt uses everywhere): without it, an app

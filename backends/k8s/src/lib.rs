@@ -44,7 +44,7 @@
 //! | resource | verbs | why |
 //! |---|---|---|
 //! | `pods` | `get` | its own pod (the template), runner pods' status |
-//! | `pods` | `list`, `watch` | following a booting runner; the sweep |
+//! | `pods` | `list`, `watch` | following the runner pods (one watch per backend); the sweep |
 //! | `pods` | `create`, `delete` | runners |
 //! | `secrets` | `create`, `patch`, `delete` | hand-off secrets: made, re-owned by their pod, removed |
 //! | `pods/log` | `get` | optional: the last line of a runner that died before dialing back |
@@ -69,6 +69,7 @@ mod config;
 mod runner;
 mod status;
 mod template;
+mod watch;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -111,7 +112,6 @@ struct Inner {
     cluster: Option<Cluster>,
     listen: SocketAddr,
     delete_grace: Duration,
-    unschedulable_grace: Duration,
 }
 
 struct Cluster {
@@ -119,6 +119,7 @@ struct Cluster {
     secrets: Api<Secret>,
     namespace: String,
     template: Template,
+    watcher: watch::Watcher,
 }
 
 /// Configures a [`K8sBackend`]; see the crate docs for what it takes from the parent's pod.
@@ -397,7 +398,6 @@ impl K8sBackendBuilder {
                     cluster: None,
                     listen: SocketAddr::from(([127, 0, 0, 1], 0)),
                     delete_grace: self.delete_grace,
-                    unschedulable_grace: self.unschedulable_grace,
                 }),
             });
         }
@@ -447,6 +447,15 @@ impl K8sBackendBuilder {
         Ok(K8sBackend {
             inner: Arc::new(Inner {
                 cluster: Some(Cluster {
+                    watcher: watch::Watcher::new(
+                        pods.clone(),
+                        format!(
+                            "{LABEL_PARENT}={},{LABEL_MANAGED_BY}={MANAGED_BY}",
+                            template.parent_uid()
+                        ),
+                        template.container.clone(),
+                        self.unschedulable_grace,
+                    ),
                     pods,
                     secrets,
                     namespace,
@@ -454,7 +463,6 @@ impl K8sBackendBuilder {
                 }),
                 listen,
                 delete_grace: self.delete_grace,
-                unschedulable_grace: self.unschedulable_grace,
             }),
         })
     }
@@ -482,8 +490,8 @@ impl Backend for K8sBackend {
                 pods: cluster.pods.clone(),
                 secrets: cluster.secrets.clone(),
                 template: &cluster.template,
+                watcher: &cluster.watcher,
                 delete_grace: inner.delete_grace,
-                unschedulable_grace: inner.unschedulable_grace,
             }
             .start(&spec)
             .await?;

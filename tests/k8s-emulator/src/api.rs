@@ -250,7 +250,7 @@ fn list(shared: &Shared, kind: &Kind, ns: Option<&str>, query: &HashMap<String, 
 }
 
 fn watch(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     kind: &'static Kind,
     ns: Option<&str>,
     query: &HashMap<String, String>,
@@ -312,7 +312,9 @@ fn watch(
             }
         }
     };
+    let open = OpenWatch::new(shared.clone(), kind.resource);
     tokio::spawn(async move {
+        let _open = open;
         for line in first {
             if lines_tx.send(Bytes::from(line)).await.is_err() {
                 return;
@@ -1042,4 +1044,25 @@ fn discovery(path: &str, headers: &HeaderMap) -> Option<Value> {
             }
         }
     })
+}
+
+/// Counts a watch as open (`Emulator::open_watches`) until its stream ends.
+struct OpenWatch {
+    shared: Arc<Shared>,
+    resource: &'static str,
+}
+
+impl OpenWatch {
+    fn new(shared: Arc<Shared>, resource: &'static str) -> OpenWatch {
+        *lock(&shared.watches).entry(resource).or_default() += 1;
+        OpenWatch { shared, resource }
+    }
+}
+
+impl Drop for OpenWatch {
+    fn drop(&mut self) {
+        if let Some(open) = lock(&self.shared.watches).get_mut(self.resource) {
+            *open -= 1;
+        }
+    }
 }

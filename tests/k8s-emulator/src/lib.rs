@@ -195,6 +195,8 @@ pub(crate) struct Shared {
     pub(crate) ips: Mutex<BTreeSet<u8>>,
     /// Uids deleted with `propagationPolicy: Orphan`: their dependents lose the reference.
     pub(crate) orphaning: Mutex<HashSet<String>>,
+    /// Watches open now, by resource.
+    pub(crate) watches: Mutex<HashMap<&'static str, usize>>,
     pub(crate) closed: AtomicBool,
 }
 
@@ -338,6 +340,7 @@ impl Emulator {
             pods: Mutex::new(HashMap::new()),
             ips: Mutex::new(BTreeSet::new()),
             orphaning: Mutex::new(HashSet::new()),
+            watches: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
         });
         let router = api::router(shared.clone());
@@ -437,6 +440,14 @@ impl Emulator {
     /// The CA certificate in DER, for `kube::Config::root_cert`.
     pub fn ca_der(&self) -> Vec<u8> {
         self.ca_der.clone()
+    }
+
+    /// How many watches on `resource` ("pods") are open now, from every client.
+    pub fn open_watches(&self, resource: &str) -> usize {
+        lock(&self.shared.watches)
+            .get(resource)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Answers matching requests with a failure from now on.
