@@ -489,8 +489,8 @@ async fn refusals_that_pass_are_retried_and_a_refused_watch_fails_nothing() {
             times: 1,
             retry_after: Some(1),
         });
-        // And refuses the watches on the runner pod: the boot goes on (with reads, backing off)
-        // and ends when the runner dials back.
+        // And refuses the watch on the runner pods: the boot goes on (the watch is tried again,
+        // backing off) and ends when the runner dials back.
         cluster.emu.inject(Fault::Status {
             verb: "watch",
             resource: "pods",
@@ -501,6 +501,15 @@ async fn refusals_that_pass_are_retried_and_a_refused_watch_fails_nothing() {
             retry_after: None,
         });
         let host = parent.control.ok("whoami").await;
+        assert_eq!(
+            cluster.emu.faults_left("create", "pods"),
+            0,
+            "the create was never refused"
+        );
+        assert!(
+            cluster.emu.faults_left("watch", "pods") < 3,
+            "the watch was never refused"
+        );
         let runners = cluster.runner_pods(&parent.uid).await;
         assert_eq!(runners.len(), 1, "the refused boot left nothing behind");
         assert_eq!(runners[0].metadata.name.as_deref(), host.as_str());

@@ -450,6 +450,22 @@ impl Emulator {
             .unwrap_or(0)
     }
 
+    /// How many of the injected failures for `verb` on `resource` are still to be served.
+    pub fn faults_left(&self, verb: &str, resource: &str) -> usize {
+        lock(&self.shared.faults)
+            .iter()
+            .map(|f| match f {
+                Fault::Status {
+                    verb: v,
+                    resource: r,
+                    times,
+                    ..
+                } if *v == verb && *r == resource => *times,
+                _ => 0,
+            })
+            .sum()
+    }
+
     /// Answers matching requests with a failure from now on.
     pub fn inject(&self, fault: Fault) {
         lock(&self.shared.faults).push(fault);
