@@ -159,9 +159,10 @@ fn keeps(volume: &Volume, knobs: &Knobs) -> bool {
             || volume.empty_dir.is_some())
 }
 
-/// Kubernetes expands `$(NAME)` in an env value; a value the builder gives is meant as is.
+/// Kubernetes expands `$(NAME)` in an env value and turns `$$` into `$`; a value the builder
+/// gives is meant as is, so every `$` is doubled.
 fn literal(value: &str) -> String {
-    value.replace("$(", "$$(")
+    value.replace('$', "$$")
 }
 
 impl Template {
@@ -576,7 +577,7 @@ mod tests {
         let knobs = Knobs {
             env: BTreeMap::from([
                 ("DATABASE_URL".into(), "postgres://replica".into()),
-                ("PRICE".into(), "$(5)".into()),
+                ("PRICE".into(), "$(5) pa$$word".into()),
             ]),
             shared_volumes: vec!["data".into()],
             runtime_class: Some("nvidia".into()),
@@ -611,7 +612,11 @@ mod tests {
             "an override keeps its place"
         );
         assert_eq!(env[0].value.as_deref(), Some("postgres://replica"));
-        assert_eq!(env[2].value.as_deref(), Some("$$(5)"), "taken literally");
+        assert_eq!(
+            env[2].value.as_deref(),
+            Some("$$(5) pa$$$$word"),
+            "taken literally"
+        );
 
         let with_api = Knobs {
             runner_api_access: true,

@@ -26,6 +26,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How many of a dead runner's last lines are read to find its last words.
 const LAST_LINES: i64 = 20;
 
+/// The longest the watch waits for a dead runner's last words before reporting without them.
+const LAST_WORDS_WITHIN: Duration = Duration::from_secs(3);
+
 /// What the watch has seen of one runner pod.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Seen {
@@ -204,7 +207,11 @@ impl Shared {
             tail_lines: Some(LAST_LINES),
             ..LogParams::default()
         };
-        let log = self.pods.logs(name, &params).await.ok()?;
+        // Bounded: the one loop that follows every pod waits for it.
+        let log = tokio::time::timeout(LAST_WORDS_WITHIN, self.pods.logs(name, &params))
+            .await
+            .ok()?
+            .ok()?;
         log.lines()
             .rev()
             .map(str::trim)
@@ -213,7 +220,8 @@ impl Shared {
     }
 
     fn gone(&self, name: &str) {
-        if let Some(followed) = self.lock().followed.get(name) {
+        if let Some(followed) = self.lock().followed.get_mut(name) {
+            followed.unschedulable_since = None;
             followed.tx.send_modify(|seen| {
                 seen.fatal
                     .get_or_insert_with(|| "its pod was deleted".into());
@@ -229,23 +237,26 @@ impl Shared {
             .values()
             .filter_map(|f| f.unschedulable_since)
             .min()
-            .map(|since| since + self.unschedulable_grace)
+            // A grace too long to add ("wait for ever") never wakes the loop.
+            .and_then(|since| since.checked_add(self.unschedulable_grace))
+    }
+
+    /// The names of the followed pods for which `wanted` holds.
+    fn followed_where(&self, wanted: impl Fn(&str, &Followed) -> bool) -> Vec<String> {
+        self.lock()
+            .followed
+            .iter()
+            .filter(|(name, f)| wanted(name, f))
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 
     /// Reads again the pods whose unschedulable grace has run out.
     async fn wake_due(&self) {
-        let due: Vec<String> = {
-            let state = self.lock();
-            state
-                .followed
-                .iter()
-                .filter(|(_, f)| {
-                    f.unschedulable_since
-                        .is_some_and(|since| since.elapsed() >= self.unschedulable_grace)
-                })
-                .map(|(name, _)| name.clone())
-                .collect()
-        };
+        let due = self.followed_where(|_, f| {
+            f.unschedulable_since
+                .is_some_and(|since| since.elapsed() >= self.unschedulable_grace)
+        });
         for name in due {
             self.recheck(&name).await;
         }
@@ -266,21 +277,13 @@ impl Shared {
         for pod in pods {
             self.observe(pod).await;
         }
-        let missing: Vec<String> = {
-            let state = self.lock();
-            state
-                .followed
-                .iter()
-                .filter(|(name, f)| {
-                    f.created
-                        && !f.tx.borrow().gone
-                        && !pods
-                            .iter()
-                            .any(|p| p.metadata.name.as_deref() == Some(name.as_str()))
-                })
-                .map(|(name, _)| name.clone())
-                .collect()
-        };
+        let missing = self.followed_where(|name, f| {
+            f.created
+                && !f.tx.borrow().gone
+                && !pods
+                    .iter()
+                    .any(|p| p.metadata.name.as_deref() == Some(name))
+        });
         for name in missing {
             self.recheck(&name).await;
         }
@@ -291,6 +294,18 @@ impl Shared {
 /// when the server ends it (its timeout, a restart, a too-old version), so nothing between the
 /// two is missed. Ends once no pod is followed.
 async fn run(shared: Arc<Shared>) {
+    // However else the task ends (a panic, its runtime shutting down), the next `follow`
+    // starts another rather than trusting a task that is gone. Ending idle, `idle()` has
+    // already said so under the lock, and a task started since must not be disowned.
+    struct Stopped(Arc<Shared>, bool);
+    impl Drop for Stopped {
+        fn drop(&mut self) {
+            if !self.1 {
+                self.0.lock().running = false;
+            }
+        }
+    }
+    let mut stopped = Stopped(shared.clone(), false);
     let mut backoff = FIRST_BACKOFF;
     let mut warned = false;
     let mut pause = |e: &kube::Error, backoff: &mut Duration| {
@@ -308,6 +323,7 @@ async fn run(shared: Arc<Shared>) {
     };
     loop {
         if shared.idle() {
+            stopped.1 = true;
             return;
         }
         let listed = shared
