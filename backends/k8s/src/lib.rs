@@ -16,7 +16,8 @@
 //! container the image — by digest when the pod's status has it, so a rolling deploy never
 //! pairs a parent with runners of another build — the command and arguments, env and envFrom,
 //! resources, working directory and security context, the volumes it mounts that mean the same
-//! in every pod (configMap, secret, projected, downwardAPI, a fresh emptyDir), and from the pod its
+//! in every pod (configMap, secret, projected, downwardAPI, inline CSI, a fresh emptyDir or
+//! ephemeral claim), and from the pod its
 //! service account, image pull secrets, node selector, tolerations, node affinity, priority and
 //! runtime class, DNS settings and service links. Left behind: probes (a runner does not serve
 //! the app's endpoints), ports, lifecycle hooks, the other containers, init containers (a
@@ -364,7 +365,9 @@ impl K8sBackendBuilder {
     }
 
     /// Changes each runner pod just before it is created, after everything else: the way to
-    /// add a claim, a sidecar, an affinity this builder has no knob for.
+    /// add a claim, a sidecar, an affinity this builder has no knob for. The pod's name,
+    /// namespace, owner and flame-rt's labels are put back after it: they are how the parent
+    /// watches the pod and how the cluster removes it with the parent.
     pub fn pod_template(mut self, hook: impl Fn(&mut Pod) + Send + Sync + 'static) -> Self {
         self.knobs.hook = Some(Arc::new(hook));
         self

@@ -93,8 +93,10 @@ pub(crate) fn app_container<'a>(
 /// credentials for.
 fn pinned_image(pod: &Pod, container: &Container) -> Option<(String, bool)> {
     let spec_image = container.image.clone()?;
-    if spec_image.contains("@sha256:") {
-        return Some((spec_image, true));
+    // An app that never pulls runs what was preloaded on its nodes, which a node may hold by
+    // tag only: a digest reference would then fail with ErrImageNeverPull.
+    if spec_image.contains("@sha256:") || container.image_pull_policy.as_deref() == Some("Never") {
+        return Some((spec_image.clone(), spec_image.contains("@sha256:")));
     }
     let statuses = pod.status.as_ref()?.container_statuses.as_deref();
     let digest = statuses
@@ -156,7 +158,11 @@ fn keeps(volume: &Volume, knobs: &Knobs) -> bool {
             || volume.secret.is_some()
             || volume.projected.is_some()
             || volume.downward_api.is_some()
-            || volume.empty_dir.is_some())
+            || volume.empty_dir.is_some()
+            // Per pod too: an inline CSI volume (a secrets store) and an ephemeral claim,
+            // made afresh for each pod.
+            || volume.csi.is_some()
+            || volume.ephemeral.is_some())
 }
 
 /// Kubernetes expands `$(NAME)` in an env value and turns `$$` into `$`; a value the builder
@@ -191,6 +197,13 @@ impl Template {
             .filter(|v| keeps(v, knobs) && (mounted(v) || knobs.shared_volumes.contains(&v.name)))
             .cloned()
             .collect();
+        for dropped in parent_spec.volumes.iter().flatten().filter(|v| {
+            mounted(v)
+                && !volumes.iter().any(|kept| kept.name == v.name)
+                && !v.name.starts_with("kube-api-access-")
+        }) {
+            tracing::info!(volume = %dropped.name, "flame: runner pods do not mount this volume of the app container: it is shared state (a claim, a host path) or an API token; K8sBackendBuilder::share_volume or runner_api_access mounts it");
+        }
         let mounts = app.volume_mounts.as_ref().map(|mounts| {
             mounts
                 .iter()
@@ -370,6 +383,18 @@ impl Template {
         }
         if let Some(hook) = &self.hook {
             hook(&mut pod);
+            // What flame-rt finds, owns and cleans the pod by is not the hook's to change: a
+            // pod that lost them would run unwatched and outlive its parent.
+            pod.metadata.name = Some(name.into());
+            pod.metadata.namespace = self.base.metadata.namespace.clone();
+            pod.metadata.owner_references = Some(vec![self.owner.clone()]);
+            pod.metadata
+                .labels
+                .get_or_insert_with(BTreeMap::new)
+                .extend(self.labels(pool, runner_id).into_iter().filter(|(key, _)| {
+                    [LABEL_PARENT, LABEL_MANAGED_BY, LABEL_POOL, LABEL_RUNNER]
+                        .contains(&key.as_str())
+                }));
         }
         pod
     }
@@ -583,11 +608,25 @@ mod tests {
             runtime_class: Some("nvidia".into()),
             hook: Some(Arc::new(|pod: &mut Pod| {
                 pod.spec.as_mut().unwrap().priority_class_name = Some("batch".into());
+                // A hook that replaces the labels and owners wholesale.
+                pod.metadata.labels = Some(BTreeMap::from([("team".into(), "video".into())]));
+                pod.metadata.owner_references = None;
+                pod.metadata.name = Some("renamed".into());
             })),
             ..Knobs::default()
         };
         let template = Template::new(&parent(), Some("app"), &knobs, "FLAME_PARENT").unwrap();
         let pod = template.pod("p", "thumbs", "thumbs-1", "FLAME_PARENT");
+        let labels = pod.metadata.labels.clone().unwrap();
+        assert_eq!(labels.get("team").map(String::as_str), Some("video"));
+        for key in [LABEL_PARENT, LABEL_MANAGED_BY, LABEL_POOL, LABEL_RUNNER] {
+            assert!(labels.contains_key(key), "{key} is put back after the hook");
+        }
+        assert_eq!(pod.metadata.name.as_deref(), Some("p"));
+        assert_eq!(
+            pod.metadata.owner_references.as_ref().map(Vec::len),
+            Some(1)
+        );
         let spec = pod.spec.unwrap();
         let volumes: Vec<&str> = spec
             .volumes
@@ -636,7 +675,7 @@ mod tests {
     }
 
     #[test]
-    fn a_pinned_image_keeps_the_specs_repository_and_a_never_pull_policy() {
+    fn a_pinned_image_keeps_the_specs_repository_and_a_preloaded_image_its_tag() {
         assert_eq!(
             without_tag("registry:5000/team/thumbs:1.2"),
             "registry:5000/team/thumbs"
@@ -653,7 +692,11 @@ mod tests {
             .unwrap()
             .containers[0];
         assert_eq!(app.image_pull_policy.as_deref(), Some("Never"));
-        assert!(app.image.as_deref().unwrap().ends_with(DIGEST));
+        assert_eq!(
+            app.image,
+            parent.spec.as_ref().unwrap().containers[0].image,
+            "a node that never pulls may hold the image by its tag only"
+        );
     }
 
     #[test]
