@@ -519,6 +519,123 @@ async fn refusals_that_pass_are_retried_and_a_refused_watch_fails_nothing() {
 }
 
 #[tokio::test]
+async fn a_runner_pod_gone_while_its_watch_is_refused_is_not_deleted_again() {
+    bounded(async {
+        let cluster = Cluster::start().await;
+        let parent = cluster.idle_parent().await;
+        let uid = parent.metadata.uid.clone().unwrap();
+        let silent = cluster
+            .backend(&parent, SERVICE_ACCOUNT)
+            .delete_grace(Duration::from_secs(1))
+            .pod_template(|pod| {
+                // Never dials back: each boot times out and its pod is deleted.
+                let container = &mut pod.spec.as_mut().unwrap().containers[0];
+                container.command = Some(vec!["/usr/bin/sleep".into()]);
+                container.args = Some(vec!["600".into()]);
+            })
+            .build()
+            .await
+            .unwrap();
+        let created_before = cluster.emu.requests("create", "pods");
+        // From now on the parent learns nothing from a list or a watch: whether a pod is gone
+        // it must find out by reading it.
+        for verb in ["list", "watch"] {
+            cluster.emu.inject(Fault::Status {
+                verb,
+                resource: "pods",
+                code: 403,
+                reason: "Forbidden".into(),
+                message: format!("pods is forbidden: cannot {verb} resource \"pods\""),
+                times: usize::MAX,
+                retry_after: None,
+            });
+        }
+        let pool = flame::Pool::builder("silent")
+            .backend(silent)
+            .boot_timeout(Duration::from_secs(2))
+            .start()
+            .await
+            .unwrap();
+        // The call waits out the boots (its slot wait is otherwise one boot_timeout).
+        let call = flame_tests::add(1, 2).timeout(Duration::from_secs(120));
+        let err = flame::call(&pool, call)
+            .await
+            .expect_err("a runner that never dials back served the call");
+        pool.shutdown().await;
+        cluster.emu.clear_faults();
+        assert_eq!(err.kind(), ErrorKind::BootFailed, "{err}");
+        let created = cluster.emu.requests("create", "pods") - created_before;
+        assert!(created >= 1, "no runner pod was created");
+        assert_eq!(
+            cluster.emu.requests("delete", "pods"),
+            created,
+            "a runner pod already gone was deleted again, by force"
+        );
+        assert!(
+            cluster.runner_pods(&uid).await.is_empty(),
+            "runner pods left"
+        );
+        cluster.emu.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_watch_that_ends_as_soon_as_it_opens_is_reopened_with_backoff() {
+    bounded(async {
+        let cluster = Cluster::start().await;
+        let parent = cluster.idle_parent().await;
+        let waiting = cluster
+            .backend(&parent, SERVICE_ACCOUNT)
+            .pod_template(|pod| {
+                // Never dials back: its pod stays followed while the boot waits.
+                let container = &mut pod.spec.as_mut().unwrap().containers[0];
+                container.command = Some(vec!["/usr/bin/sleep".into()]);
+                container.args = Some(vec!["600".into()]);
+            })
+            .build()
+            .await
+            .unwrap();
+        // Every watch is accepted and ends at once: the list before it succeeds, so nothing
+        // looks like an error to back off from but the watch's brevity.
+        cluster.emu.inject(Fault::ExpiredWatch {
+            resource: "pods",
+            times: usize::MAX,
+        });
+        let pool = flame::Pool::builder("waiting")
+            .backend(waiting)
+            .boot_timeout(Duration::from_secs(60))
+            .start()
+            .await
+            .unwrap();
+        let created_before = cluster.emu.requests("create", "pods");
+        let handle = flame::spawn_on(&pool, flame_tests::add(1, 2));
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while cluster.emu.requests("create", "pods") == created_before {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("no runner pod was created");
+        let before = cluster.emu.requests("watch", "pods");
+        let window = Duration::from_secs(4);
+        tokio::time::sleep(window).await;
+        let watches = cluster.emu.requests("watch", "pods") - before;
+        eprintln!("watches opened in {window:?} while each ended at once: {watches}");
+        // Backing off from 0.5 s doubling: 3 or 4. Reopened at once, as before: about 90.
+        assert!(
+            (1..=6).contains(&watches),
+            "{watches} watches in {window:?}"
+        );
+        drop(handle);
+        pool.shutdown().await;
+        cluster.emu.clear_faults();
+        cluster.emu.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn runner_pods_take_big_payloads_and_tasks_that_never_yield() {
     bounded(async {
         let cluster = Cluster::start().await;

@@ -103,13 +103,15 @@ fn random_tail() -> String {
 }
 
 impl K8sRunner {
-    /// Waits until the pod object is gone, for at most `within`.
+    /// Waits until the pod object is gone, for at most `within`. The watch says so first; a
+    /// watch that is down or behind is checked by reading the pod, so that a pod already gone
+    /// is not deleted again by force nor reported as left behind.
     async fn gone_within(&self, within: Duration) -> bool {
         let mut seen = self.following.seen.clone();
-        matches!(
-            tokio::time::timeout(within, seen.wait_for(|s| s.gone)).await,
-            Ok(Ok(_))
-        )
+        if let Ok(Ok(_)) = tokio::time::timeout(within, seen.wait_for(|s| s.gone)).await {
+            return true;
+        }
+        matches!(self.pods.get_opt(&self.name).await, Ok(None))
     }
 
     async fn delete(&self, grace: Duration) -> bool {

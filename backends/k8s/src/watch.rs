@@ -21,6 +21,8 @@ pub(crate) const WATCH_SECONDS: u32 = 45;
 
 /// The first pause after a failed watch or list, doubled up to [`MAX_BACKOFF`] while they fail.
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+/// A watch that lasts this long without an event was not refused: the backoff starts over.
+const HEALTHY_WATCH: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// How many of a dead runner's last lines are read to find its last words.
@@ -350,7 +352,9 @@ async fn run(shared: Arc<Shared>) {
                 continue;
             }
         };
-        backoff = FIRST_BACKOFF;
+        let opened = Instant::now();
+        let mut heard = false;
+        let mut wake_backoff = FIRST_BACKOFF;
         let mut stream = std::pin::pin!(stream);
         loop {
             // While a pod waits for a node, wake up when its grace runs out.
@@ -359,15 +363,20 @@ async fn run(shared: Arc<Shared>) {
                     Ok(next) => next,
                     Err(_) => {
                         shared.wake_due().await;
-                        // A read that failed leaves the wake-up due: not again at once.
+                        // A read that failed leaves the wake-up due: not again at once, and
+                        // less often while it keeps failing.
                         if shared.next_wake().is_some_and(|at| at <= Instant::now()) {
-                            tokio::time::sleep(FIRST_BACKOFF).await;
+                            tokio::time::sleep(wake_backoff).await;
+                            wake_backoff = (wake_backoff * 2).min(MAX_BACKOFF);
+                        } else {
+                            wake_backoff = FIRST_BACKOFF;
                         }
                         continue;
                     }
                 },
                 None => stream.next().await,
             };
+            heard |= matches!(next, Some(Ok(ref event)) if !matches!(event, WatchEvent::Error(_)));
             match next {
                 Some(Ok(WatchEvent::Added(pod) | WatchEvent::Modified(pod))) => {
                     shared.observe(&pod).await;
@@ -381,6 +390,15 @@ async fn run(shared: Arc<Shared>) {
                 // A too-old version (410) or any other refusal: start over from a list.
                 Some(Ok(WatchEvent::Error(_))) | Some(Err(_)) | None => break,
             }
+        }
+        // A watch that served events, or lasted, was healthy; one that opened and ended at
+        // once (a server that accepts and drops it) must not be reopened in a tight loop.
+        if heard || opened.elapsed() >= HEALTHY_WATCH {
+            backoff = FIRST_BACKOFF;
+        } else {
+            let now = backoff;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            tokio::time::sleep(now).await;
         }
     }
 }

@@ -183,6 +183,9 @@ async fn handle(
     if let Err(status) = denied {
         return error_response(&status);
     }
+    *lock(&shared.requests)
+        .entry((verb.to_string(), kind.resource.to_string()))
+        .or_default() += 1;
     if let Some((status, retry_after)) = shared.take_fault(verb, kind.resource) {
         let mut response = error_response(&status);
         if let Some(after) = retry_after {
@@ -277,7 +280,11 @@ fn watch(
     let mut first = Vec::new();
     let mut live = {
         let store = lock(&shared.store);
-        if rv.is_empty() || rv == "0" {
+        if shared.take_expired_watch(kind.resource) {
+            let status = auth::expired(rv.parse().unwrap_or(0), rv.parse::<u64>().unwrap_or(0) + 1);
+            first.push(json!({"type": "ERROR", "object": status}).to_string() + "\n");
+            None
+        } else if rv.is_empty() || rv == "0" {
             for object in store.list(
                 kind.resource,
                 None,

@@ -168,6 +168,15 @@ pub enum Fault {
         /// A `Retry-After` header and `details.retryAfterSeconds`.
         retry_after: Option<u32>,
     },
+    /// The next `times` watches on `resource` are accepted and then end at once with an
+    /// `ERROR` event (410 Expired), as an API server does when etcd compacted past the version
+    /// asked: a watch that "works" but never lasts.
+    ExpiredWatch {
+        /// The resource to match.
+        resource: &'static str,
+        /// How many watches get it.
+        times: usize,
+    },
 }
 
 /// A pod's kubelet task, and how it is told the pod is being deleted (with this grace).
@@ -197,6 +206,8 @@ pub(crate) struct Shared {
     pub(crate) orphaning: Mutex<HashSet<String>>,
     /// Watches open now, by resource.
     pub(crate) watches: Mutex<HashMap<&'static str, usize>>,
+    /// Requests let through by RBAC so far, by verb and resource (refused by a fault or not).
+    pub(crate) requests: Mutex<HashMap<(String, String), usize>>,
     pub(crate) closed: AtomicBool,
 }
 
@@ -207,6 +218,20 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Shared {
     /// The Status of an injected fault matching this request, if one is left.
+    /// Whether this watch on `resource` is to expire at once (an injected `ExpiredWatch`).
+    pub(crate) fn take_expired_watch(&self, resource: &str) -> bool {
+        let mut faults = lock(&self.faults);
+        let found = faults.iter_mut().any(|f| match f {
+            Fault::ExpiredWatch { resource: r, times } if *r == resource && *times > 0 => {
+                *times -= 1;
+                true
+            }
+            _ => false,
+        });
+        faults.retain(|f| !matches!(f, Fault::ExpiredWatch { times: 0, .. }));
+        found
+    }
+
     pub(crate) fn take_fault(&self, verb: &str, resource: &str) -> Option<(Value, Option<u32>)> {
         let mut faults = lock(&self.faults);
         let index = faults.iter().position(|f| match f {
@@ -216,6 +241,7 @@ impl Shared {
                 times,
                 ..
             } => *v == verb && *r == resource && *times > 0,
+            Fault::ExpiredWatch { .. } => false,
         })?;
         let Fault::Status {
             code,
@@ -224,7 +250,10 @@ impl Shared {
             times,
             retry_after,
             ..
-        } = &mut faults[index];
+        } = &mut faults[index]
+        else {
+            unreachable!("found as a Status")
+        };
         *times -= 1;
         let mut details = serde_json::json!({"kind": resource});
         if let Some(after) = retry_after {
@@ -341,6 +370,7 @@ impl Emulator {
             ips: Mutex::new(BTreeSet::new()),
             orphaning: Mutex::new(HashSet::new()),
             watches: Mutex::new(HashMap::new()),
+            requests: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
         });
         let router = api::router(shared.clone());
@@ -461,6 +491,9 @@ impl Emulator {
                     times,
                     ..
                 } if *v == verb && *r == resource => *times,
+                Fault::ExpiredWatch { resource: r, times } if verb == "watch" && *r == resource => {
+                    *times
+                }
                 _ => 0,
             })
             .sum()
@@ -469,6 +502,20 @@ impl Emulator {
     /// Answers matching requests with a failure from now on.
     pub fn inject(&self, fault: Fault) {
         lock(&self.shared.faults).push(fault);
+    }
+
+    /// Drops every injected failure still to be served.
+    pub fn clear_faults(&self) {
+        lock(&self.shared.faults).clear();
+    }
+
+    /// How many `verb` requests on `resource` RBAC let through so far, from every client,
+    /// whether an injected failure then answered them or not.
+    pub fn requests(&self, verb: &str, resource: &str) -> usize {
+        lock(&self.shared.requests)
+            .get(&(verb.to_string(), resource.to_string()))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Containers are started this much later than they could be (slow starts).
