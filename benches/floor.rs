@@ -265,11 +265,17 @@ async fn call_burst(pool: &flame::Pool, calls: usize) -> anyhow::Result<f64> {
     Ok(calls as f64 / t.elapsed().as_secs_f64())
 }
 
-/// A profiling aid: repeats one flame-rt measurement (`throughput`, `bulk`, `payload` (a 32 MiB
-/// `Vec<u8>` argument) or `result` (a 32 MiB `Vec<u8>` result)) for 10 s, so
+/// A profiling aid: repeats one flame-rt measurement (`throughput`, `bulk`, `payload` (a
+/// `Vec<u8>` argument) or `result` (a `Vec<u8>` result), of `FLAME_BENCH_MIB` MiB) for 10 s, so
 /// `perf record` sees little else: `FLAME_BENCH_PROFILE=throughput perf record -g <bench binary>`.
 async fn profile(pool: &flame::Pool, what: &str) -> anyhow::Result<()> {
     let until = Instant::now() + Duration::from_secs(10);
+    // FLAME_BENCH_MIB sets the payload's size (default 32).
+    let size: usize = std::env::var("FLAME_BENCH_MIB")
+        .ok()
+        .and_then(|mib| mib.parse().ok())
+        .unwrap_or(32)
+        << 20;
     let chunk = Bytes::from(vec![0xAB; 128 * 1024]);
     let mut rates = Vec::new();
     while Instant::now() < until {
@@ -277,15 +283,15 @@ async fn profile(pool: &flame::Pool, what: &str) -> anyhow::Result<()> {
             "throughput" => call_burst(pool, 100_000).await?,
             "bulk" => channel_bulk(pool, &chunk, 512 << 20).await?,
             "payload" => {
-                let data = vec![0xABu8; 32 << 20];
+                let data = vec![0xABu8; size];
                 let t = Instant::now();
                 flame::call(pool, take_vec(data)).await?;
-                (32 << 20) as f64 / t.elapsed().as_secs_f64()
+                size as f64 / t.elapsed().as_secs_f64()
             }
             "result" => {
                 let t = Instant::now();
-                flame::call(pool, give_vec(32 << 20)).await?;
-                (32 << 20) as f64 / t.elapsed().as_secs_f64()
+                flame::call(pool, give_vec(size)).await?;
+                size as f64 / t.elapsed().as_secs_f64()
             }
             other => {
                 anyhow::bail!(

@@ -73,6 +73,52 @@ async fn vecs_around_the_piece_size_come_back_intact() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_vec_argument_is_handed_the_reassembled_buffer() {
+    bounded(BOUND, async {
+        let pool = pool("taken-over").await;
+        let (first, last) = (pattern(3 << 20, 1), pattern(1 << 20, 2));
+        let sent = |v: &[u8]| containers::fnv(v);
+        // The first big vector takes the buffer over; the second is copied out of it first.
+        let none = bytes::Bytes::new();
+        let (a, empty, b) =
+            flame::call(&pool, byte_args(first.clone(), none.clone(), last.clone()))
+                .await
+                .unwrap();
+        assert_eq!(
+            (a.fnv, empty, b.fnv),
+            (sent(&first), sent(&none), sent(&last))
+        );
+        assert!(
+            a.taken_over,
+            "the first vector was copied out of the buffer"
+        );
+        assert!(!b.taken_over, "two vectors took over one buffer");
+        // A `Bytes` argument slices the same buffer: the vector must not take it from under it.
+        let shared = bytes::Bytes::from(pattern(2 << 20, 3));
+        let (a, bytes, b) = flame::call(
+            &pool,
+            byte_args(first.clone(), shared.clone(), last.clone()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            (a.fnv, bytes, b.fnv),
+            (sent(&first), sent(&shared), sent(&last))
+        );
+        assert!(!a.taken_over, "the vector took the buffer a Bytes shares");
+        // Under one piece, arguments come in one frame and are copied as before.
+        let small = pattern(100 << 10, 4);
+        let (a, _, _) = flame::call(&pool, byte_args(small.clone(), none, Vec::new()))
+            .await
+            .unwrap();
+        assert_eq!(a.fnv, sent(&small));
+        assert!(!a.taken_over);
+        pool.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_byte_vector_shape_round_trips() {
     bounded(BOUND, async {
         let pool = pool("byte-shapes").await;

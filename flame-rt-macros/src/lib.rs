@@ -372,8 +372,15 @@ fn expand_task(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
     let unwrap_args = idents
         .iter()
         .zip(&types)
-        .filter(|(_, ty)| is_byte_vec(ty) || is_bytes(ty))
+        .filter(|(_, ty)| is_bytes(ty))
         .map(|(ident, _)| quote!(let #ident = #ident.0;));
+    // In the task's future, first polled once the runner has let go of the reassembled
+    // arguments: a byte vector may then take them over (see flame-rt's payload.rs).
+    let unwrap_byte_vecs = idents
+        .iter()
+        .zip(&types)
+        .filter(|(_, ty)| is_byte_vec(ty))
+        .map(|(ident, _)| quote!(let #ident = #ident.into_inner();));
     let encode_args = respan(
         quote!(#private::encode_args(&(#(#encoded_args,)*))),
         args_span,
@@ -381,14 +388,14 @@ fn expand_task(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
     let (encode_output, decode_output) = if is_byte_vec(&ret) {
         (
             quote!(#private::encode_result(&#private::AsBytes(&output))),
-            quote!(#private::decode_value::<#private::FromBytes<#ret>>(bytes).map(|b| b.0)),
+            quote!(#private::decode_value::<#private::FromBytes<#ret>>(bytes).map(|b| b.into_inner())),
         )
     } else if let Some((ok, err)) = byte_vec_result(&ret) {
         (
             quote!(#private::encode_result(&output.as_ref().map(#private::AsBytes))),
             quote!(
                 #private::decode_value::<::core::result::Result<#private::FromBytes<#ok>, #err>>(bytes)
-                    .map(|r| r.map(|b| b.0))
+                    .map(|r| r.map(|b| b.into_inner()))
             ),
         )
     } else {
@@ -438,6 +445,7 @@ fn expand_task(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
                 let (#(#idents,)*): (#(#wire_types,)*) = #decode;
                 #(#unwrap_args)*
                 ::core::result::Result::Ok(::std::boxed::Box::pin(async move {
+                    #(#unwrap_byte_vecs)*
                     #remote_states
                     let output: #ret = #local_body.await;
                     #encode_output

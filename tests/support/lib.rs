@@ -157,6 +157,41 @@ pub async fn join_bytes(
     Ok(joined)
 }
 
+/// What a task received in a byte vector: its checksum, and whether it is the buffer the
+/// call's arguments were put together in (its capacity then exceeds its length by what lay in
+/// front of it) rather than a copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Received {
+    /// [`containers::fnv`] of the bytes.
+    pub fnv: u64,
+    /// Handed the reassembled buffer.
+    pub taken_over: bool,
+}
+
+impl Received {
+    fn of(vec: &[u8], capacity: usize) -> Received {
+        Received {
+            fnv: containers::fnv(vec),
+            taken_over: capacity > vec.len(),
+        }
+    }
+}
+
+/// Two byte vectors and a `Bytes` between them (an empty one holds no buffer): what each
+/// received.
+#[flame::task]
+pub async fn byte_args(
+    first: Vec<u8>,
+    shared: bytes::Bytes,
+    last: Vec<u8>,
+) -> (Received, u64, Received) {
+    (
+        Received::of(&first, first.capacity()),
+        containers::fnv(&shared),
+        Received::of(&last, last.capacity()),
+    )
+}
+
 /// `len` bytes made on the runner: a result much bigger than its arguments.
 #[flame::task]
 pub async fn make_bytes(len: usize) -> Vec<u8> {
