@@ -387,12 +387,12 @@ fn expand_task(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
     );
     let (encode_output, decode_output) = if is_byte_vec(&ret) {
         (
-            quote!(#private::encode_result(&#private::AsBytes(&output))),
+            quote!(#private::encode_body(output)),
             quote!(#private::decode_value::<#private::FromBytes<#ret>>(bytes).map(|b| b.into_inner())),
         )
     } else if let Some((ok, err)) = byte_vec_result(&ret) {
         (
-            quote!(#private::encode_result(&output.as_ref().map(#private::AsBytes))),
+            quote!(#private::encode_body_or(output)),
             quote!(
                 #private::decode_value::<::core::result::Result<#private::FromBytes<#ok>, #err>>(bytes)
                     .map(|r| r.map(|b| b.into_inner()))

@@ -278,6 +278,127 @@ impl<'de> serde::de::Visitor<'de> for SharedVisitor {
     }
 }
 
+/// An encoded payload as it goes out: `head`, then `body` — a byte vector the task returned,
+/// sent from its own memory rather than copied behind its length prefix. Not public API.
+#[doc(hidden)]
+#[derive(Debug, Default)]
+pub struct Encoded {
+    head: bytes::Bytes,
+    body: bytes::Bytes,
+}
+
+impl Encoded {
+    /// The payload's length on the wire.
+    pub(crate) fn len(&self) -> usize {
+        self.head.len() + self.body.len()
+    }
+
+    /// All of it in one buffer: a copy only where there is a body (small payloads go in one
+    /// frame).
+    pub(crate) fn into_bytes(self) -> bytes::Bytes {
+        if self.body.is_empty() {
+            self.head
+        } else if self.head.is_empty() {
+            self.body
+        } else {
+            [&self.head[..], &self.body[..]].concat().into()
+        }
+    }
+
+    /// The payload cut into pieces of at most `size` bytes, none spanning head and body.
+    pub(crate) fn pieces(self, size: usize) -> impl Iterator<Item = bytes::Bytes> {
+        let cut = move |part: bytes::Bytes| {
+            (0..part.len())
+                .step_by(size)
+                .map(move |at| part.slice(at..part.len().min(at + size)))
+        };
+        cut(self.head).chain(cut(self.body))
+    }
+}
+
+impl From<bytes::Bytes> for Encoded {
+    fn from(head: bytes::Bytes) -> Encoded {
+        Encoded {
+            head,
+            body: bytes::Bytes::new(),
+        }
+    }
+}
+
+/// A byte vector a task returns, with what postcard writes in front of its bytes. Not public
+/// API.
+#[doc(hidden)]
+pub trait IntoBody {
+    /// Appends to `head` what goes before the bytes, and gives the bytes without a copy.
+    fn into_body(self, head: &mut Vec<u8>) -> bytes::Bytes;
+}
+
+/// Postcard's length prefix: a varint, as for any `usize`.
+fn push_len(head: &mut Vec<u8>, len: usize) {
+    let mut buf = [0u8; 10];
+    let varint = postcard::to_slice(&len, &mut buf).expect("a usize fits in 10 bytes");
+    head.extend_from_slice(varint);
+}
+
+impl IntoBody for Vec<u8> {
+    fn into_body(self, head: &mut Vec<u8>) -> bytes::Bytes {
+        push_len(head, self.len());
+        self.into()
+    }
+}
+
+impl IntoBody for Box<[u8]> {
+    fn into_body(self, head: &mut Vec<u8>) -> bytes::Bytes {
+        push_len(head, self.len());
+        self.into()
+    }
+}
+
+impl<T: IntoBody> IntoBody for Option<T> {
+    fn into_body(self, head: &mut Vec<u8>) -> bytes::Bytes {
+        match self {
+            None => {
+                head.push(0);
+                bytes::Bytes::new()
+            }
+            Some(value) => {
+                head.push(1);
+                value.into_body(head)
+            }
+        }
+    }
+}
+
+/// Encodes a task's byte-vector result as postcard would, the bytes left where they are.
+#[doc(hidden)]
+pub fn encode_body<T: IntoBody>(value: T) -> Result<Encoded, crate::Error> {
+    let mut head = Vec::new();
+    let body = value.into_body(&mut head);
+    Ok(Encoded {
+        head: head.into(),
+        body,
+    })
+}
+
+/// [`encode_body`] for a `Result` whose `Ok` is a byte vector.
+#[doc(hidden)]
+pub fn encode_body_or<T: IntoBody, E: Serialize>(
+    value: Result<T, E>,
+) -> Result<Encoded, crate::Error> {
+    match value {
+        // Postcard writes a `Result`'s variant as a varint: `Ok` is 0, `Err` 1.
+        Ok(value) => {
+            let mut head = vec![0];
+            let body = value.into_body(&mut head);
+            Ok(Encoded {
+                head: head.into(),
+                body,
+            })
+        }
+        Err(error) => crate::task::encode_result(&Err::<(), E>(error)),
+    }
+}
+
 /// Encodes a task's arguments (generated code passes them as a tuple of references, byte
 /// vectors wrapped in [`AsBytes`]).
 #[doc(hidden)]
@@ -342,5 +463,40 @@ mod tests {
         let result: Result<Vec<u8>, String> = Ok(data.clone());
         let fast = postcard::to_stdvec(&result.as_ref().map(AsBytes)).unwrap();
         assert_eq!(fast, postcard::to_stdvec(&result).unwrap());
+    }
+
+    #[test]
+    fn a_byte_vector_result_left_in_place_encodes_as_postcard_writes_it() {
+        fn whole(encoded: Encoded, piece: usize) -> Vec<u8> {
+            encoded.pieces(piece).flat_map(|p| p.to_vec()).collect()
+        }
+        for len in [0, 1, 127, 128, 16_383, 16_384, 300_000] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let expect = postcard::to_stdvec(&serde_bytes::Bytes::new(&data)).unwrap();
+            assert_eq!(
+                whole(encode_body(data.clone()).unwrap(), 4096),
+                expect,
+                "{len}"
+            );
+            let some = postcard::to_stdvec(&Some(serde_bytes::Bytes::new(&data))).unwrap();
+            assert_eq!(whole(encode_body(Some(data.clone())).unwrap(), 1000), some);
+            let boxed = data.clone().into_boxed_slice();
+            assert_eq!(encode_body(boxed).unwrap().into_bytes(), expect);
+            let ok: Result<Vec<u8>, String> = Ok(data.clone());
+            let plain = postcard::to_stdvec(&ok.as_ref().map(AsBytes)).unwrap();
+            assert_eq!(encode_body_or(ok).unwrap().into_bytes(), plain);
+        }
+        let none: Option<Vec<u8>> = None;
+        assert_eq!(encode_body(none).unwrap().into_bytes(), [0][..]);
+        let err: Result<Vec<u8>, String> = Err("no".into());
+        let plain = postcard::to_stdvec(&err).unwrap();
+        assert_eq!(encode_body_or(err).unwrap().into_bytes(), plain);
+        // Pieces never span head and body, and none is empty.
+        let pieces: Vec<usize> = encode_body(vec![1u8; 10])
+            .unwrap()
+            .pieces(4)
+            .map(|p| p.len())
+            .collect();
+        assert_eq!(pieces, [1, 4, 4, 2]);
     }
 }

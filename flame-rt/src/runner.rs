@@ -484,6 +484,8 @@ impl Service {
                     }
                 }
             };
+            // A result too big for one frame, sent in pieces below.
+            let mut big = None;
             let result = match deadline {
                 // Boxed: a timer is large, and most calls have no deadline to pay for it.
                 Some(deadline) => {
@@ -503,16 +505,20 @@ impl Service {
                     ),
                 },
                 Ok(Err(panic)) => Outcome::Panicked(panic_message(panic)),
-                Ok(Ok(Ok(bytes))) if bytes.len() > max_payload => Outcome::Failed {
+                Ok(Ok(Ok(encoded))) if encoded.len() > max_payload => Outcome::Failed {
                     kind: WireErrorKind::Codec,
                     message: format!(
                         "the result of {task_id} is {} bytes encoded, more than the pool's \
                          max_payload of {max_payload} bytes; raise it with PoolBuilder::max_payload, \
                          or stream the data through a flame channel",
-                        bytes.len()
+                        encoded.len()
                     ),
                 },
-                Ok(Ok(Ok(bytes))) => Outcome::Ok(bytes),
+                Ok(Ok(Ok(encoded))) if encoded.len() > PIECE => {
+                    big = Some(encoded);
+                    Outcome::Ok(Bytes::new())
+                }
+                Ok(Ok(Ok(encoded))) => Outcome::Ok(encoded.into_bytes()),
                 Ok(Ok(Err(error))) => Outcome::Failed {
                     kind: match error.kind() {
                         crate::ErrorKind::StateMissing => WireErrorKind::StateMissing,
@@ -531,21 +537,25 @@ impl Service {
                     .end_call(call, guard.chans.get(), End::Finished, false);
             }
             let out = &guard.calls.out;
-            let outcome = match outcome {
-                // A big result goes in pieces that take turns with other calls' frames; the
-                // last one comes with the `Done`.
-                Outcome::Ok(result) if result.len() > PIECE => {
-                    let mut sent = 0;
-                    while result.len() - sent > PIECE {
+            // A big result goes in pieces that take turns with other calls' frames; the last
+            // one comes with the `Done`.
+            let outcome = match big {
+                Some(result) => {
+                    let total = result.len();
+                    let mut pieces = result.pieces(PIECE).peekable();
+                    let mut last = Bytes::new();
+                    while let Some(piece) = pieces.next() {
+                        if pieces.peek().is_none() {
+                            last = piece;
+                            break;
+                        }
                         out.wait_below(HIGH_WATER).await;
-                        let piece = result.slice(sent..sent + PIECE);
-                        out.send_part(TO_PARENT_PART, call, result.len(), piece);
-                        sent += PIECE;
+                        out.send_part(TO_PARENT_PART, call, total, piece);
                     }
                     out.wait_below(HIGH_WATER).await;
-                    Outcome::Ok(result.slice(sent..))
+                    Outcome::Ok(last)
                 }
-                outcome => outcome,
+                None => outcome,
             };
             out.send_done(call, outcome);
             guard.finished.set(true);

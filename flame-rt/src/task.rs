@@ -13,7 +13,7 @@ use crate::error::{Error, ErrorKind};
 /// A task body started on a runner: resolves to the encoded result, or why it could not be
 /// encoded. Not public API.
 #[doc(hidden)]
-pub type RunningTask = BoxFuture<'static, Result<Bytes, crate::Error>>;
+pub type RunningTask = BoxFuture<'static, Result<crate::payload::Encoded, crate::Error>>;
 
 /// What `#[flame::task]` generates for one task. Not public API.
 #[doc(hidden)]
@@ -179,13 +179,17 @@ pub const fn sig_hash(signature: &str) -> u64 {
 
 /// Encodes a task's result (generated code calls this on the runner).
 #[doc(hidden)]
-pub fn encode_result<R: serde::Serialize>(value: &R) -> Result<Bytes, crate::Error> {
-    crate::payload::encode(value).map(Bytes::from).map_err(|e| {
-        crate::Error::new(
-            crate::ErrorKind::Codec,
-            format!("the task's return value could not be encoded: {e}"),
-        )
-    })
+pub fn encode_result<R: serde::Serialize>(
+    value: &R,
+) -> Result<crate::payload::Encoded, crate::Error> {
+    crate::payload::encode(value)
+        .map(|encoded| Bytes::from(encoded).into())
+        .map_err(|e| {
+            crate::Error::new(
+                crate::ErrorKind::Codec,
+                format!("the task's return value could not be encoded: {e}"),
+            )
+        })
 }
 
 /// Decodes a task's arguments (generated code calls this on the runner).
