@@ -348,14 +348,18 @@ fn expand_task(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
         args_span,
     );
     let decode = respan(quote!(#private::decode_args(bytes)?), args_span);
-    // Byte vectors cross as one byte string (see flame-rt's payload.rs).
-    let encoded_args = types.iter().enumerate().map(|(i, ty)| {
+    // Byte vectors cross as one byte string, and the first big one (or `Bytes`) from its own
+    // memory (see flame-rt's payload.rs).
+    let encode_steps = types.iter().enumerate().map(|(i, ty)| {
         let index = syn::Index::from(i);
-        if is_byte_vec(ty) {
-            quote!(#private::AsBytes(&args.#index))
+        let step = if is_byte_vec(ty) {
+            quote!(__flame_writer.byte_vec(&mut args.#index)?;)
+        } else if is_bytes(ty) {
+            quote!(__flame_writer.shared(&args.#index)?;)
         } else {
-            quote!(&args.#index)
-        }
+            quote!(__flame_writer.value(&args.#index)?;)
+        };
+        respan(step, ty.span())
     });
     let wire_types: Vec<TokenStream2> = types
         .iter()
@@ -381,10 +385,6 @@ fn expand_task(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
         .zip(&types)
         .filter(|(_, ty)| is_byte_vec(ty))
         .map(|(ident, _)| quote!(let #ident = #ident.into_inner();));
-    let encode_args = respan(
-        quote!(#private::encode_args(&(#(#encoded_args,)*))),
-        args_span,
-    );
     let (encode_output, decode_output) = if is_byte_vec(&ret) {
         (
             quote!(#private::encode_body(output)),
@@ -452,11 +452,13 @@ fn expand_task(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
                 }))
             }
 
-            #[allow(unused_variables)]
+            #[allow(unused_variables, unused_mut)]
             fn __flame_encode(
-                args: &(#(#types,)*),
-            ) -> ::core::result::Result<::std::vec::Vec<u8>, #private::PostcardError> {
-                #encode_args
+                args: &mut (#(#types,)*),
+            ) -> ::core::result::Result<#private::Encoded, #private::PostcardError> {
+                let mut __flame_writer = #private::ArgsWriter::default();
+                #(#encode_steps)*
+                ::core::result::Result::Ok(__flame_writer.finish())
             }
 
             fn __flame_decode(

@@ -5,7 +5,6 @@ use std::fmt;
 use std::future::IntoFuture;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::future::BoxFuture;
 use serde::de::DeserializeOwned;
 
@@ -14,6 +13,7 @@ use crate::channel::Attachment;
 use crate::deadline::Deadline;
 use crate::error::{Error, ErrorKind};
 use crate::join::JoinHandle;
+use crate::payload::Encoded;
 use crate::pool::Pool;
 use crate::queue::QueuedCall;
 use crate::task::TaskDef;
@@ -49,7 +49,9 @@ pub struct Call<R> {
 /// The arguments of a call, still typed: encoded only if the call goes to a runner, so a
 /// local `.await` costs what it cost before the attribute was added.
 trait CallArgs<R>: Send {
-    fn encode(&self) -> Result<Bytes, postcard::Error>;
+    /// May take byte vectors out of the arguments, to send them without a copy: the arguments
+    /// are not used again once encoded, but to name a culprit.
+    fn encode(&mut self) -> Result<Encoded, postcard::Error>;
     /// Names the first argument that fails to encode (postcard's errors don't say which).
     fn culprit(&self) -> &'static str;
     fn run_local(self: Box<Self>) -> BoxFuture<'static, R>;
@@ -61,7 +63,7 @@ pub(crate) type Decode<R> = fn(&[u8]) -> Result<R, postcard::Error>;
 struct TypedArgs<A, R> {
     args: A,
     body: fn(A) -> BoxFuture<'static, R>,
-    encode: fn(&A) -> Result<Vec<u8>, postcard::Error>,
+    encode: fn(&mut A) -> Result<Encoded, postcard::Error>,
     culprit: fn(&A) -> &'static str,
 }
 
@@ -70,8 +72,8 @@ where
     A: Send + 'static,
     R: 'static,
 {
-    fn encode(&self) -> Result<Bytes, postcard::Error> {
-        (self.encode)(&self.args).map(Bytes::from)
+    fn encode(&mut self) -> Result<Encoded, postcard::Error> {
+        (self.encode)(&mut self.args)
     }
 
     fn culprit(&self) -> &'static str {
@@ -90,7 +92,7 @@ impl<R: 'static> Call<R> {
         def: &'static TaskDef,
         args: A,
         body: fn(A) -> BoxFuture<'static, R>,
-        encode: fn(&A) -> Result<Vec<u8>, postcard::Error>,
+        encode: fn(&mut A) -> Result<Encoded, postcard::Error>,
         decode: fn(&[u8]) -> Result<R, postcard::Error>,
         culprit: fn(&A) -> &'static str,
     ) -> Call<R>
@@ -137,7 +139,7 @@ impl<R> Call<R> {
     }
 
     /// Encodes the arguments, and collects the channel halves among them.
-    fn encode(&self) -> (Result<Bytes, Error>, Vec<Attachment>) {
+    fn encode(&mut self) -> (Result<Encoded, Error>, Vec<Attachment>) {
         let (encoded, chans, refused) = crate::channel::encoding(|| self.args.encode());
         let encoded = encoded.map_err(|e| {
             if let Some(why) = refused {
@@ -214,11 +216,12 @@ where
     let shared = pool.shared();
     let deadline = Deadline::starting_now(call.timeout.or(shared.config.timeout));
     let queue_until = deadline.queue_until(shared.config.boot_timeout);
+    let mut call = call;
     let (encoded, chans) = call.encode();
-    let checked = encoded.and_then(|args| shared.check(call.def, &args).map(|()| args));
+    let checked = encoded.and_then(|args| shared.check(call.def, args.len()).map(|()| args));
     let (args, refused) = match checked {
         Ok(args) => (args, None),
-        Err(error) => (Bytes::new(), Some(error)),
+        Err(error) => (Encoded::default(), Some(error)),
     };
     let ticket = Ticket::new(call.def.id, &shared.name, deadline, queue_until, args);
     match refused {

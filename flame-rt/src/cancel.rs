@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use crate::connection::{RunnerConn, Unstarted};
 use crate::deadline::Deadline;
 use crate::error::{Error, ErrorKind};
+use crate::payload::Encoded;
 
 pub(crate) type Outcome = Result<Bytes, Error>;
 
@@ -40,7 +41,7 @@ enum Place {
     /// Waiting for a slot. The encoded arguments wait here, not in the queue, so a call
     /// cancelled while it waits frees them at once, whatever waits ahead of it.
     Queued {
-        args: Bytes,
+        args: Encoded,
     },
     Running {
         conn: Arc<RunnerConn>,
@@ -62,7 +63,7 @@ impl Ticket {
         pool: &Arc<str>,
         deadline: Deadline,
         queue_until: Instant,
-        args: Bytes,
+        args: Encoded,
     ) -> Arc<Ticket> {
         #[cfg(not(feature = "metrics"))]
         let _ = pool;
@@ -142,7 +143,7 @@ impl Ticket {
     /// (and cancels it there). A call that could not start keeps waiting, its arguments back.
     pub(crate) fn start(
         &self,
-        start: impl FnOnce(Bytes) -> Result<(Arc<RunnerConn>, u64), Unstarted>,
+        start: impl FnOnce(Encoded) -> Result<(Arc<RunnerConn>, u64), Unstarted>,
     ) -> Option<Result<(), Unstarted>> {
         let mut inner = self.lock();
         if !matches!(inner.outcome, Delivery::Pending(_)) {
@@ -166,7 +167,7 @@ impl Ticket {
 
     /// A running call whose runner was lost goes back to waiting, with its arguments (it will
     /// be retried).
-    pub(crate) fn requeue(&self, args: Bytes) {
+    pub(crate) fn requeue(&self, args: Encoded) {
         let mut inner = self.lock();
         if matches!(inner.place, Place::Running { .. }) {
             inner.place = Place::Queued { args };

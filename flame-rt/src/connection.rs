@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use crate::channel::{End, Port, Routes, Side};
 use crate::error::{Error, ErrorKind};
+use crate::payload::Encoded;
 use crate::pool::{Shared, Slot};
 use crate::queue::QueuedCall;
 use crate::trace::TraceParent;
@@ -53,7 +54,7 @@ struct Pending {
 struct Running {
     call: QueuedCall,
     /// Its arguments, kept until it ends, in case it asked for retries.
-    args: Bytes,
+    args: Encoded,
     /// Taken early from a cancelled call that did not stop in time, whose runner is recycled.
     slot: Option<Slot>,
     /// How many channels the call carries.
@@ -69,7 +70,7 @@ pub(crate) struct Unstarted {
     pub(crate) call: QueuedCall,
     pub(crate) slot: Slot,
     /// Taken back by the call's ticket.
-    pub(crate) args: Bytes,
+    pub(crate) args: Encoded,
 }
 
 /// `ToRunner::Run` with borrowed fields, so a call's frame is built in one allocation. Its
@@ -126,7 +127,7 @@ impl RunnerConn {
     pub(crate) fn start(
         self: &Arc<Self>,
         mut call: QueuedCall,
-        args: Bytes,
+        args: Encoded,
         slot: Slot,
     ) -> Result<(Arc<RunnerConn>, u64), Unstarted> {
         let id = self.next_call.fetch_add(1, Ordering::Relaxed);
@@ -154,7 +155,7 @@ impl RunnerConn {
             Some((args.clone(), pumps))
         } else {
             // Under the lock, so a cancel for this call can only be queued after its run.
-            self.out.send_run(id, &call, args.clone());
+            self.out.send_run(id, &call, args.clone().into_bytes());
             self.arm(id, pumps);
             None
         };
@@ -188,11 +189,11 @@ impl RunnerConn {
     async fn upload(
         self: Arc<Self>,
         id: u64,
-        args: Bytes,
+        args: Encoded,
         pumps: Vec<futures::future::BoxFuture<'static, ()>>,
     ) {
         let total = args.len();
-        let mut sent = 0;
+        let mut pieces = args.pieces(PIECE).peekable();
         loop {
             self.out.wait_below(HIGH_WATER).await;
             // Under the lock: once a cancel is queued, nothing more of the call is.
@@ -200,18 +201,13 @@ impl RunnerConn {
             let Some(running) = pending.calls.get(&id).filter(|r| !r.cancelled) else {
                 return;
             };
-            if total - sent <= PIECE {
-                self.out.send_run(id, &running.call, args.slice(sent..));
+            let piece = pieces.next().unwrap_or_default();
+            if pieces.peek().is_none() {
+                self.out.send_run(id, &running.call, piece);
                 drop(pending);
                 return self.arm(id, pumps);
             }
-            self.out.send_part(
-                wire::TO_RUNNER_PART,
-                id,
-                total,
-                args.slice(sent..sent + PIECE),
-            );
-            sent += PIECE;
+            self.out.send_part(wire::TO_RUNNER_PART, id, total, piece);
         }
     }
 

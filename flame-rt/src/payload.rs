@@ -278,41 +278,44 @@ impl<'de> serde::de::Visitor<'de> for SharedVisitor {
     }
 }
 
-/// An encoded payload as it goes out: `head`, then `body` — a byte vector the task returned,
-/// sent from its own memory rather than copied behind its length prefix. Not public API.
+/// An encoded payload as it goes out: `head`, `body`, `tail`, one after the other. The body is
+/// a big byte vector or `Bytes` among the arguments, or a byte-vector result, sent from where
+/// it is rather than copied in between its neighbours. Not public API.
 #[doc(hidden)]
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Encoded {
     head: bytes::Bytes,
     body: bytes::Bytes,
+    tail: bytes::Bytes,
 }
 
 impl Encoded {
     /// The payload's length on the wire.
     pub(crate) fn len(&self) -> usize {
-        self.head.len() + self.body.len()
+        self.head.len() + self.body.len() + self.tail.len()
     }
 
     /// All of it in one buffer: a copy only where there is a body (small payloads go in one
     /// frame).
     pub(crate) fn into_bytes(self) -> bytes::Bytes {
-        if self.body.is_empty() {
+        if self.body.is_empty() && self.tail.is_empty() {
             self.head
-        } else if self.head.is_empty() {
-            self.body
         } else {
-            [&self.head[..], &self.body[..]].concat().into()
+            [&self.head[..], &self.body[..], &self.tail[..]]
+                .concat()
+                .into()
         }
     }
 
-    /// The payload cut into pieces of at most `size` bytes, none spanning head and body.
+    /// The payload cut into pieces of at most `size` bytes, none spanning two parts, none
+    /// empty.
     pub(crate) fn pieces(self, size: usize) -> impl Iterator<Item = bytes::Bytes> {
         let cut = move |part: bytes::Bytes| {
             (0..part.len())
                 .step_by(size)
                 .map(move |at| part.slice(at..part.len().min(at + size)))
         };
-        cut(self.head).chain(cut(self.body))
+        cut(self.head).chain(cut(self.body)).chain(cut(self.tail))
     }
 }
 
@@ -320,7 +323,76 @@ impl From<bytes::Bytes> for Encoded {
     fn from(head: bytes::Bytes) -> Encoded {
         Encoded {
             head,
-            body: bytes::Bytes::new(),
+            ..Encoded::default()
+        }
+    }
+}
+
+/// Encodes a call's arguments one by one, as postcard encodes their tuple, keeping the first
+/// one that is a big byte vector or `Bytes` as the body of the [`Encoded`] payload: it is sent
+/// from its own memory (a `Vec` given up by the call) rather than copied into a fresh buffer.
+/// Generated code calls it; not public API.
+#[doc(hidden)]
+#[derive(Default)]
+pub struct ArgsWriter {
+    head: Vec<u8>,
+    body: Option<bytes::Bytes>,
+    tail: Vec<u8>,
+}
+
+impl ArgsWriter {
+    fn buf(&mut self) -> &mut Vec<u8> {
+        match self.body {
+            None => &mut self.head,
+            Some(_) => &mut self.tail,
+        }
+    }
+
+    /// Appends one argument.
+    pub fn value<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), postcard::Error> {
+        let size = crate::channel::probing(|| postcard::experimental::serialized_size(value))?;
+        let buf = self.buf();
+        if buf.is_empty() {
+            *buf = buffer(size);
+        } else {
+            buf.reserve(size);
+        }
+        postcard::to_io(value, buf).map(drop)
+    }
+
+    /// Appends a byte-vector argument: taken as the body when it is the first big one.
+    pub fn byte_vec<T>(&mut self, value: &mut T) -> Result<(), postcard::Error>
+    where
+        T: IntoBody + Default + serde_bytes::Serialize,
+    {
+        if self.body.is_none() && value.body_len() > crate::wire::PIECE {
+            let body = std::mem::take(value).into_body(&mut self.head);
+            self.body = Some(body);
+            return Ok(());
+        }
+        self.value(&AsBytes(value))
+    }
+
+    /// Appends an argument of a type named `Bytes`: taken as the body (shared, not copied) when
+    /// it is `bytes::Bytes`, big, and the first.
+    pub fn shared<T: Serialize + 'static>(&mut self, value: &T) -> Result<(), postcard::Error> {
+        let any: &dyn std::any::Any = value;
+        match any.downcast_ref::<bytes::Bytes>() {
+            Some(bytes) if self.body.is_none() && bytes.len() > crate::wire::PIECE => {
+                push_len(&mut self.head, bytes.len());
+                self.body = Some(bytes.clone());
+                Ok(())
+            }
+            _ => self.value(value),
+        }
+    }
+
+    /// The payload.
+    pub fn finish(self) -> Encoded {
+        Encoded {
+            head: self.head.into(),
+            body: self.body.unwrap_or_default(),
+            tail: self.tail.into(),
         }
     }
 }
@@ -331,6 +403,9 @@ impl From<bytes::Bytes> for Encoded {
 pub trait IntoBody {
     /// Appends to `head` what goes before the bytes, and gives the bytes without a copy.
     fn into_body(self, head: &mut Vec<u8>) -> bytes::Bytes;
+
+    /// How many bytes the body would be.
+    fn body_len(&self) -> usize;
 }
 
 /// Postcard's length prefix: a varint, as for any `usize`.
@@ -345,12 +420,20 @@ impl IntoBody for Vec<u8> {
         push_len(head, self.len());
         self.into()
     }
+
+    fn body_len(&self) -> usize {
+        self.len()
+    }
 }
 
 impl IntoBody for Box<[u8]> {
     fn into_body(self, head: &mut Vec<u8>) -> bytes::Bytes {
         push_len(head, self.len());
         self.into()
+    }
+
+    fn body_len(&self) -> usize {
+        self.len()
     }
 }
 
@@ -367,6 +450,10 @@ impl<T: IntoBody> IntoBody for Option<T> {
             }
         }
     }
+
+    fn body_len(&self) -> usize {
+        self.as_ref().map_or(0, IntoBody::body_len)
+    }
 }
 
 /// Encodes a task's byte-vector result as postcard would, the bytes left where they are.
@@ -377,6 +464,7 @@ pub fn encode_body<T: IntoBody>(value: T) -> Result<Encoded, crate::Error> {
     Ok(Encoded {
         head: head.into(),
         body,
+        ..Encoded::default()
     })
 }
 
@@ -393,17 +481,11 @@ pub fn encode_body_or<T: IntoBody, E: Serialize>(
             Ok(Encoded {
                 head: head.into(),
                 body,
+                ..Encoded::default()
             })
         }
         Err(error) => crate::task::encode_result(&Err::<(), E>(error)),
     }
-}
-
-/// Encodes a task's arguments (generated code passes them as a tuple of references, byte
-/// vectors wrapped in [`AsBytes`]).
-#[doc(hidden)]
-pub fn encode_args<A: Serialize>(args: &A) -> Result<Vec<u8>, postcard::Error> {
-    encode(args)
 }
 
 /// Encodes `value` into a buffer sized once: a growing one copies a big payload again at each
@@ -454,7 +536,7 @@ mod tests {
     fn byte_vectors_encode_as_serde_writes_them_only_faster() {
         let data: Vec<u8> = (0..=255).cycle().take(1000).collect();
         let plain = postcard::to_stdvec(&(7u32, &data, Some(data.clone()))).unwrap();
-        let fast = encode_args(&(7u32, AsBytes(&data), AsBytes(&Some(data.clone())))).unwrap();
+        let fast = encode(&(7u32, AsBytes(&data), AsBytes(&Some(data.clone())))).unwrap();
         assert_eq!(plain, fast);
         type Decoded = (u32, FromBytes<Vec<u8>>, FromBytes<Option<Box<[u8]>>>);
         let (n, back, opt): Decoded = decode_value(&fast).unwrap();

@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -423,17 +422,15 @@ impl Shared {
 
     /// What must hold before a call is sent: its arguments are within `max_payload`, and its
     /// task is in this binary's registry.
-    pub(crate) fn check(&self, def: &'static TaskDef, args: &Bytes) -> Result<(), Error> {
-        if args.len() > self.config.max_payload {
+    pub(crate) fn check(&self, def: &'static TaskDef, args_len: usize) -> Result<(), Error> {
+        if args_len > self.config.max_payload {
             return Err(Error::new(
                 ErrorKind::Codec,
                 format!(
                     "the arguments of {} are {} bytes encoded, more than the pool's max_payload \
                      of {} bytes; raise it with PoolBuilder::max_payload, or stream the data \
                      through a flame channel",
-                    def.id,
-                    args.len(),
-                    self.config.max_payload
+                    def.id, args_len, self.config.max_payload
                 ),
             ));
         }
