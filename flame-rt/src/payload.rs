@@ -328,6 +328,13 @@ impl From<bytes::Bytes> for Encoded {
     }
 }
 
+/// Encodes a call's arguments as one tuple (generated code passes references to them), when
+/// none is a byte vector or `Bytes`. Not public API.
+#[doc(hidden)]
+pub fn encode_args<A: Serialize>(args: &A) -> Result<Encoded, postcard::Error> {
+    encode(args).map(|encoded| bytes::Bytes::from(encoded).into())
+}
+
 /// Encodes a call's arguments one by one, as postcard encodes their tuple, keeping the first
 /// one that is a big byte vector or `Bytes` as the body of the [`Encoded`] payload: it is sent
 /// from its own memory (a `Vec` given up by the call) rather than copied into a fresh buffer.
