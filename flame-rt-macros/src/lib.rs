@@ -414,6 +414,11 @@ fn expand_task(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
                     .map(|r| r.map(|b| b.into_inner()))
             ),
         )
+    } else if is_bytes(&ret) {
+        (
+            quote!(#private::encode_shared(output)),
+            quote!(#private::decode_value::<#ret>(bytes)),
+        )
     } else {
         (
             quote!(#private::encode_result(&output)),

@@ -259,7 +259,7 @@ pub use flame_rt_macros::test;
 pub mod __private {
     pub use crate::payload::{
         ArgsWriter, AsBytes, Encoded, FromBytes, Shared, decode_value, encode_args, encode_body,
-        encode_body_or,
+        encode_body_or, encode_shared,
     };
     pub use crate::runtime::{MainOutput, run_main, run_test};
     pub use crate::state::{assert_state, local_state, task_state};

@@ -475,6 +475,25 @@ pub fn encode_body<T: IntoBody>(value: T) -> Result<Encoded, crate::Error> {
     })
 }
 
+/// Encodes a task's result of a type named `Bytes`: a big `bytes::Bytes` is sent from where it
+/// is, any other type as usual.
+#[doc(hidden)]
+pub fn encode_shared<T: Serialize + 'static>(value: T) -> Result<Encoded, crate::Error> {
+    let any: &dyn std::any::Any = &value;
+    match any.downcast_ref::<bytes::Bytes>() {
+        Some(bytes) if bytes.len() > crate::wire::PIECE => {
+            let mut head = Vec::new();
+            push_len(&mut head, bytes.len());
+            Ok(Encoded {
+                head: head.into(),
+                body: bytes.clone(),
+                ..Encoded::default()
+            })
+        }
+        _ => crate::task::encode_result(&value),
+    }
+}
+
 /// [`encode_body`] for a `Result` whose `Ok` is a byte vector.
 #[doc(hidden)]
 pub fn encode_body_or<T: IntoBody, E: Serialize>(
