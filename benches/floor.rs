@@ -56,16 +56,29 @@ async fn take_bytes(data: Bytes) -> usize {
 }
 
 /// A runner's ready-made data, so a result row measures the way back, not the task filling
-/// memory (a `Vec` result still costs the task one copy out of it, as it would an app).
+/// memory.
 fn blob(len: usize) -> Bytes {
     static BLOB: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
     BLOB.get_or_init(|| Bytes::from(vec![0xAB; 256 << 20]))
         .slice(..len)
 }
 
+/// Vectors `make_vec` made on the runner for `give_vec` to return.
+static MADE: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+
+/// Makes the vector the next `give_vec` returns, before its timer starts: a `Vec` result row
+/// then measures what an argument row does, the transfer of a vector that exists.
+#[flame::task]
+async fn make_vec(len: usize) {
+    MADE.lock().unwrap().push(vec![0xAB; len]);
+}
+
+/// Returns the vector `make_vec` made, or (on another runner) a copy of the blob.
 #[flame::task]
 async fn give_vec(len: usize) -> Vec<u8> {
-    blob(len).to_vec()
+    let made = MADE.lock().unwrap().pop();
+    made.filter(|v| v.len() == len)
+        .unwrap_or_else(|| blob(len).to_vec())
 }
 
 #[flame::task]
@@ -266,8 +279,11 @@ async fn call_burst(pool: &flame::Pool, calls: usize) -> anyhow::Result<f64> {
 }
 
 /// A profiling aid: repeats one flame-rt measurement (`throughput`, `bulk`, `payload` (a
-/// `Vec<u8>` argument) or `result` (a `Vec<u8>` result), of `FLAME_BENCH_MIB` MiB) for 10 s, so
-/// `perf record` sees little else: `FLAME_BENCH_PROFILE=throughput perf record -g <bench binary>`.
+/// `Vec<u8>` argument), `payload-bytes` (a `Bytes` one), `result` (a `Vec<u8>` result) or
+/// `result-bytes`, of `FLAME_BENCH_MIB` MiB) for 10 s, so `perf record` sees little else:
+/// `FLAME_BENCH_PROFILE=throughput perf record -g <bench binary>`. `FLAME_BENCH_DEBUG` lists
+/// each run's rate: on a VM, a run that gets memory the hypervisor has not backed yet is several
+/// times slower than the rest.
 async fn profile(pool: &flame::Pool, what: &str) -> anyhow::Result<()> {
     let until = Instant::now() + Duration::from_secs(10);
     // FLAME_BENCH_MIB sets the payload's size (default 32).
@@ -288,20 +304,45 @@ async fn profile(pool: &flame::Pool, what: &str) -> anyhow::Result<()> {
                 flame::call(pool, take_vec(data)).await?;
                 size as f64 / t.elapsed().as_secs_f64()
             }
+            "payload-bytes" => {
+                let data = Bytes::from(vec![0xABu8; size]);
+                let t = Instant::now();
+                flame::call(pool, take_bytes(data)).await?;
+                size as f64 / t.elapsed().as_secs_f64()
+            }
+            "result-bytes" => {
+                let t = Instant::now();
+                flame::call(pool, give_bytes(size)).await?;
+                size as f64 / t.elapsed().as_secs_f64()
+            }
             "result" => {
+                flame::call(pool, make_vec(size)).await?;
                 let t = Instant::now();
                 flame::call(pool, give_vec(size)).await?;
                 size as f64 / t.elapsed().as_secs_f64()
             }
             other => {
                 anyhow::bail!(
-                    "FLAME_BENCH_PROFILE={other:?}: `throughput`, `bulk`, `payload` or `result`"
+                    "FLAME_BENCH_PROFILE={other:?}: `throughput`, `bulk`, `payload`, \
+                     `payload-bytes`, `result` or `result-bytes`"
                 )
             }
         });
     }
     let runs = rates.len();
-    println!("{what}: median {:.0}/s over {runs} runs", median(rates));
+    if std::env::var("FLAME_BENCH_DEBUG").is_ok() {
+        eprintln!(
+            "{:?}",
+            rates.iter().map(|r| (r / 1e6) as u64).collect::<Vec<_>>()
+        );
+    }
+    let (low, high) = rates
+        .iter()
+        .fold((f64::MAX, 0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
+    println!(
+        "{what}: median {:.0}/s over {runs} runs (lowest {low:.0}/s, highest {high:.0}/s)",
+        median(rates)
+    );
     Ok(())
 }
 
@@ -462,7 +503,7 @@ async fn measure() -> anyhow::Result<()> {
         };
         let rounds = n(
             match size {
-                s if s >= 256 << 20 => 3,
+                s if s >= 256 << 20 => 7,
                 s if s >= 32 << 20 => 10,
                 _ => 50,
             },
@@ -481,6 +522,7 @@ async fn measure() -> anyhow::Result<()> {
             let t = Instant::now();
             anyhow::ensure!(flame::call(&warm, call).await? == size);
             times[1].push(t.elapsed());
+            flame::call(&warm, make_vec(size)).await?;
             let t = Instant::now();
             anyhow::ensure!(flame::call(&warm, give_vec(size)).await?.len() == size);
             times[2].push(t.elapsed());
