@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use flame::fuzz::impostor::took;
 use flame::{Pool, ProcessBackend};
 use flame_tests::*;
 
@@ -113,6 +114,58 @@ async fn a_big_vec_argument_is_handed_the_reassembled_buffer() {
             .unwrap();
         assert_eq!(a.fnv, sent(&small));
         assert!(!a.taken_over);
+        pool.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_waits_for_the_runner_to_take_its_pieces() {
+    bounded(BOUND, async {
+        // 4 MiB may be on their way unread (flame-rt's UPLOAD_WINDOW); a piece is 256 KiB.
+        let (window, piece) = (4u64 << 20, 256u64 << 10);
+        let puppet = Puppet::default();
+        let pool = puppet.pool("window").await;
+        let handle = flame::spawn_on(&pool, echo(pattern(32 << 20, 5)));
+        let mut runner = puppet.impostor().await;
+        // The parts the parent sends before it goes quiet, and the call they belong to.
+        async fn parts_until_quiet(runner: &mut Impostor) -> (u64, u64) {
+            let (mut call, mut bytes) = (0, 0);
+            while let Ok(said) =
+                tokio::time::timeout(Duration::from_millis(300), runner.next()).await
+            {
+                let said = said.expect("the parent hung up");
+                let mut fields = said.strip_prefix("part ").expect(&said).split(' ');
+                call = fields.next().unwrap().parse().unwrap();
+                bytes += fields.next().unwrap().parse::<u64>().unwrap();
+            }
+            (call, bytes)
+        }
+        let (call, first) = parts_until_quiet(&mut runner).await;
+        assert!(
+            (window..window + piece).contains(&first),
+            "{first} bytes sent before the runner took any"
+        );
+        // Each report of progress lets the upload go on, up to the window past it.
+        runner.send(&took(call, 2 << 20)).await.unwrap();
+        let (_, more) = parts_until_quiet(&mut runner).await;
+        assert!(
+            (2 << 20..(2 << 20) + piece).contains(&more),
+            "{more} bytes more after the runner took 2 MiB"
+        );
+        // Cancelled, the upload stops waiting and sends nothing more.
+        drop(handle);
+        assert_eq!(
+            runner.next().await.as_deref(),
+            Some(format!("cancel {call}").as_str())
+        );
+        runner.send(&took(call, 8 << 20)).await.unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), runner.next())
+                .await
+                .is_err(),
+            "the cancelled upload went on"
+        );
         pool.shutdown().await;
     })
     .await;

@@ -22,7 +22,7 @@ use crate::queue::QueuedCall;
 use crate::trace::TraceParent;
 use crate::wire::{
     self, BoxRead, BoxWrite, CallMap, HIGH_WATER, Outbox, Outcome, PIECE, Reader, TO_PARENT_CHAN,
-    TO_PARENT_PART, ToParent, ToRunner, Watchdog, Welcome,
+    TO_PARENT_PART, ToParent, ToRunner, UPLOAD_WINDOW, Watchdog, Welcome,
 };
 
 /// A handle to a runner connection, shared by the pool and the calls running on it.
@@ -42,6 +42,9 @@ pub(crate) struct RunnerConn {
     /// Why the connection ended, set before the pool hears of it: a runner that hangs up before
     /// its boot has added it to the pool must not be added after.
     ended: std::sync::OnceLock<Error>,
+    /// Wakes uploads waiting for their window: the runner took more, a call was cancelled, or
+    /// the connection ended.
+    progress: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -61,6 +64,8 @@ struct Running {
     chans: u32,
     /// Set once its cancel is queued: an upload of its arguments stops there.
     cancelled: bool,
+    /// How much of its arguments the runner has put together, as it last said.
+    took: u64,
     /// The pieces of a big result received so far.
     result: Option<Vec<u8>>,
 }
@@ -167,6 +172,7 @@ impl RunnerConn {
                 slot: Some(slot),
                 chans,
                 cancelled: false,
+                took: 0,
                 result: None,
             },
         );
@@ -194,7 +200,11 @@ impl RunnerConn {
     ) {
         let total = args.len();
         let mut pieces = args.pieces(PIECE).peekable();
+        let mut sent = 0u64;
         loop {
+            if !self.window_open(id, sent).await {
+                return;
+            }
             self.out.wait_below(HIGH_WATER).await;
             // Under the lock: once a cancel is queued, nothing more of the call is.
             let pending = self.lock();
@@ -207,7 +217,28 @@ impl RunnerConn {
                 drop(pending);
                 return self.arm(id, pumps);
             }
+            sent += piece.len() as u64;
             self.out.send_part(wire::TO_RUNNER_PART, id, total, piece);
+        }
+    }
+
+    /// Waits until the runner has put together all but [`UPLOAD_WINDOW`] of the `sent` bytes
+    /// of call `id`'s arguments; `false` if the call was cancelled or its connection ended.
+    async fn window_open(&self, id: u64, sent: u64) -> bool {
+        loop {
+            let notified = self.progress.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before looking, so a wake-up in between is not lost.
+            notified.as_mut().enable();
+            match self.lock().calls.get(&id) {
+                Some(running) if !running.cancelled => {
+                    if sent.saturating_sub(running.took) < UPLOAD_WINDOW {
+                        return true;
+                    }
+                }
+                _ => return false,
+            }
+            notified.await;
         }
     }
 
@@ -222,6 +253,7 @@ impl RunnerConn {
         let chans = running.chans;
         self.push(&ToRunner::Cancel { call });
         drop(pending);
+        self.progress.notify_waiters();
         let due = crate::deadline::after(self.cancel_grace);
         self.overdue
             .lock()
@@ -320,6 +352,7 @@ pub(crate) fn start(
         overdue: Mutex::default(),
         any_overdue: std::sync::atomic::AtomicBool::new(false),
         ended: std::sync::OnceLock::new(),
+        progress: tokio::sync::Notify::new(),
     });
     // On the protocol's runtime: the runner must hear our heartbeats, and we its, whatever the
     // app's tasks are doing with its workers.
@@ -430,6 +463,12 @@ async fn read(
                     Some(Ok(ToParent::Heartbeat)) => {}
                     Some(Ok(ToParent::Idle { idle_ms })) => shared.runner_idle(key, Duration::from_millis(idle_ms)),
                     Some(Ok(ToParent::Stopping)) => shared.runner_stopping(key),
+                    Some(Ok(ToParent::Took { call, bytes })) => {
+                        if let Some(running) = conn.lock().calls.get_mut(&call) {
+                            running.took = running.took.max(bytes);
+                        }
+                        conn.progress.notify_waiters();
+                    }
                     Some(Ok(ToParent::BootFailed { reason })) => {
                         break Error::new(ErrorKind::BootFailed, format!("runner {id}: main returned an error: {reason}"));
                     }
@@ -475,6 +514,7 @@ async fn read(
         pending.closed = true;
         std::mem::take(&mut pending.calls)
     };
+    conn.progress.notify_waiters();
     for (
         id,
         Running {

@@ -423,7 +423,15 @@ impl Service {
                 format!("arguments of {total} bytes in pieces overflow (max_payload is {max})"),
             ));
         }
+        let before = whole.len() as u64;
         whole.extend_from_slice(part.data);
+        let now = whole.len() as u64;
+        if now / wire::TOOK_STEP > before / wire::TOOK_STEP {
+            self.send(&ToParent::Took {
+                call: part.call,
+                bytes: now,
+            });
+        }
         Ok(())
     }
 

@@ -38,6 +38,11 @@ pub fn done<R: serde::Serialize>(call: u64, result: &R) -> Vec<u8> {
     })
 }
 
+/// The runner has put `bytes` of call `call`'s arguments together.
+pub fn took(call: u64, bytes: u64) -> Vec<u8> {
+    framed(&ToParent::Took { call, bytes })
+}
+
 /// A chunk of a message on channel `chan` of call `call`, more to come.
 pub fn chan_part(call: u64, chan: u32, chunk: &[u8]) -> Vec<u8> {
     framed(&ToParent::Chan(ChanFrame {
@@ -58,8 +63,8 @@ pub fn chan_message<T: serde::Serialize>(call: u64, chan: u32, message: &T) -> V
 }
 
 /// What the parent sent, by kind: `"welcome"`, `"refused: <reason>"`, `"run <call id>"`,
-/// `"cancel <call id>"`, `"heartbeat"`, `"shutdown"`, `"chan"`, `"part"`, or `"?"` for a
-/// frame that does not decode. Takes a frame without its length prefix.
+/// `"cancel <call id>"`, `"heartbeat"`, `"shutdown"`, `"chan"`, `"part <call id> <bytes>"`, or
+/// `"?"` for a frame that does not decode. Takes a frame without its length prefix.
 pub fn describe(frame: &[u8]) -> String {
     match wire::decode::<ToRunner>(frame) {
         Ok(ToRunner::Welcome(_)) => "welcome".into(),
@@ -69,7 +74,7 @@ pub fn describe(frame: &[u8]) -> String {
         Ok(ToRunner::Heartbeat) => "heartbeat".into(),
         Ok(ToRunner::Shutdown { .. }) => "shutdown".into(),
         Ok(ToRunner::Chan(_)) => "chan".into(),
-        Ok(ToRunner::Part(_)) => "part".into(),
+        Ok(ToRunner::Part(part)) => format!("part {} {}", part.call, part.data.len()),
         Err(_) => "?".into(),
     }
 }
@@ -129,7 +134,7 @@ pub fn script(script: &[u8]) -> Vec<u8> {
                 total: u64::from(cur.u8()) << (cur.u8() % 40),
                 data: cur.bytes(),
             }),
-            10 => match cur.u8() % 6 {
+            10 => match cur.u8() % 7 {
                 0 => ToParent::Heartbeat,
                 1 => ToParent::Idle {
                     idle_ms: u64::from(cur.u8()) * 100,
@@ -138,6 +143,10 @@ pub fn script(script: &[u8]) -> Vec<u8> {
                 3 => ToParent::BootFailed { reason: cur.text() },
                 4 => ToParent::StartTls {
                     runner_id: cur.text(),
+                },
+                5 => ToParent::Took {
+                    call,
+                    bytes: u64::from(cur.u8()) << (cur.u8() % 64),
                 },
                 _ => ToParent::Hello(Hello {
                     protocol: wire::PROTOCOL_VERSION,
