@@ -176,6 +176,33 @@ async fn raw_bulk(chunk: &Bytes, total: usize) -> anyhow::Result<f64> {
     Ok(total as f64 / took.as_secs_f64())
 }
 
+/// Makes small calls one after another while `big` runs on the same runner, adding their
+/// latencies to `beside`; then `big`'s result. `FLAME_BENCH_DEBUG` lists the slow ones.
+async fn calls_beside<R: serde::de::DeserializeOwned + Send + 'static>(
+    pool: &flame::Pool,
+    big: flame::JoinHandle<R>,
+    beside: &mut Vec<Duration>,
+) -> anyhow::Result<R> {
+    let t0 = Instant::now();
+    // (when it started into the big call, how long it took), of the calls over 5 ms
+    let mut slow = Vec::new();
+    while !big.is_finished() {
+        let t = Instant::now();
+        flame::call(pool, noop(1)).await?;
+        beside.push(t.elapsed());
+        if t.elapsed() > Duration::from_millis(5) {
+            slow.push((t - t0, t.elapsed()));
+        }
+    }
+    if std::env::var("FLAME_BENCH_DEBUG").is_ok() {
+        eprintln!(
+            "a big call took {:?}; slow calls beside it: {slow:?}",
+            t0.elapsed()
+        );
+    }
+    Ok(big.await?)
+}
+
 /// Bytes per second through a channel to a task on a warm runner, in `chunk`-sized messages,
 /// from the first send until the task has counted the last byte.
 async fn channel_bulk(pool: &flame::Pool, chunk: &Bytes, total: usize) -> anyhow::Result<f64> {
@@ -554,45 +581,38 @@ async fn measure() -> anyhow::Result<()> {
         }
     }
 
-    // 5c. Small calls on the runner a 256 MiB argument is going to, while it goes: their
-    // latency vs the warm call's.
+    // 5c. Small calls on the runner a 256 MiB argument is going to, or a 256 MiB result is
+    // coming from, while it goes: their latency vs the warm call's.
     if !quick {
         let data = vec![0xABu8; 256 << 20];
-        let mut beside = Vec::new();
-        let debug = std::env::var("FLAME_BENCH_DEBUG").is_ok();
-        for _ in 0..3 {
-            let arg = data.clone();
-            let t0 = Instant::now();
-            let big = flame::spawn_on(&warm, take_vec(arg));
-            // (when it started into the upload, how long it took), of the calls over 5 ms
-            let mut slow = Vec::new();
-            while !big.is_finished() {
-                let t = Instant::now();
-                flame::call(&warm, noop(1)).await?;
-                beside.push(t.elapsed());
-                if t.elapsed() > Duration::from_millis(5) {
-                    slow.push((t - t0, t.elapsed()));
-                }
+        for upload in [true, false] {
+            let mut beside = Vec::new();
+            for _ in 0..3 {
+                let len = if upload {
+                    let arg = data.clone();
+                    calls_beside(&warm, flame::spawn_on(&warm, take_vec(arg)), &mut beside).await?
+                } else {
+                    let big = flame::spawn_on(&warm, give_bytes(data.len()));
+                    calls_beside(&warm, big, &mut beside).await?.len()
+                };
+                anyhow::ensure!(len == data.len());
             }
-            if debug {
-                eprintln!(
-                    "256 MiB upload took {:?}; slow calls beside it: {slow:?}",
-                    t0.elapsed()
-                );
-            }
-            anyhow::ensure!(big.await? == data.len());
+            let worst = beside.iter().max().copied().unwrap_or_default();
+            let (during, during_p99) = spread(beside);
+            rows.push(Row {
+                name: if upload {
+                    "small call beside a 256 MiB argument"
+                } else {
+                    "small call beside a 256 MiB result"
+                },
+                flame: format!("{} (slowest {})", us(during), us(worst)),
+                flame_p99: us(during_p99),
+                floor: format!("{} (warm call)", us(call)),
+                ratio: during.as_secs_f64() / call.as_secs_f64(),
+                goal: "report",
+                met: true,
+            });
         }
-        let worst = beside.iter().max().copied().unwrap_or_default();
-        let (during, during_p99) = spread(beside);
-        rows.push(Row {
-            name: "small call beside a 256 MiB argument",
-            flame: format!("{} (slowest {})", us(during), us(worst)),
-            flame_p99: us(during_p99),
-            floor: format!("{} (warm call)", us(call)),
-            ratio: during.as_secs_f64() / call.as_secs_f64(),
-            goal: "report",
-            met: true,
-        });
     }
 
     // 3. Cold start: first call on a pool with min(0) vs exec → connect → hello.

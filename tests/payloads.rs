@@ -122,7 +122,7 @@ async fn a_big_vec_argument_is_handed_the_reassembled_buffer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_waits_for_the_runner_to_take_its_pieces() {
     bounded(BOUND, async {
-        // 4 MiB may be on their way unread (flame-rt's UPLOAD_WINDOW); a piece is 256 KiB.
+        // 4 MiB may be on their way unread (flame-rt's PIECE_WINDOW); a piece is 256 KiB.
         let (window, piece) = (4u64 << 20, 256u64 << 10);
         let puppet = Puppet::default();
         let pool = puppet.pool("window").await;

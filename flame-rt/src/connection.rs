@@ -21,8 +21,8 @@ use crate::pool::{Shared, Slot};
 use crate::queue::QueuedCall;
 use crate::trace::TraceParent;
 use crate::wire::{
-    self, BoxRead, BoxWrite, CallMap, HIGH_WATER, Outbox, Outcome, PIECE, Reader, TO_PARENT_CHAN,
-    TO_PARENT_PART, ToParent, ToRunner, UPLOAD_WINDOW, Watchdog, Welcome,
+    self, BoxRead, BoxWrite, CallMap, HIGH_WATER, Outbox, Outcome, PIECE, PIECE_WINDOW, Reader,
+    TO_PARENT_CHAN, TO_PARENT_PART, ToParent, ToRunner, Watchdog, Welcome,
 };
 
 /// A handle to a runner connection, shared by the pool and the calls running on it.
@@ -222,7 +222,7 @@ impl RunnerConn {
         }
     }
 
-    /// Waits until the runner has put together all but [`UPLOAD_WINDOW`] of the `sent` bytes
+    /// Waits until the runner has put together all but [`PIECE_WINDOW`] of the `sent` bytes
     /// of call `id`'s arguments; `false` if the call was cancelled or its connection ended.
     async fn window_open(&self, id: u64, sent: u64) -> bool {
         loop {
@@ -232,7 +232,7 @@ impl RunnerConn {
             notified.as_mut().enable();
             match self.lock().calls.get(&id) {
                 Some(running) if !running.cancelled => {
-                    if sent.saturating_sub(running.took) < UPLOAD_WINDOW {
+                    if sent.saturating_sub(running.took) < PIECE_WINDOW {
                         return true;
                     }
                 }
@@ -317,7 +317,15 @@ impl RunnerConn {
                 ),
             ));
         }
+        let before = whole.len() as u64;
         whole.extend_from_slice(part.data);
+        let now = whole.len() as u64;
+        if now / wire::TOOK_STEP > before / wire::TOOK_STEP {
+            self.push(&ToRunner::Took {
+                call: part.call,
+                bytes: now,
+            });
+        }
         Ok(())
     }
 

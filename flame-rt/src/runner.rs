@@ -96,11 +96,44 @@ struct Calls {
     out: Arc<Outbox>,
     /// The channels of the calls running here.
     routes: Routes,
+    /// How much of each result being sent in pieces the parent has put together.
+    results_taken: Mutex<CallMap<u64>>,
+    /// Woken when the parent says it took more of a result.
+    taken: Notify,
 }
 
 impl Calls {
     fn lock(&self) -> MutexGuard<'_, CallMap<Arc<dyn RunningCall>>> {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn taken_lock(&self) -> MutexGuard<'_, CallMap<u64>> {
+        self.results_taken.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The parent took `bytes` of call `call`'s result; ignored unless it is being sent.
+    fn took(&self, call: u64, bytes: u64) {
+        if let Some(taken) = self.taken_lock().get_mut(&call) {
+            *taken = (*taken).max(bytes);
+        }
+        self.taken.notify_waiters();
+    }
+
+    /// Waits until the parent has put together all but [`wire::PIECE_WINDOW`] of the `sent`
+    /// bytes of call `call`'s result. A cancel drops the waiting call's future, and with it this
+    /// wait; so does the runner's exit.
+    async fn window_open(&self, call: u64, sent: u64) {
+        loop {
+            let notified = self.taken.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before looking, so a wake-up in between is not lost.
+            notified.as_mut().enable();
+            let took = self.taken_lock().get(&call).copied().unwrap_or(0);
+            if sent.saturating_sub(took) < wire::PIECE_WINDOW {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Resolves once no call runs.
@@ -197,6 +230,8 @@ impl Service {
                 last_end: Mutex::new(Instant::now()),
                 out,
                 routes: Routes::default(),
+                results_taken: Mutex::new(CallMap::default()),
+                taken: Notify::new(),
             }),
             dispatch: dispatcher(&app),
             max_payload: Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX)),
@@ -340,6 +375,7 @@ impl Service {
                             }
                         }
                         Some(Ok(ToRunner::Heartbeat)) => {}
+                        Some(Ok(ToRunner::Took { call, bytes })) => service.calls.took(call, bytes),
                         Some(Ok(ToRunner::Shutdown { grace_ms })) => {
                             let until = crate::deadline::after(Duration::from_millis(grace_ms));
                             if !draining || until < grace_timer.deadline() {
@@ -549,17 +585,23 @@ impl Service {
             // one comes with the `Done`.
             let outcome = match big {
                 Some(result) => {
+                    let calls = &guard.calls;
                     let total = result.len();
                     let mut pieces = result.pieces(PIECE).peekable();
                     let mut last = Bytes::new();
+                    let mut sent = 0u64;
+                    calls.taken_lock().insert(call, 0);
                     while let Some(piece) = pieces.next() {
                         if pieces.peek().is_none() {
                             last = piece;
                             break;
                         }
+                        calls.window_open(call, sent).await;
                         out.wait_below(HIGH_WATER).await;
+                        sent += piece.len() as u64;
                         out.send_part(TO_PARENT_PART, call, total, piece);
                     }
+                    calls.taken_lock().remove(&call);
                     out.wait_below(HIGH_WATER).await;
                     Outcome::Ok(last)
                 }

@@ -83,6 +83,12 @@ pub(crate) enum ToRunner {
     Chan(ChanFrame),
     /// A piece of a big call's arguments; the rest follow, the last one in its `Run`.
     Part(Part),
+    /// The parent has put `bytes` of call `call`'s result together: the runner may have up to
+    /// [`PIECE_WINDOW`] more on their way.
+    Took {
+        call: u64,
+        bytes: u64,
+    },
 }
 
 /// Runner → parent.
@@ -120,7 +126,7 @@ pub(crate) enum ToParent {
     /// then exits.
     Stopping,
     /// The runner has put `bytes` of call `call`'s arguments together: the parent may have up
-    /// to [`UPLOAD_WINDOW`] more on their way.
+    /// to [`PIECE_WINDOW`] more on their way.
     Took {
         call: u64,
         bytes: u64,
@@ -147,12 +153,13 @@ pub(crate) const PIECE: usize = 256 * 1024;
 /// A piece waits for the connection's outbox to go below this first, so a small frame queued
 /// meanwhile waits behind at most this much.
 pub(crate) const HIGH_WATER: usize = 1024 * 1024;
-/// How much of a call's arguments may be sent and not yet put together by the runner. Without
-/// it the kernel's socket buffers (autotuned up to 32 MiB here) filled with pieces, and a small
-/// call sent beside a 256 MiB argument waited behind them: 25–100 ms. It also caps one upload
-/// at `UPLOAD_WINDOW` per round trip: 4 GB/s at 1 ms, 40 MB/s across an ocean.
-pub(crate) const UPLOAD_WINDOW: u64 = 4 * 1024 * 1024;
-/// The runner says how far it got each time another this much has come in.
+/// How much of a call's arguments or result may be sent in pieces and not yet put together by
+/// the other side. Without it the kernel's socket buffers (autotuned up to 32 MiB here) filled
+/// with pieces, and a small call sent beside a 256 MiB argument waited behind them: 25–110 ms.
+/// It also caps one transfer at `PIECE_WINDOW` per round trip: 4 GB/s at 1 ms, 40 MB/s across
+/// an ocean.
+pub(crate) const PIECE_WINDOW: u64 = 4 * 1024 * 1024;
+/// The receiver of pieces says how far it got each time another this much has come in.
 pub(crate) const TOOK_STEP: u64 = 1024 * 1024;
 
 impl Outbox {
@@ -868,6 +875,7 @@ mod tests {
                     })
                 }),
             part().prop_map(ToRunner::Part),
+            (any::<u64>(), any::<u64>()).prop_map(|(call, bytes)| ToRunner::Took { call, bytes }),
             ".{0,80}".prop_map(|reason| ToRunner::Refused { reason }),
             (
                 any::<u64>(),

@@ -63,8 +63,8 @@ pub fn chan_message<T: serde::Serialize>(call: u64, chan: u32, message: &T) -> V
 }
 
 /// What the parent sent, by kind: `"welcome"`, `"refused: <reason>"`, `"run <call id>"`,
-/// `"cancel <call id>"`, `"heartbeat"`, `"shutdown"`, `"chan"`, `"part <call id> <bytes>"`, or
-/// `"?"` for a frame that does not decode. Takes a frame without its length prefix.
+/// `"cancel <call id>"`, `"heartbeat"`, `"shutdown"`, `"chan"`, `"part <call id> <bytes>"`,
+/// `"took <call id> <bytes>"`, or `"?"` for a frame that does not decode. Takes a frame without its length prefix.
 pub fn describe(frame: &[u8]) -> String {
     match wire::decode::<ToRunner>(frame) {
         Ok(ToRunner::Welcome(_)) => "welcome".into(),
@@ -75,6 +75,7 @@ pub fn describe(frame: &[u8]) -> String {
         Ok(ToRunner::Shutdown { .. }) => "shutdown".into(),
         Ok(ToRunner::Chan(_)) => "chan".into(),
         Ok(ToRunner::Part(part)) => format!("part {} {}", part.call, part.data.len()),
+        Ok(ToRunner::Took { call, bytes }) => format!("took {call} {bytes}"),
         Err(_) => "?".into(),
     }
 }
