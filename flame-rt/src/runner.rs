@@ -111,6 +111,36 @@ impl Calls {
         self.results_taken.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Sends a big result in pieces that take turns with other calls' frames, each within the
+    /// window; the last one is returned, to go with the `Done`.
+    async fn send_pieces(&self, call: u64, result: crate::payload::Encoded) -> Outcome {
+        let total = result.len();
+        let mut pieces = result.pieces(PIECE).peekable();
+        let mut last = Bytes::new();
+        let mut sent = 0u64;
+        // Forgotten however this ends, a cancel (dropping this future) included.
+        struct Sending<'a>(&'a Calls, u64);
+        impl Drop for Sending<'_> {
+            fn drop(&mut self) {
+                self.0.taken_lock().remove(&self.1);
+            }
+        }
+        self.taken_lock().insert(call, 0);
+        let _sending = Sending(self, call);
+        while let Some(piece) = pieces.next() {
+            if pieces.peek().is_none() {
+                last = piece;
+                break;
+            }
+            self.window_open(call, sent).await;
+            self.out.wait_below(HIGH_WATER).await;
+            sent += piece.len() as u64;
+            self.out.send_part(TO_PARENT_PART, call, total, piece);
+        }
+        self.out.wait_below(HIGH_WATER).await;
+        Outcome::Ok(last)
+    }
+
     /// The parent took `bytes` of call `call`'s result; ignored unless it is being sent.
     fn took(&self, call: u64, bytes: u64) {
         if let Some(taken) = self.taken_lock().get_mut(&call) {
@@ -581,30 +611,9 @@ impl Service {
                     .end_call(call, guard.chans.get(), End::Finished, false);
             }
             let out = &guard.calls.out;
-            // A big result goes in pieces that take turns with other calls' frames; the last
-            // one comes with the `Done`.
             let outcome = match big {
-                Some(result) => {
-                    let calls = &guard.calls;
-                    let total = result.len();
-                    let mut pieces = result.pieces(PIECE).peekable();
-                    let mut last = Bytes::new();
-                    let mut sent = 0u64;
-                    calls.taken_lock().insert(call, 0);
-                    while let Some(piece) = pieces.next() {
-                        if pieces.peek().is_none() {
-                            last = piece;
-                            break;
-                        }
-                        calls.window_open(call, sent).await;
-                        out.wait_below(HIGH_WATER).await;
-                        sent += piece.len() as u64;
-                        out.send_part(TO_PARENT_PART, call, total, piece);
-                    }
-                    calls.taken_lock().remove(&call);
-                    out.wait_below(HIGH_WATER).await;
-                    Outcome::Ok(last)
-                }
+                // Boxed: most calls have no big result, and their futures stay small.
+                Some(result) => Box::pin(guard.calls.send_pieces(call, result)).await,
                 None => outcome,
             };
             out.send_done(call, outcome);
