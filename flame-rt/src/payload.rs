@@ -9,10 +9,13 @@
 //! change. `bytes::Bytes`, `serde_bytes::ByteBuf` and `String` take the fast path by themselves;
 //! inside a struct of your own, mark a `Vec<u8>` field `#[serde(with = "serde_bytes")]`.
 //!
-//! A `Bytes` parameter, and a `Bytes` return type, go one better when they cross in pieces: they
-//! are decoded as a slice of the buffer the pieces were put together in ([`Shared`] on the
-//! runner, `join.rs` on the caller), where a copy into fresh memory cost a 32 MiB call
-//! about 20 ms of page faults and copying.
+//! Big ones go further, as a copy into fresh memory cost a 32 MiB call about 20 ms of page
+//! faults and copying. On the way out, the first byte vector or `Bytes` parameter over one
+//! piece, and a byte-vector or `Bytes` result, are sent from where they are: an [`Encoded`]
+//! payload is a head, that body, and a tail ([`ArgsWriter`], [`encode_body`]). On the way in, a
+//! `Bytes` is a slice of the buffer the pieces were put together in ([`Shared`] on the runner,
+//! `join.rs` on the caller), and the first big `Vec<u8>` takes that buffer over ([`FromBytes`]).
+//! A 256 MiB `Vec<u8>` argument went from 0.21–0.55× a raw TCP copy to 0.85–1.05×.
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
