@@ -143,8 +143,8 @@ impl Ticket {
     /// (and cancels it there). A call that could not start keeps waiting, its arguments back.
     pub(crate) fn start(
         &self,
-        start: impl FnOnce(Encoded) -> Result<(Arc<RunnerConn>, u64), Unstarted>,
-    ) -> Option<Result<(), Unstarted>> {
+        start: impl FnOnce(Encoded) -> Result<(Arc<RunnerConn>, u64), Box<Unstarted>>,
+    ) -> Option<Result<(), Box<Unstarted>>> {
         let mut inner = self.lock();
         if !matches!(inner.outcome, Delivery::Pending(_)) {
             return None;

@@ -134,11 +134,11 @@ impl RunnerConn {
         mut call: QueuedCall,
         args: Encoded,
         slot: Slot,
-    ) -> Result<(Arc<RunnerConn>, u64), Unstarted> {
+    ) -> Result<(Arc<RunnerConn>, u64), Box<Unstarted>> {
         let id = self.next_call.fetch_add(1, Ordering::Relaxed);
         let mut pending = self.lock();
         if pending.closed {
-            return Err(Unstarted { call, slot, args });
+            return Err(Box::new(Unstarted { call, slot, args }));
         }
         let chans = call.chans.len() as u32;
         // Routes first, so the runner's first channel frames find them; pumps after the run, so

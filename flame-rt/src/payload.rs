@@ -281,53 +281,58 @@ impl<'de> serde::de::Visitor<'de> for SharedVisitor {
     }
 }
 
-/// An encoded payload as it goes out: `head`, `body`, `tail`, one after the other. The body is
-/// a big byte vector or `Bytes` among the arguments, or a byte-vector result, sent from where
-/// it is rather than copied in between its neighbours. Not public API.
+/// An encoded payload as it goes out: `head`, then a body and a tail. The body is a big byte
+/// vector or `Bytes` among the arguments, or a byte-vector result, sent from where it is rather
+/// than copied in between its neighbours. Not public API.
 #[doc(hidden)]
 #[derive(Debug, Default, Clone)]
 pub struct Encoded {
     head: bytes::Bytes,
-    body: bytes::Bytes,
-    tail: bytes::Bytes,
+    /// The body and the tail, boxed: every call's payload waits in its ticket, and few have one.
+    rest: Option<Box<(bytes::Bytes, bytes::Bytes)>>,
 }
 
 impl Encoded {
+    fn with_body(head: Vec<u8>, body: bytes::Bytes, tail: Vec<u8>) -> Encoded {
+        Encoded {
+            head: head.into(),
+            rest: Some(Box::new((body, tail.into()))),
+        }
+    }
+
     /// The payload's length on the wire.
     pub(crate) fn len(&self) -> usize {
-        self.head.len() + self.body.len() + self.tail.len()
+        self.head.len()
+            + self
+                .rest
+                .as_ref()
+                .map_or(0, |rest| rest.0.len() + rest.1.len())
     }
 
     /// All of it in one buffer: a copy only where there is a body (small payloads go in one
     /// frame).
     pub(crate) fn into_bytes(self) -> bytes::Bytes {
-        if self.body.is_empty() && self.tail.is_empty() {
-            self.head
-        } else {
-            [&self.head[..], &self.body[..], &self.tail[..]]
-                .concat()
-                .into()
+        match self.rest {
+            None => self.head,
+            Some(rest) => [&self.head[..], &rest.0[..], &rest.1[..]].concat().into(),
         }
     }
 
     /// The payload cut into pieces of at most `size` bytes, none spanning two parts, none
     /// empty.
     pub(crate) fn pieces(self, size: usize) -> impl Iterator<Item = bytes::Bytes> {
-        let cut = move |part: bytes::Bytes| {
+        let (body, tail) = self.rest.map(|rest| *rest).unwrap_or_default();
+        [self.head, body, tail].into_iter().flat_map(move |part| {
             (0..part.len())
                 .step_by(size)
                 .map(move |at| part.slice(at..part.len().min(at + size)))
-        };
-        cut(self.head).chain(cut(self.body)).chain(cut(self.tail))
+        })
     }
 }
 
 impl From<bytes::Bytes> for Encoded {
     fn from(head: bytes::Bytes) -> Encoded {
-        Encoded {
-            head,
-            ..Encoded::default()
-        }
+        Encoded { head, rest: None }
     }
 }
 
@@ -399,10 +404,9 @@ impl ArgsWriter {
 
     /// The payload.
     pub fn finish(self) -> Encoded {
-        Encoded {
-            head: self.head.into(),
-            body: self.body.unwrap_or_default(),
-            tail: self.tail.into(),
+        match self.body {
+            Some(body) => Encoded::with_body(self.head, body, self.tail),
+            None => bytes::Bytes::from(self.head).into(),
         }
     }
 }
@@ -471,11 +475,7 @@ impl<T: IntoBody> IntoBody for Option<T> {
 pub fn encode_body<T: IntoBody>(value: T) -> Result<Encoded, crate::Error> {
     let mut head = Vec::new();
     let body = value.into_body(&mut head);
-    Ok(Encoded {
-        head: head.into(),
-        body,
-        ..Encoded::default()
-    })
+    Ok(Encoded::with_body(head, body, Vec::new()))
 }
 
 /// Encodes a task's result of a type named `Bytes`: a big `bytes::Bytes` is sent from where it
@@ -487,11 +487,7 @@ pub fn encode_shared<T: Serialize + 'static>(value: T) -> Result<Encoded, crate:
         Some(bytes) if bytes.len() > crate::wire::PIECE => {
             let mut head = Vec::new();
             push_len(&mut head, bytes.len());
-            Ok(Encoded {
-                head: head.into(),
-                body: bytes.clone(),
-                ..Encoded::default()
-            })
+            Ok(Encoded::with_body(head, bytes.clone(), Vec::new()))
         }
         _ => crate::task::encode_result(&value),
     }
@@ -507,11 +503,7 @@ pub fn encode_body_or<T: IntoBody, E: Serialize>(
         Ok(value) => {
             let mut head = vec![0];
             let body = value.into_body(&mut head);
-            Ok(Encoded {
-                head: head.into(),
-                body,
-                ..Encoded::default()
-            })
+            Ok(Encoded::with_body(head, body, Vec::new()))
         }
         Err(error) => crate::task::encode_result(&Err::<(), E>(error)),
     }

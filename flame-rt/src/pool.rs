@@ -352,7 +352,10 @@ fn start_call(call: QueuedCall, slot: Slot) -> Start {
     });
     match started {
         Some(Ok(())) => Start::Started,
-        Some(Err(Unstarted { call, slot, .. })) => Start::Closed(call, slot),
+        Some(Err(unstarted)) => {
+            let Unstarted { call, slot, .. } = *unstarted;
+            Start::Closed(call, slot)
+        }
         None => Start::Cancelled(parts.take().expect("not started").1),
     }
 }
