@@ -201,9 +201,7 @@ impl Cluster {
     /// backend clones.
     async fn idle_parent(&self) -> Pod {
         let mut pod = self.template_pod(app_image(APP).await, &[]);
-        let container = &mut pod.spec.as_mut().unwrap().containers[0];
-        container.command = Some(vec!["/usr/bin/sleep".into()]);
-        container.args = Some(vec!["600".into()]);
+        sleep_instead(&mut pod, "600");
         self.run_pod(&pod).await
     }
 
@@ -400,6 +398,13 @@ async fn bounded<F: std::future::Future>(test: F) -> F::Output {
         .expect("the test ran past its bound")
 }
 
+/// Makes the pod's app container run `sleep <arg>` instead of the app.
+fn sleep_instead(pod: &mut Pod, arg: &str) {
+    let container = &mut pod.spec.as_mut().unwrap().containers[0];
+    container.command = Some(vec!["/usr/bin/sleep".into()]);
+    container.args = Some(vec![arg.into()]);
+}
+
 fn env_of(pod: &Pod) -> Vec<Value> {
     let container = &pod.spec.as_ref().unwrap().containers[0];
     serde_json::to_value(container.env.clone().unwrap_or_default())
@@ -527,12 +532,8 @@ async fn a_runner_pod_gone_while_its_watch_is_refused_is_not_deleted_again() {
         let silent = cluster
             .backend(&parent, SERVICE_ACCOUNT)
             .delete_grace(Duration::from_secs(1))
-            .pod_template(|pod| {
-                // Never dials back: each boot times out and its pod is deleted.
-                let container = &mut pod.spec.as_mut().unwrap().containers[0];
-                container.command = Some(vec!["/usr/bin/sleep".into()]);
-                container.args = Some(vec!["600".into()]);
-            })
+            // Never dials back: each boot times out and its pod is deleted.
+            .pod_template(|pod| sleep_instead(pod, "600"))
             .build()
             .await
             .unwrap();
@@ -587,12 +588,8 @@ async fn a_watch_that_ends_as_soon_as_it_opens_is_reopened_with_backoff() {
         let parent = cluster.idle_parent().await;
         let waiting = cluster
             .backend(&parent, SERVICE_ACCOUNT)
-            .pod_template(|pod| {
-                // Never dials back: its pod stays followed while the boot waits.
-                let container = &mut pod.spec.as_mut().unwrap().containers[0];
-                container.command = Some(vec!["/usr/bin/sleep".into()]);
-                container.args = Some(vec!["600".into()]);
-            })
+            // Never dials back: its pod stays followed while the boot waits.
+            .pod_template(|pod| sleep_instead(pod, "600"))
             .build()
             .await
             .unwrap();
@@ -963,11 +960,7 @@ async fn pods_that_cannot_start_fail_the_boot_at_once_with_the_clusters_reason()
         // A runner that dies before dialing back: its code and its last words.
         let dies = cluster
             .backend(&parent, SERVICE_ACCOUNT)
-            .pod_template(|pod| {
-                let container = &mut pod.spec.as_mut().unwrap().containers[0];
-                container.command = Some(vec!["/usr/bin/sleep".into()]);
-                container.args = Some(vec!["not-a-number".into()]);
-            })
+            .pod_template(|pod| sleep_instead(pod, "not-a-number"))
             .build()
             .await
             .unwrap();
