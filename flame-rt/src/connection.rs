@@ -56,7 +56,7 @@ struct Pending {
 
 struct Running {
     call: QueuedCall,
-    /// Its arguments, kept until it ends, in case it asked for retries.
+    /// Its arguments, kept until it ends if it asked for retries (else empty).
     args: Encoded,
     /// Taken early from a cancelled call that did not stop in time, whose runner is recycled.
     slot: Option<Slot>,
@@ -155,12 +155,19 @@ impl RunnerConn {
                 attached.open(&self.routes, port)
             })
             .collect();
+        // Kept only for a retry: sharing the buffer costs the hot path an allocation and two
+        // atomic counts.
+        let kept = if call.retries > 0 {
+            args.clone()
+        } else {
+            Encoded::default()
+        };
         // Big arguments go in pieces, from a task, so they take turns with other calls' frames.
         let upload = if args.len() > PIECE {
-            Some((args.clone(), pumps))
+            Some((args, pumps))
         } else {
             // Under the lock, so a cancel for this call can only be queued after its run.
-            self.out.send_run(id, &call, args.clone().into_bytes());
+            self.out.send_run(id, &call, args.into_bytes());
             self.arm(id, pumps);
             None
         };
@@ -168,7 +175,7 @@ impl RunnerConn {
             id,
             Running {
                 call,
-                args,
+                args: kept,
                 slot: Some(slot),
                 chans,
                 cancelled: false,
