@@ -21,8 +21,8 @@ use crate::pool::{Shared, Slot};
 use crate::queue::QueuedCall;
 use crate::trace::TraceParent;
 use crate::wire::{
-    self, BoxRead, BoxWrite, CallMap, HIGH_WATER, Outbox, Outcome, PIECE, PIECE_WINDOW, Reader,
-    TO_PARENT_CHAN, TO_PARENT_PART, ToParent, ToRunner, Watchdog, Welcome,
+    self, BoxRead, BoxWrite, CallMap, HIGH_WATER, Outbox, Outcome, PIECE, Reader, TO_PARENT_CHAN,
+    TO_PARENT_PART, ToParent, ToRunner, Watchdog, Welcome,
 };
 
 /// A handle to a runner connection, shared by the pool and the calls running on it.
@@ -209,7 +209,12 @@ impl RunnerConn {
         let mut pieces = args.pieces(PIECE).peekable();
         let mut sent = 0u64;
         loop {
-            if !self.window_open(id, sent).await {
+            let took = || {
+                let pending = self.lock();
+                let running = pending.calls.get(&id).filter(|r| !r.cancelled)?;
+                Some(running.took)
+            };
+            if !wire::window_open(&self.progress, sent, took).await {
                 return;
             }
             self.out.wait_below(HIGH_WATER).await;
@@ -226,26 +231,6 @@ impl RunnerConn {
             }
             sent += piece.len() as u64;
             self.out.send_part(wire::TO_RUNNER_PART, id, total, piece);
-        }
-    }
-
-    /// Waits until the runner has put together all but [`PIECE_WINDOW`] of the `sent` bytes
-    /// of call `id`'s arguments; `false` if the call was cancelled or its connection ended.
-    async fn window_open(&self, id: u64, sent: u64) -> bool {
-        loop {
-            let notified = self.progress.notified();
-            let mut notified = std::pin::pin!(notified);
-            // Registered before looking, so a wake-up in between is not lost.
-            notified.as_mut().enable();
-            match self.lock().calls.get(&id) {
-                Some(running) if !running.cancelled => {
-                    if sent.saturating_sub(running.took) < PIECE_WINDOW {
-                        return true;
-                    }
-                }
-                _ => return false,
-            }
-            notified.await;
         }
     }
 
@@ -324,13 +309,12 @@ impl RunnerConn {
                 ),
             ));
         }
-        let before = whole.len() as u64;
+        let before = whole.len();
         whole.extend_from_slice(part.data);
-        let now = whole.len() as u64;
-        if now / wire::TOOK_STEP > before / wire::TOOK_STEP {
+        if let Some(bytes) = wire::took_to_report(before, whole.len()) {
             self.push(&ToRunner::Took {
                 call: part.call,
-                bytes: now,
+                bytes,
             });
         }
         Ok(())

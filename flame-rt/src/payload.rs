@@ -293,7 +293,12 @@ pub struct Encoded {
 }
 
 impl Encoded {
+    /// A body goes apart only when it is big: a small one is copied in with its neighbours,
+    /// the one frame it goes in is made of one buffer anyway.
     fn with_body(head: Vec<u8>, body: bytes::Bytes, tail: Vec<u8>) -> Encoded {
+        if body.len() <= crate::wire::PIECE {
+            return bytes::Bytes::from([&head[..], &body[..], &tail[..]].concat()).into();
+        }
         Encoded {
             head: head.into(),
             rest: Some(Box::new((body, tail.into()))),
@@ -394,8 +399,7 @@ impl ArgsWriter {
         let any: &dyn std::any::Any = value;
         match any.downcast_ref::<bytes::Bytes>() {
             Some(bytes) if self.body.is_none() && bytes.len() > crate::wire::PIECE => {
-                push_len(&mut self.head, bytes.len());
-                self.body = Some(bytes.clone());
+                self.body = Some(bytes.clone().into_body(&mut self.head));
                 Ok(())
             }
             _ => self.value(value),
@@ -433,6 +437,17 @@ impl IntoBody for Vec<u8> {
     fn into_body(self, head: &mut Vec<u8>) -> bytes::Bytes {
         push_len(head, self.len());
         self.into()
+    }
+
+    fn body_len(&self) -> usize {
+        self.len()
+    }
+}
+
+impl IntoBody for bytes::Bytes {
+    fn into_body(self, head: &mut Vec<u8>) -> bytes::Bytes {
+        push_len(head, self.len());
+        self
     }
 
     fn body_len(&self) -> usize {
@@ -484,12 +499,8 @@ pub fn encode_body<T: IntoBody>(value: T) -> Result<Encoded, crate::Error> {
 pub fn encode_shared<T: Serialize + 'static>(value: T) -> Result<Encoded, crate::Error> {
     let any: &dyn std::any::Any = &value;
     match any.downcast_ref::<bytes::Bytes>() {
-        Some(bytes) if bytes.len() > crate::wire::PIECE => {
-            let mut head = Vec::new();
-            push_len(&mut head, bytes.len());
-            Ok(Encoded::with_body(head, bytes.clone(), Vec::new()))
-        }
-        _ => crate::task::encode_result(&value),
+        Some(bytes) => encode_body(bytes.clone()),
+        None => crate::task::encode_result(&value),
     }
 }
 
@@ -594,12 +605,19 @@ mod tests {
         let err: Result<Vec<u8>, String> = Err("no".into());
         let plain = postcard::to_stdvec(&err).unwrap();
         assert_eq!(encode_body_or(err).unwrap().into_bytes(), plain);
-        // Pieces never span head and body, and none is empty.
+        // Pieces never span head and body, and none is empty; a small body goes with its head.
+        let big = crate::wire::PIECE + 3;
+        let pieces: Vec<usize> = encode_body(vec![1u8; big])
+            .unwrap()
+            .pieces(crate::wire::PIECE)
+            .map(|p| p.len())
+            .collect();
+        assert_eq!(pieces, [3, crate::wire::PIECE, 3]);
         let pieces: Vec<usize> = encode_body(vec![1u8; 10])
             .unwrap()
             .pieces(4)
             .map(|p| p.len())
             .collect();
-        assert_eq!(pieces, [1, 4, 4, 2]);
+        assert_eq!(pieces, [4, 4, 3]);
     }
 }

@@ -132,7 +132,8 @@ impl Calls {
                 last = piece;
                 break;
             }
-            self.window_open(call, sent).await;
+            let took = || Some(self.taken_lock().get(&call).copied().unwrap_or(0));
+            wire::window_open(&self.taken, sent, took).await;
             self.out.wait_below(HIGH_WATER).await;
             sent += piece.len() as u64;
             self.out.send_part(TO_PARENT_PART, call, total, piece);
@@ -147,23 +148,6 @@ impl Calls {
             *taken = (*taken).max(bytes);
         }
         self.taken.notify_waiters();
-    }
-
-    /// Waits until the parent has put together all but [`wire::PIECE_WINDOW`] of the `sent`
-    /// bytes of call `call`'s result. A cancel drops the waiting call's future, and with it this
-    /// wait; so does the runner's exit.
-    async fn window_open(&self, call: u64, sent: u64) {
-        loop {
-            let notified = self.taken.notified();
-            let mut notified = std::pin::pin!(notified);
-            // Registered before looking, so a wake-up in between is not lost.
-            notified.as_mut().enable();
-            let took = self.taken_lock().get(&call).copied().unwrap_or(0);
-            if sent.saturating_sub(took) < wire::PIECE_WINDOW {
-                return;
-            }
-            notified.await;
-        }
     }
 
     /// Resolves once no call runs.
@@ -489,13 +473,12 @@ impl Service {
                 format!("arguments of {total} bytes in pieces overflow (max_payload is {max})"),
             ));
         }
-        let before = whole.len() as u64;
+        let before = whole.len();
         whole.extend_from_slice(part.data);
-        let now = whole.len() as u64;
-        if now / wire::TOOK_STEP > before / wire::TOOK_STEP {
+        if let Some(bytes) = wire::took_to_report(before, whole.len()) {
             self.send(&ToParent::Took {
                 call: part.call,
-                bytes: now,
+                bytes,
             });
         }
         Ok(())

@@ -160,7 +160,36 @@ pub(crate) const HIGH_WATER: usize = 1024 * 1024;
 /// an ocean.
 pub(crate) const PIECE_WINDOW: u64 = 4 * 1024 * 1024;
 /// The receiver of pieces says how far it got each time another this much has come in.
-pub(crate) const TOOK_STEP: u64 = 1024 * 1024;
+const TOOK_STEP: u64 = 1024 * 1024;
+
+/// What a receiver of pieces that had `before` bytes of a payload and now has `now` should
+/// report to the sender (`Took`), if anything.
+pub(crate) fn took_to_report(before: usize, now: usize) -> Option<u64> {
+    let (before, now) = (before as u64, now as u64);
+    (now / TOOK_STEP > before / TOOK_STEP).then_some(now)
+}
+
+/// Waits until less than [`PIECE_WINDOW`] of the `sent` bytes of a payload are not yet taken by
+/// the receiver. `took` reads how much it has taken, or `None` if the transfer is over (its
+/// call cancelled or its connection ended), which ends the wait with `false`; `progress` is
+/// woken whenever that may have changed.
+pub(crate) async fn window_open(
+    progress: &Notify,
+    sent: u64,
+    took: impl Fn() -> Option<u64>,
+) -> bool {
+    loop {
+        let notified = progress.notified();
+        let mut notified = std::pin::pin!(notified);
+        // Registered before looking, so a wake-up in between is not lost.
+        notified.as_mut().enable();
+        match took() {
+            None => return false,
+            Some(took) if sent.saturating_sub(took) < PIECE_WINDOW => return true,
+            Some(_) => notified.await,
+        }
+    }
+}
 
 impl Outbox {
     /// Queues `data`, a piece of call `call`'s payload of `total` bytes, without copying it.
