@@ -11,19 +11,17 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes};
-use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::channel::{End, Port, Routes, Side};
 use crate::error::{Error, ErrorKind};
 use crate::payload::Encoded;
 use crate::pool::{Shared, Slot};
-use crate::queue::QueuedCall;
-use crate::trace::TraceParent;
-use crate::wire::{
-    self, BoxRead, BoxWrite, CallMap, HIGH_WATER, Outbox, Outcome, PIECE, Reader, TO_PARENT_CHAN,
-    TO_PARENT_PART, ToParent, ToRunner, Watchdog, Welcome,
+use crate::protocol::{
+    self, BoxRead, BoxWrite, CallMap, HIGH_WATER, Outbox, Outcome, PIECE, Reader, RunHead,
+    TO_PARENT_CHAN, TO_PARENT_PART, ToParent, ToRunner, Watchdog, Welcome,
 };
+use crate::queue::QueuedCall;
 
 /// A handle to a runner connection, shared by the pool and the calls running on it.
 pub(crate) struct RunnerConn {
@@ -78,42 +76,27 @@ pub(crate) struct Unstarted {
     pub(crate) args: Encoded,
 }
 
-/// `ToRunner::Run` with borrowed fields, so a call's frame is built in one allocation. Its
-/// encoding is byte for byte that of `ToRunner::Run` (checked by a test below).
-#[derive(Serialize)]
-struct RunFrame<'a> {
-    variant: u32,
-    call: u64,
-    task: &'a str,
-    deadline_ms: Option<u64>,
-    trace: Option<TraceParent>,
-    /// The length of the arguments, which follow as the frame's tail.
-    args_len: usize,
-}
-
-const RUN_VARIANT: u32 = 2;
-
-fn run_frame(call: u64, queued: &QueuedCall, args_len: usize) -> RunFrame<'_> {
+/// The head of a call's `Run` frame: its arguments follow as the frame's tail.
+fn run_head(call: u64, queued: &QueuedCall, args_len: usize) -> RunHead<'_> {
     let deadline_ms = queued
         .ticket
         .deadline
         .at()
         .map(|at| crate::deadline::millis(at.saturating_duration_since(Instant::now())));
-    RunFrame {
-        variant: RUN_VARIANT,
+    RunHead::new(
         call,
-        task: queued.def.id,
+        queued.def.id,
         deadline_ms,
-        trace: queued.trace.as_deref().copied(),
+        queued.trace.as_deref().copied(),
         args_len,
-    }
+    )
 }
 
 impl Outbox {
     /// Queues a call's `Run` frame ending with `args` (all of its arguments, or the last piece
     /// of them), shared rather than copied.
     fn send_run(&self, call: u64, queued: &QueuedCall, args: Bytes) {
-        let head = run_frame(call, queued, args.len());
+        let head = run_head(call, queued, args.len());
         self.send_with_tail(|buf| postcard::to_io(&head, buf.writer()).map(drop), args);
     }
 }
@@ -214,7 +197,7 @@ impl RunnerConn {
                 let running = pending.calls.get(&id).filter(|r| !r.cancelled)?;
                 Some(running.took)
             };
-            if !wire::window_open(&self.progress, sent, took).await {
+            if !protocol::window_open(&self.progress, sent, took).await {
                 return;
             }
             self.out.wait_below(HIGH_WATER).await;
@@ -230,7 +213,8 @@ impl RunnerConn {
                 return self.arm(id, pumps);
             }
             sent += piece.len() as u64;
-            self.out.send_part(wire::TO_RUNNER_PART, id, total, piece);
+            self.out
+                .send_part(protocol::TO_RUNNER_PART, id, total, piece);
         }
     }
 
@@ -292,7 +276,11 @@ impl RunnerConn {
 
     /// Adds a piece of a big result to its call's; a piece of a call that is over (cancelled
     /// meanwhile) is dropped.
-    fn add_result_part(&self, part: &wire::PartRef<'_>, max_payload: usize) -> Result<(), Error> {
+    fn add_result_part(
+        &self,
+        part: &protocol::PartRef<'_>,
+        max_payload: usize,
+    ) -> Result<(), Error> {
         let mut pending = self.lock();
         let Some(running) = pending.calls.get_mut(&part.call) else {
             return Ok(());
@@ -311,7 +299,7 @@ impl RunnerConn {
         }
         let before = whole.len();
         whole.extend_from_slice(part.data);
-        if let Some(bytes) = wire::took_to_report(before, whole.len()) {
+        if let Some(bytes) = protocol::took_to_report(before, whole.len()) {
             self.push(&ToRunner::Took {
                 call: part.call,
                 bytes,
@@ -356,7 +344,7 @@ pub(crate) fn start(
     // On the protocol's runtime: the runner must hear our heartbeats, and we its, whatever the
     // app's tasks are doing with its workers.
     conn.routes.set_max_message(shared.config.max_payload);
-    let writer = crate::io_runtime::spawn(wire::write_loop(writer, conn.out.clone()));
+    let writer = crate::io_runtime::spawn(protocol::write_loop(writer, conn.out.clone()));
     conn.push(&ToRunner::Welcome(welcome.clone()));
     crate::io_runtime::spawn(read(shared, key, conn.clone(), reader, writer, welcome));
     conn
@@ -396,20 +384,20 @@ async fn read(
                 let msg = match frame {
                     Some(Ok(frame)) => {
                         let frame = frame.freeze();
-                        if let Some(part) = wire::part_frame(&frame, TO_PARENT_PART) {
+                        if let Some(part) = protocol::part_frame(&frame, TO_PARENT_PART) {
                             match part.and_then(|part| conn.add_result_part(&part, shared.config.max_payload)) {
                                 Ok(()) => continue,
                                 Err(e) => break Error::new(ErrorKind::RunnerLost, format!("runner {id}: {e}")),
                             }
                         }
-                        match wire::chan_frame(&frame, TO_PARENT_CHAN) {
+                        match protocol::chan_frame(&frame, TO_PARENT_CHAN) {
                             Some(Ok(chan)) => {
                                 conn.routes.deliver(chan, &frame);
                                 continue;
                             }
                             Some(Err(e)) => Some(Err(e)),
                             // Results, the hot path, are decoded in place.
-                            None => Some(wire::done_frame(&frame).unwrap_or_else(|| wire::decode::<ToParent>(&frame))),
+                            None => Some(protocol::done_frame(&frame).unwrap_or_else(|| protocol::decode::<ToParent>(&frame))),
                         }
                     }
                     Some(Err(e)) => Some(Err(e)),
@@ -538,41 +526,5 @@ async fn read(
         } else {
             call.ticket.resolve(Err(reason.clone()));
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_borrowed_run_frame_encodes_as_the_message() {
-        let args = [1, 2, 3, 250];
-        let head = RunFrame {
-            variant: RUN_VARIANT,
-            call: 300,
-            task: "app::thumbnails",
-            deadline_ms: Some(1500),
-            trace: Some(TraceParent {
-                trace_id: [9; 16],
-                span_id: [4; 8],
-                flags: 1,
-            }),
-            args_len: args.len(),
-        };
-        let mut frame = postcard::to_stdvec(&head).unwrap();
-        frame.extend_from_slice(&args);
-        let message = ToRunner::Run {
-            call: 300,
-            task: "app::thumbnails".into(),
-            args: bytes::Bytes::from_static(&[1, 2, 3, 250]),
-            deadline_ms: Some(1500),
-            trace: Some(TraceParent {
-                trace_id: [9; 16],
-                span_id: [4; 8],
-                flags: 1,
-            }),
-        };
-        assert_eq!(frame, wire::encode(&message).unwrap().to_vec());
     }
 }

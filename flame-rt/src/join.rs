@@ -124,12 +124,12 @@ impl<R: DeserializeOwned + 'static> Future for JoinHandle<R> {
 fn decode<R: 'static>(outcome: Outcome, decode: Decode<R>) -> Result<R, Error> {
     match outcome {
         Ok(bytes)
-            if bytes.len() > crate::wire::PIECE
+            if bytes.len() > crate::protocol::PIECE
                 && let Some(whole) = as_whole::<R>(&bytes) =>
         {
             Ok(whole)
         }
-        Ok(bytes) if bytes.len() > crate::wire::PIECE && is::<R, Vec<u8>>() => {
+        Ok(bytes) if bytes.len() > crate::protocol::PIECE && is::<R, Vec<u8>>() => {
             let vec: Box<dyn std::any::Any> = Box::new(into_vec(bytes).map_err(undecodable)?);
             Ok(*vec.downcast::<R>().expect("R is Vec<u8>"))
         }

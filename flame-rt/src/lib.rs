@@ -51,7 +51,7 @@
 //! | graceful shutdown on SIGTERM/SIGINT, [`shutdown_all`] | `shutdown.rs` |
 //! | [`Backend`]: [`ProcessBackend`], [`LocalBackend`] | `backend/` |
 //! | [`channel()`]: typed channels that cross to runners, streaming files | `channel/` (the halves; `bridge.rs`: pumps, credit, routes) |
-//! | the wire protocol | `wire.rs`, `handshake.rs`; the thread it runs on, which tasks can't block: `io_runtime.rs` |
+//! | what crosses the wire: messages, byte layouts, reading and writing frames, the handshake, TLS | `protocol/`; the thread it runs on, which tasks can't block: `io_runtime.rs` |
 //!
 //! # Semantics in brief
 //!
@@ -153,7 +153,6 @@ mod error;
 #[cfg(any(test, feature = "internals"))]
 #[doc(hidden)]
 pub mod fuzz;
-mod handshake;
 mod hooks;
 mod io_runtime;
 mod join;
@@ -163,6 +162,7 @@ mod metrics;
 mod parent;
 mod payload;
 mod pool;
+mod protocol;
 mod queue;
 mod runner;
 mod runtime;
@@ -170,10 +170,7 @@ mod shutdown;
 mod state;
 mod task;
 mod terminator;
-#[cfg(feature = "tls")]
-mod tls;
 mod trace;
-mod wire;
 
 pub use backend::{
     Backend, BootSpec, LastWords, LocalBackend, ProcessBackend, RunnerHandle, RunnerOutput,

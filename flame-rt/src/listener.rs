@@ -24,8 +24,8 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, ErrorKind};
-use crate::handshake;
-use crate::wire::{self, BoxRead, BoxWrite, Hello, ToParent};
+use crate::protocol::handshake;
+use crate::protocol::{self, BoxRead, BoxWrite, Hello, ToParent};
 
 /// How long a fresh connection may take to prove itself (hello, and TLS for a TLS pool): a
 /// runner does it at once, so a peer that dribbles bytes (slowloris) is cut off early.
@@ -268,7 +268,7 @@ impl Listener {
         stream: TcpStream,
         runner_id: &str,
     ) -> Result<(Hello, bool, Halves), Dropped> {
-        let acceptor = match crate::tls::parent_tls() {
+        let acceptor = match crate::protocol::tls::parent_tls() {
             Ok(tls) => tls.acceptor.clone(),
             Err(e) => {
                 self.note(runner_id, format!("the parent's TLS identity failed: {e}"));
@@ -385,8 +385,8 @@ impl Listener {
 
 /// Reads the first frame a peer sends, allocating only as its bytes arrive.
 async fn read_hello_frame<R: AsyncRead + Unpin>(io: &mut R) -> Result<Option<ToParent>, Dropped> {
-    match wire::read_one_frame(io, wire::MAX_HELLO_FRAME).await {
-        Ok(Some(frame)) => wire::decode::<ToParent>(&frame)
+    match protocol::read_one_frame(io, protocol::MAX_HELLO_FRAME).await {
+        Ok(Some(frame)) => protocol::decode::<ToParent>(&frame)
             .map(Some)
             .map_err(|_| Dropped::Unreadable),
         Ok(None) => Ok(None),

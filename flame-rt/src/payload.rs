@@ -100,7 +100,7 @@ impl<'de> serde::de::Visitor<'de> for HeldVisitor {
     }
 
     fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<Self::Value, E> {
-        if bytes.len() > crate::wire::PIECE
+        if bytes.len() > crate::protocol::PIECE
             && let Some(held) = claim_whole(bytes)
         {
             return Ok(Held::InWhole(held));
@@ -296,7 +296,7 @@ impl Encoded {
     /// A body goes apart only when it is big: a small one is copied in with its neighbours,
     /// the one frame it goes in is made of one buffer anyway.
     fn with_body(head: Vec<u8>, body: bytes::Bytes, tail: Vec<u8>) -> Encoded {
-        if body.len() <= crate::wire::PIECE {
+        if body.len() <= crate::protocol::PIECE {
             return bytes::Bytes::from([&head[..], &body[..], &tail[..]].concat()).into();
         }
         Encoded {
@@ -385,7 +385,7 @@ impl ArgsWriter {
     where
         T: IntoBody + Default + serde_bytes::Serialize,
     {
-        if self.body.is_none() && value.body_len() > crate::wire::PIECE {
+        if self.body.is_none() && value.body_len() > crate::protocol::PIECE {
             let body = std::mem::take(value).into_body(&mut self.head);
             self.body = Some(body);
             return Ok(());
@@ -398,7 +398,7 @@ impl ArgsWriter {
     pub fn shared<T: Serialize + 'static>(&mut self, value: &T) -> Result<(), postcard::Error> {
         let any: &dyn std::any::Any = value;
         match any.downcast_ref::<bytes::Bytes>() {
-            Some(bytes) if self.body.is_none() && bytes.len() > crate::wire::PIECE => {
+            Some(bytes) if self.body.is_none() && bytes.len() > crate::protocol::PIECE => {
                 self.body = Some(bytes.clone().into_body(&mut self.head));
                 Ok(())
             }
@@ -606,13 +606,13 @@ mod tests {
         let plain = postcard::to_stdvec(&err).unwrap();
         assert_eq!(encode_body_or(err).unwrap().into_bytes(), plain);
         // Pieces never span head and body, and none is empty; a small body goes with its head.
-        let big = crate::wire::PIECE + 3;
+        let big = crate::protocol::PIECE + 3;
         let pieces: Vec<usize> = encode_body(vec![1u8; big])
             .unwrap()
-            .pieces(crate::wire::PIECE)
+            .pieces(crate::protocol::PIECE)
             .map(|p| p.len())
             .collect();
-        assert_eq!(pieces, [3, crate::wire::PIECE, 3]);
+        assert_eq!(pieces, [3, crate::protocol::PIECE, 3]);
         let pieces: Vec<usize> = encode_body(vec![1u8; 10])
             .unwrap()
             .pieces(4)

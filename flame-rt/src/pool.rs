@@ -18,13 +18,13 @@ use crate::builder::Placement;
 use crate::builder::{Config, PoolBuilder};
 use crate::connection::{self, RunnerConn, Unstarted};
 use crate::error::{Error, ErrorKind};
-use crate::handshake::new_token;
 use crate::hooks::{GrowEnd, GrowReason, GrowStart, Hooks, Shrink, ShrinkReason};
 use crate::listener::{Listener, listener_for};
 use crate::parent::Handoff;
+use crate::protocol::Welcome;
+use crate::protocol::handshake::new_token;
 use crate::queue::{Queue, QueuedCall};
 use crate::task::{TaskDef, registry};
-use crate::wire::Welcome;
 
 /// A pool of runners that calls are sent to. Cheap to clone; every clone is the same pool.
 ///
@@ -829,7 +829,9 @@ impl Shared {
     fn tls_fingerprint(&self) -> Result<Option<String>, Error> {
         #[cfg(feature = "tls")]
         if self.config.tls {
-            return Ok(Some(crate::tls::parent_tls()?.fingerprint.clone()));
+            return Ok(Some(
+                crate::protocol::tls::parent_tls()?.fingerprint.clone(),
+            ));
         }
         Ok(None)
     }

@@ -23,13 +23,12 @@ use tracing::Instrument;
 
 use crate::channel::{End, Routes};
 use crate::parent::{Handoff, Parent, TASK_PARENT, process_handoff};
-use crate::task::{Registry, registry};
-use crate::terminator::{self, Exit};
-use crate::trace::TraceParent;
-use crate::wire::{
-    self, CallMap, HIGH_WATER, Hello, Outbox, Outcome, PIECE, PROTOCOL_VERSION, Reader,
+use crate::protocol::{
+    self, CallMap, HIGH_WATER, Hello, Outbox, Outcome, PIECE, PROTOCOL_VERSION, Reader, RunRef,
     TO_PARENT_PART, TO_RUNNER_CHAN, TO_RUNNER_PART, ToParent, ToRunner, Watchdog, WireErrorKind,
 };
+use crate::task::{Registry, registry};
+use crate::terminator::{self, Exit};
 
 /// Told to a running service by the process hosting it.
 #[derive(Debug)]
@@ -133,7 +132,7 @@ impl Calls {
                 break;
             }
             let took = || Some(self.taken_lock().get(&call).copied().unwrap_or(0));
-            wire::window_open(&self.taken, sent, took).await;
+            protocol::window_open(&self.taken, sent, took).await;
             self.out.wait_below(HIGH_WATER).await;
             sent += piece.len() as u64;
             self.out.send_part(TO_PARENT_PART, call, total, piece);
@@ -230,7 +229,7 @@ impl Service {
             Err(exit) => return exit,
         };
         let out = Outbox::new();
-        let writer = tokio::spawn(wire::write_loop(wr, out.clone()));
+        let writer = tokio::spawn(protocol::write_loop(wr, out.clone()));
         let mut reader = Reader::new(rd);
         let service = Service {
             handoff: handoff.clone(),
@@ -254,7 +253,7 @@ impl Service {
             protocol: PROTOCOL_VERSION,
             runner_id: handoff.runner_id.clone(),
             token: handoff.token,
-            fingerprint: crate::handshake::fingerprint().to_string(),
+            fingerprint: crate::protocol::handshake::fingerprint().to_string(),
             manifest_hash: registry.manifest_hash,
             manifest: registry.manifest.clone(),
         }));
@@ -339,14 +338,14 @@ impl Service {
                     watchdog.heard();
                     let frame = frame.map(|frame| frame.map(bytes::BytesMut::freeze));
                     let msg = match frame {
-                        Some(Ok(frame)) => match run_ref(&frame) {
-                            None if let Some(part) = wire::part_frame(&frame, TO_RUNNER_PART) => {
+                        Some(Ok(frame)) => match protocol::run_frame(&frame) {
+                            None if let Some(part) = protocol::part_frame(&frame, TO_RUNNER_PART) => {
                                 match part.and_then(|part| service.add_part(&mut uploads, &part)) {
                                     Ok(()) => continue,
                                     Err(e) => Some(Err(e)),
                                 }
                             }
-                            None if let Some(chan) = wire::chan_frame(&frame, TO_RUNNER_CHAN) => match chan {
+                            None if let Some(chan) = protocol::chan_frame(&frame, TO_RUNNER_CHAN) => match chan {
                                 Ok(chan) => {
                                     service.calls.routes.deliver(chan, &frame);
                                     continue;
@@ -370,7 +369,7 @@ impl Service {
                                 continue;
                             }
                             Some(Err(e)) => Some(Err(e)),
-                            None => Some(wire::decode::<ToRunner>(&frame)),
+                            None => Some(protocol::decode::<ToRunner>(&frame)),
                         },
                         Some(Err(e)) => Some(Err(e)),
                         None => None,
@@ -460,7 +459,7 @@ impl Service {
     fn add_part(
         &self,
         uploads: &mut CallMap<Vec<u8>>,
-        part: &wire::PartRef<'_>,
+        part: &protocol::PartRef<'_>,
     ) -> Result<(), crate::error::Error> {
         let max = self.max_payload.load(Ordering::Relaxed);
         let total = usize::try_from(part.total).unwrap_or(usize::MAX);
@@ -475,7 +474,7 @@ impl Service {
         }
         let before = whole.len();
         whole.extend_from_slice(part.data);
-        if let Some(bytes) = wire::took_to_report(before, whole.len()) {
+        if let Some(bytes) = protocol::took_to_report(before, whole.len()) {
             self.send(&ToParent::Took {
                 call: part.call,
                 bytes,
@@ -742,47 +741,6 @@ fn dispatcher(app: &tokio::runtime::Handle) -> mpsc::UnboundedSender<CallTask> {
         }
     });
     dispatch
-}
-
-/// A `Run` frame decoded in place: `None` if the frame is another message.
-struct RunRef<'a> {
-    call: u64,
-    task: &'a str,
-    args: &'a [u8],
-    deadline_ms: Option<u64>,
-    trace: Option<TraceParent>,
-}
-
-fn run_ref(frame: &[u8]) -> Option<Result<RunRef<'_>, crate::error::Error>> {
-    #[derive(serde::Deserialize)]
-    struct Borrowed<'a> {
-        variant: u32,
-        call: u64,
-        task: &'a str,
-        deadline_ms: Option<u64>,
-        trace: Option<TraceParent>,
-        args: &'a [u8],
-    }
-    // Postcard writes the variant index first, as a varint: `Run` is 2, one byte.
-    if frame.first() != Some(&2) {
-        return None;
-    }
-    Some(
-        postcard::from_bytes::<Borrowed<'_>>(frame)
-            .map(|b| {
-                debug_assert_eq!(b.variant, 2);
-                RunRef {
-                    call: b.call,
-                    task: b.task,
-                    args: b.args,
-                    deadline_ms: b.deadline_ms,
-                    trace: b.trace,
-                }
-            })
-            .map_err(|e| {
-                crate::error::Error::new(crate::error::ErrorKind::Protocol, e.to_string())
-            }),
-    )
 }
 
 fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {

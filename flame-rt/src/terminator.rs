@@ -13,8 +13,8 @@ use tokio::time::Instant;
 
 use crate::parent::Handoff;
 #[cfg(feature = "tls")]
-use crate::wire::{self, ToParent};
-use crate::wire::{BoxRead, BoxWrite};
+use crate::protocol::{self, ToParent};
+use crate::protocol::{BoxRead, BoxWrite};
 
 /// Reaches the parent within the boot window: dials it, and for a TLS pool names itself in
 /// plaintext, then completes a TLS handshake trusting only the parent's pinned certificate.
@@ -35,16 +35,16 @@ pub(crate) async fn connect(handoff: &Handoff) -> Result<(BoxRead, BoxWrite), Ex
             ))
         };
         let mut stream = stream;
-        let start = wire::encode(&ToParent::StartTls {
+        let start = protocol::encode(&ToParent::StartTls {
             runner_id: handoff.runner_id.clone(),
         })
         .map_err(|e| unreachable(e.to_string()))?;
-        tokio_util::codec::FramedWrite::new(&mut stream, wire::codec())
+        tokio_util::codec::FramedWrite::new(&mut stream, protocol::codec())
             .send(start)
             .await
             .map_err(|e| unreachable(e.to_string()))?;
         let (connector, name) =
-            crate::tls::connector(fingerprint).map_err(|e| unreachable(e.to_string()))?;
+            crate::protocol::tls::connector(fingerprint).map_err(|e| unreachable(e.to_string()))?;
         let stream = match tokio::time::timeout_at(deadline, connector.connect(name, stream)).await
         {
             Ok(Ok(stream)) => stream,

@@ -38,8 +38,9 @@ use tokio::sync::{Notify, mpsc};
 use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::error::{Error, ErrorKind};
-use crate::wire::{
-    ChanBodyRef, ChanFrameRef, HIGH_WATER, Outbox, PIECE, TO_PARENT_CHAN, TO_RUNNER_CHAN,
+use crate::protocol::{
+    ChanBodyRef, ChanDataHead, ChanFrameRef, HIGH_WATER, Outbox, PIECE, TO_PARENT_CHAN,
+    TO_RUNNER_CHAN,
 };
 
 /// What the two halves of one channel share in this process: why the channel ended, when it
@@ -90,7 +91,7 @@ pub(crate) enum Side {
 }
 
 impl Side {
-    fn variant(self) -> u32 {
+    fn variant(self) -> u8 {
         match self {
             Side::Parent => TO_RUNNER_CHAN,
             Side::Runner => TO_PARENT_CHAN,
@@ -120,23 +121,7 @@ impl Port {
     /// Sends one message that fits a chunk (`len` bytes encoded), encoded straight into the
     /// connection's outbox.
     fn send_inline<T: Serialize + 'static>(&self, item: &T, len: usize) {
-        /// A `Data` frame's fields up to its bytes, their length included: the encoded message
-        /// follows, as the frame's last field.
-        #[derive(Serialize)]
-        struct DataHead {
-            variant: u32,
-            call: u64,
-            chan: u32,
-            body: u32,
-            len: usize,
-        }
-        let head = DataHead {
-            variant: self.side.variant(),
-            call: self.call,
-            chan: self.chan,
-            body: 0,
-            len,
-        };
+        let head = ChanDataHead::new(self.side.variant(), self.call, self.chan, len);
         // Bytes go out as they are, shared with the sender: no copy (postcard writes them as
         // their length, then the bytes).
         if let Some(bytes) = (item as &dyn Any).downcast_ref::<Bytes>() {
@@ -304,7 +289,7 @@ impl Routes {
             .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         // Under the lock, so a frame arriving meanwhile waits for these.
         for whole in frames {
-            if let Some(Ok(frame)) = crate::wire::chan_frame(&whole, u32::from(whole[0])) {
+            if let Some(Ok(frame)) = crate::protocol::chan_frame(&whole, whole[0]) {
                 self.deliver_now(frame, &whole);
             }
         }

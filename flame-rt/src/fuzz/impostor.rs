@@ -2,12 +2,12 @@
 //! right token but breaks the rules (a compromised or buggy runner). Each returns a whole frame,
 //! length prefix included, ready to write to the parent's listener.
 
-use crate::wire::{
+use crate::protocol::{
     self, ChanBody, ChanFrame, Hello, Outcome, Part, ToParent, ToRunner, WireErrorKind,
 };
 
 fn framed(msg: &ToParent) -> Vec<u8> {
-    let body = wire::encode(msg).expect("encodable message");
+    let body = protocol::encode(msg).expect("encodable message");
     let mut out = u32::try_from(body.len())
         .expect("a small frame")
         .to_be_bytes()
@@ -20,10 +20,10 @@ fn framed(msg: &ToParent) -> Vec<u8> {
 pub fn hello(runner_id: &str, token: [u8; 16]) -> Vec<u8> {
     let registry = crate::task::registry().expect("this binary's task registry");
     framed(&ToParent::Hello(Hello {
-        protocol: wire::PROTOCOL_VERSION,
+        protocol: protocol::PROTOCOL_VERSION,
         runner_id: runner_id.to_string(),
         token,
-        fingerprint: crate::handshake::fingerprint().to_string(),
+        fingerprint: crate::protocol::handshake::fingerprint().to_string(),
         manifest_hash: registry.manifest_hash,
         manifest: registry.manifest.clone(),
     }))
@@ -66,7 +66,7 @@ pub fn chan_message<T: serde::Serialize>(call: u64, chan: u32, message: &T) -> V
 /// `"cancel <call id>"`, `"heartbeat"`, `"shutdown"`, `"chan"`, `"part <call id> <bytes>"`,
 /// `"took <call id> <bytes>"`, or `"?"` for a frame that does not decode. Takes a frame without its length prefix.
 pub fn describe(frame: &[u8]) -> String {
-    match wire::decode::<ToRunner>(frame) {
+    match protocol::decode::<ToRunner>(frame) {
         Ok(ToRunner::Welcome(_)) => "welcome".into(),
         Ok(ToRunner::Refused { reason }) => format!("refused: {reason}"),
         Ok(ToRunner::Run { call, .. }) => format!("run {call}"),
@@ -150,7 +150,7 @@ pub fn script(script: &[u8]) -> Vec<u8> {
                     bytes: u64::from(cur.u8()) << (cur.u8() % 64),
                 },
                 _ => ToParent::Hello(Hello {
-                    protocol: wire::PROTOCOL_VERSION,
+                    protocol: protocol::PROTOCOL_VERSION,
                     runner_id: cur.text(),
                     token: [0; 16],
                     fingerprint: String::new(),

@@ -6,45 +6,42 @@
 use bytes::BytesMut;
 use tokio_util::codec::Decoder;
 
-use crate::wire::{self, ToParent, ToRunner};
+use crate::protocol::{self, ToParent, ToRunner};
 
 /// One call's arguments through the wire and back, as parent and runner handle them: encode the
-/// argument tuple, frame it in a `Run`, decode the `Run`, decode the tuple. Returns the tuple.
+/// argument tuple, frame it behind a `Run` head, decode the `Run` in place, decode the tuple.
+/// Returns the tuple.
 pub fn call_round_trip<A: serde::Serialize + serde::de::DeserializeOwned>(args: &A) -> A {
-    let encoded = bytes::Bytes::from(postcard::to_stdvec(args).expect("encodable args"));
-    let frame = wire::encode(&ToRunner::Run {
-        call: 42,
-        task: "bench::task".to_string(),
-        args: encoded,
-        deadline_ms: None,
-        trace: None,
-    })
-    .expect("encodable frame");
-    match wire::decode::<ToRunner>(&frame).expect("decodable frame") {
-        ToRunner::Run { args, .. } => postcard::from_bytes(&args).expect("decodable args"),
-        _ => unreachable!("a Run was encoded"),
-    }
+    let encoded = postcard::to_stdvec(args).expect("encodable args");
+    let head = protocol::RunHead::new(42, "bench::task", None, None, encoded.len());
+    let mut frame = postcard::to_stdvec(&head).expect("encodable head");
+    frame.extend_from_slice(&encoded);
+    let run = protocol::run_frame(&frame)
+        .expect("a Run frame")
+        .expect("decodable frame");
+    postcard::from_bytes(run.args).expect("decodable args")
 }
 
 /// Splits `data` into frames as the parent's listener does before a hello, decodes each as
 /// either side would, and runs the handshake checks on any hello. Must never panic.
 pub fn frames(data: &[u8]) {
     let mut codec = tokio_util::codec::LengthDelimitedCodec::builder()
-        .max_frame_length(wire::MAX_HELLO_FRAME)
+        .max_frame_length(protocol::MAX_HELLO_FRAME)
         .new_codec();
     let mut buf = BytesMut::from(data);
     while let Ok(Some(frame)) = codec.decode(&mut buf) {
-        let _ = wire::decode::<ToRunner>(&frame);
-        let _ = wire::chan_frame(&frame, wire::TO_RUNNER_CHAN);
-        let _ = wire::chan_frame(&frame, wire::TO_PARENT_CHAN);
-        let _ = wire::done_frame(&frame.clone().freeze());
-        let _ = wire::part_frame(&frame, wire::TO_RUNNER_PART);
-        let _ = wire::part_frame(&frame, wire::TO_PARENT_PART);
-        if let Ok(ToParent::Hello(hello)) = wire::decode::<ToParent>(&frame)
+        let _ = protocol::decode::<ToRunner>(&frame);
+        let _ = protocol::run_frame(&frame);
+        let _ = protocol::chan_frame(&frame, protocol::TO_RUNNER_CHAN);
+        let _ = protocol::chan_frame(&frame, protocol::TO_PARENT_CHAN);
+        let _ = protocol::done_frame(&frame.clone().freeze());
+        let _ = protocol::part_frame(&frame, protocol::TO_RUNNER_PART);
+        let _ = protocol::part_frame(&frame, protocol::TO_PARENT_PART);
+        if let Ok(ToParent::Hello(hello)) = protocol::decode::<ToParent>(&frame)
             && let Ok(registry) = crate::task::registry()
         {
-            let _ = crate::handshake::token_matches(&hello, &[0; 16]);
-            let _ = crate::handshake::check(&hello, registry);
+            let _ = crate::protocol::handshake::token_matches(&hello, &[0; 16]);
+            let _ = crate::protocol::handshake::check(&hello, registry);
         }
     }
 }

@@ -10,8 +10,8 @@ use futures::SinkExt;
 use tokio::io::AsyncWrite;
 use tokio_util::codec::FramedWrite;
 
+use crate::protocol::{self, Hello, PROTOCOL_VERSION, ToRunner};
 use crate::task::{Registry, manifest_diff, registry};
-use crate::wire::{self, Hello, PROTOCOL_VERSION, ToRunner};
 
 /// A fresh 128-bit token from the OS random source.
 pub(crate) fn new_token() -> std::io::Result<[u8; 16]> {
@@ -69,10 +69,10 @@ pub(crate) fn verify(hello: &Hello) -> Result<(), String> {
 /// Tells a runner why it is refused (best effort: it may be gone already).
 pub(crate) async fn refuse<W: AsyncWrite + Unpin>(stream: &mut W, reason: &str) {
     tracing::warn!(%reason, "flame: refused a runner");
-    if let Ok(frame) = wire::encode(&ToRunner::Refused {
+    if let Ok(frame) = protocol::encode(&ToRunner::Refused {
         reason: reason.to_string(),
     }) {
-        let mut sink = FramedWrite::new(stream, wire::codec());
+        let mut sink = FramedWrite::new(stream, protocol::codec());
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), sink.send(frame)).await;
     }
 }
