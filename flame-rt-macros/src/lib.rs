@@ -344,7 +344,7 @@ fn expand_task(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
         sig.inputs.span()
     };
     let new_call = respan(
-        quote!(#krate::Call::__new(&__FLAME_TASK, (#(#idents,)*), __flame_local, __flame_encode, __flame_decode, __flame_culprit)),
+        quote!(#krate::__private::new_call(&__FLAME_TASK, (#(#idents,)*), __flame_local, __flame_encode, __flame_decode, __flame_culprit)),
         args_span,
     );
     let decode = respan(quote!(#private::decode_args(bytes)?), args_span);

@@ -85,32 +85,31 @@ where
     }
 }
 
-impl<R: 'static> Call<R> {
-    /// Used by `#[flame::task]`. Not public API.
-    #[doc(hidden)]
-    pub fn __new<A>(
-        def: &'static TaskDef,
-        args: A,
-        body: fn(A) -> BoxFuture<'static, R>,
-        encode: fn(&mut A) -> Result<Encoded, postcard::Error>,
-        decode: fn(&[u8]) -> Result<R, postcard::Error>,
-        culprit: fn(&A) -> &'static str,
-    ) -> Call<R>
-    where
-        A: Send + 'static,
-    {
-        Call {
-            def,
-            args: Box::new(TypedArgs {
-                args,
-                body,
-                encode,
-                culprit,
-            }),
-            decode,
-            timeout: None,
-            retries: 0,
-        }
+/// Builds the [`Call`] a `#[flame::task]` function returns: generated code's entry point, so
+/// `Call` itself has no constructor in its public API.
+pub fn new_call<A, R>(
+    def: &'static TaskDef,
+    args: A,
+    body: fn(A) -> BoxFuture<'static, R>,
+    encode: fn(&mut A) -> Result<Encoded, postcard::Error>,
+    decode: fn(&[u8]) -> Result<R, postcard::Error>,
+    culprit: fn(&A) -> &'static str,
+) -> Call<R>
+where
+    A: Send + 'static,
+    R: 'static,
+{
+    Call {
+        def,
+        args: Box::new(TypedArgs {
+            args,
+            body,
+            encode,
+            culprit,
+        }),
+        decode,
+        timeout: None,
+        retries: 0,
     }
 }
 
