@@ -259,6 +259,8 @@ pub use flame_rt_macros::test;
 #[doc(hidden)]
 pub mod __private {
     pub use crate::call::new_call;
+    /// For the backend crates of this workspace.
+    pub use crate::parent::random_hex;
     pub use crate::payload::{
         ArgsWriter, AsBytes, Encoded, FromBytes, Shared, decode_value, encode_args, encode_body,
         encode_body_or, encode_shared,

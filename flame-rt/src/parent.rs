@@ -87,6 +87,15 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// `N` random bytes from the OS, in hex: how flame-rt's backends name what they create
+/// (containers, Machines, pods, a parent's instance), so every such name has one shape.
+pub fn random_hex<const N: usize>() -> String {
+    let mut bytes = [0u8; N];
+    // Without the OS's randomness (never seen on Linux) the id is zeros: a name, not a secret.
+    let _ = getrandom::fill(&mut bytes);
+    hex(&bytes)
+}
+
 /// Parses exactly `N` bytes of hex.
 pub(crate) fn unhex<const N: usize>(hex: &str) -> Option<[u8; N]> {
     if hex.len() != 2 * N {

@@ -87,9 +87,7 @@ pub fn fnv(bytes: &[u8]) -> u64 {
 
 /// 12 random hex digits, to keep one run's names and labels apart from another's.
 pub fn random_id() -> String {
-    let mut id = [0u8; 6];
-    getrandom::fill(&mut id).unwrap();
-    id.iter().map(|b| format!("{b:02x}")).collect()
+    flame::__private::random_hex::<6>()
 }
 
 /// The ids of the containers, running or not, with `label=value`.

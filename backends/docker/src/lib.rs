@@ -426,7 +426,7 @@ impl DockerBackendBuilder {
         let parent_id = self
             .parent_id
             .or_else(|| own.as_ref().map(|own| own.id.clone()))
-            .unwrap_or_else(random_id);
+            .unwrap_or_else(flame::__private::random_hex::<8>);
         let env = self.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let mut labels: HashMap<String, String> = self.labels.into_iter().collect();
         labels.insert(LABEL_PARENT.into(), parent_id.clone());
@@ -452,12 +452,6 @@ impl DockerBackendBuilder {
             }),
         })
     }
-}
-
-fn random_id() -> String {
-    let mut id = [0u8; 8];
-    let _ = getrandom::fill(&mut id);
-    id.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Backend for DockerBackend {
@@ -538,7 +532,11 @@ impl Inner {
         };
         // A parent restarted in the same container counts runners from 1 again, while the
         // previous one's may still be ending: a random tail keeps their names apart.
-        let name = container_name(&self.parent_id, spec.runner_id(), &random_id()[..4]);
+        let name = container_name(
+            &self.parent_id,
+            spec.runner_id(),
+            &flame::__private::random_hex::<2>(),
+        );
         let created = docker
             .create_container(
                 Some(CreateContainerOptions {

@@ -384,11 +384,9 @@ impl FlyBackendBuilder {
                 ));
             }
         };
-        let parent_id = self.parent_id.unwrap_or_else(|| {
-            let mut id = [0u8; 8];
-            let _ = getrandom::fill(&mut id);
-            id.iter().map(|b| format!("{b:02x}")).collect()
-        });
+        let parent_id = self
+            .parent_id
+            .unwrap_or_else(flame::__private::random_hex::<8>);
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()
@@ -421,11 +419,7 @@ impl FlyBackendBuilder {
 fn process_instance() -> String {
     static INSTANCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     INSTANCE
-        .get_or_init(|| {
-            let mut id = [0u8; 8];
-            let _ = getrandom::fill(&mut id);
-            id.iter().map(|b| format!("{b:02x}")).collect()
-        })
+        .get_or_init(flame::__private::random_hex::<8>)
         .clone()
 }
 

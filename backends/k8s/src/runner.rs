@@ -45,7 +45,7 @@ impl Boot<'_> {
             let name = pod_name(
                 self.template.parent_name(),
                 spec.runner_id(),
-                &random_tail(),
+                &flame::__private::random_hex::<2>(),
             );
             let secret = self.template.secret(&name, labels.clone(), key, value);
             match self.secrets.create(&post, &secret).await {
@@ -94,12 +94,6 @@ impl Boot<'_> {
             delete_grace: self.delete_grace,
         })
     }
-}
-
-fn random_tail() -> String {
-    let mut tail = [0u8; 2];
-    let _ = getrandom::fill(&mut tail);
-    tail.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl K8sRunner {

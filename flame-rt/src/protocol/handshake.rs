@@ -149,11 +149,7 @@ fn gnu_build_id(mut f: impl Read + Seek) -> std::io::Result<Option<String>> {
             }
             const NT_GNU_BUILD_ID: u32 = 3;
             if kind == NT_GNU_BUILD_ID && &notes[name_at..name_at + namesz] == b"GNU\0" {
-                let id = notes[desc_at..desc_at + descsz]
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect();
-                return Ok(Some(id));
+                return Ok(Some(crate::parent::hex(&notes[desc_at..desc_at + descsz])));
             }
             at = end;
         }

@@ -135,9 +135,7 @@ fn error(status: StatusCode, message: &str) -> Response {
 }
 
 fn machine_id() -> String {
-    let mut id = [0u8; 7];
-    getrandom::fill(&mut id).unwrap();
-    id.iter().map(|b| format!("{b:02x}")).collect()
+    flame::__private::random_hex::<7>()
 }
 
 async fn create(
