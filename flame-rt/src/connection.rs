@@ -517,9 +517,7 @@ async fn read(
             conn.routes.end_call(id, chans, End::Failed(&reason), true);
         }
         drop(slot);
-        let retryable = matches!(reason.kind(), ErrorKind::RunnerLost | ErrorKind::BootFailed);
-        if retryable && call.retries > 0 && call.ticket.is_live() {
-            call.retries -= 1;
+        if call.take_retry(&reason) {
             call.ticket.requeue(args);
             tracing::debug!(runner = %id, task = call.def.id, "flame: retrying a call whose runner was lost");
             shared.submit(call);

@@ -23,6 +23,19 @@ pub(crate) struct QueuedCall {
     pub(crate) trace: Option<Box<TraceParent>>,
 }
 
+impl QueuedCall {
+    /// Spends one of the call's retries if `error` is worth one (its runner was lost or could
+    /// not boot) and its caller still waits; `false` if the call must fail with `error`.
+    pub(crate) fn take_retry(&mut self, error: &Error) -> bool {
+        let worth_one = matches!(error.kind(), ErrorKind::RunnerLost | ErrorKind::BootFailed);
+        if worth_one && self.retries > 0 && self.ticket.is_live() {
+            self.retries -= 1;
+            return true;
+        }
+        false
+    }
+}
+
 /// Calls waiting for a slot, oldest first. A call whose caller gave up (handle dropped or
 /// aborted) or whose wait ran out is skipped and dropped, never served.
 #[derive(Default)]
@@ -83,10 +96,8 @@ impl Queue {
     /// Fails every waiting call with `error`, except those that asked for retries when the
     /// error is worth one: they stay, one retry spent.
     pub(crate) fn fail_all(&mut self, error: &Error) {
-        let retryable = matches!(error.kind(), ErrorKind::RunnerLost | ErrorKind::BootFailed);
         self.calls.retain_mut(|call| {
-            if retryable && call.retries > 0 && call.ticket.is_live() {
-                call.retries -= 1;
+            if call.take_retry(error) {
                 return true;
             }
             call.ticket.resolve(Err(error.clone()));
