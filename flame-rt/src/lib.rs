@@ -143,6 +143,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod backend;
+mod backoff;
 mod builder;
 mod call;
 mod cancel;
@@ -258,6 +259,8 @@ pub use flame_rt_macros::test;
 
 #[doc(hidden)]
 pub mod __private {
+    /// For the backend crates of this workspace.
+    pub use crate::backoff::Backoff;
     pub use crate::call::new_call;
     /// For the backend crates of this workspace.
     pub use crate::parent::random_hex;

@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::backoff::Backoff;
 use crate::parent::Handoff;
 #[cfg(feature = "tls")]
 use crate::protocol::{self, ToParent};
@@ -71,7 +72,7 @@ pub(crate) async fn connect(handoff: &Handoff) -> Result<(BoxRead, BoxWrite), Ex
 /// closes. A runner that cannot reach its parent in time is of no use to anyone.
 async fn dial(addr: &str, window: Duration) -> Result<TcpStream, Exit> {
     let deadline = crate::deadline::after(window);
-    let mut backoff = Duration::from_millis(5);
+    let mut backoff = Backoff::new(Duration::from_millis(5), Duration::from_millis(500));
     loop {
         let error = match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
             Ok(Ok(stream)) => {
@@ -81,13 +82,12 @@ async fn dial(addr: &str, window: Duration) -> Result<TcpStream, Exit> {
             Ok(Err(e)) => e.to_string(),
             Err(_) => "timed out".to_string(),
         };
-        if Instant::now() + backoff >= deadline {
+        if Instant::now() + backoff.peek() >= deadline {
             return Err(Exit::Unreachable(format!(
                 "could not reach the parent at {addr} within {window:?} ({error})"
             )));
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_millis(500));
+        tokio::time::sleep(backoff.step()).await;
     }
 }
 

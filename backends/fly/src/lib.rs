@@ -489,7 +489,8 @@ impl Inner {
             },
         };
         let deadline = tokio::time::Instant::now() + self.boot_timeout;
-        let mut backoff = self.retry_backoff;
+        let mut backoff =
+            flame::__private::Backoff::new(self.retry_backoff, Duration::from_secs(8));
         let mut attempts = 0;
         loop {
             attempts += 1;
@@ -510,16 +511,16 @@ impl Inner {
             }
             let message = api::error_message(response).await;
             let retryable = matches!(status.as_u16(), 409 | 412 | 422 | 429);
-            if !retryable || tokio::time::Instant::now() + backoff > deadline {
+            if !retryable || tokio::time::Instant::now() + backoff.peek() > deadline {
                 return Err(boot_failed(format!(
                     "Fly refused to create a Machine for {} after {attempts} attempt(s): {} {message}",
                     spec.runner_id(),
                     status.as_u16()
                 )));
             }
-            tracing::debug!(status = status.as_u16(), %message, ?backoff, "flame: fly create refused; retrying");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(8));
+            let pause = backoff.step();
+            tracing::debug!(status = status.as_u16(), %message, ?pause, "flame: fly create refused; retrying");
+            tokio::time::sleep(pause).await;
         }
     }
 

@@ -13,6 +13,8 @@ use kube::api::{ListParams, LogParams, WatchEvent, WatchParams};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use flame::__private::Backoff;
+
 use crate::status::{fatal, is_code};
 
 /// How long the server keeps one watch open before the watch is resumed. Shorter than the
@@ -308,9 +310,9 @@ async fn run(shared: Arc<Shared>) {
         }
     }
     let mut stopped = Stopped(shared.clone(), false);
-    let mut backoff = FIRST_BACKOFF;
+    let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
     let mut warned = false;
-    let mut pause = |e: &kube::Error, backoff: &mut Duration| {
+    let mut pause = |e: &kube::Error, backoff: &mut Backoff| {
         // Not fatal to any runner, which may be up and serving: the pool still learns of its
         // end through its connection, only later for a pod that never dials.
         if !warned && (is_code(e, 401) || is_code(e, 403)) {
@@ -319,9 +321,7 @@ async fn run(shared: Arc<Shared>) {
         } else {
             tracing::debug!(error = %e, "flame: listing or watching runner pods failed; trying again");
         }
-        let now = *backoff;
-        *backoff = (*backoff * 2).min(MAX_BACKOFF);
-        now
+        backoff.step()
     };
     loop {
         if shared.idle() {
@@ -354,7 +354,7 @@ async fn run(shared: Arc<Shared>) {
         };
         let opened = Instant::now();
         let mut heard = false;
-        let mut wake_backoff = FIRST_BACKOFF;
+        let mut wake_backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
         let mut stream = std::pin::pin!(stream);
         loop {
             // While a pod waits for a node, wake up when its grace runs out.
@@ -366,10 +366,9 @@ async fn run(shared: Arc<Shared>) {
                         // A read that failed leaves the wake-up due: not again at once, and
                         // less often while it keeps failing.
                         if shared.next_wake().is_some_and(|at| at <= Instant::now()) {
-                            tokio::time::sleep(wake_backoff).await;
-                            wake_backoff = (wake_backoff * 2).min(MAX_BACKOFF);
+                            tokio::time::sleep(wake_backoff.step()).await;
                         } else {
-                            wake_backoff = FIRST_BACKOFF;
+                            wake_backoff.reset();
                         }
                         continue;
                     }
@@ -394,11 +393,9 @@ async fn run(shared: Arc<Shared>) {
         // A watch that served events, or lasted, was healthy; one that opened and ended at
         // once (a server that accepts and drops it) must not be reopened in a tight loop.
         if heard || opened.elapsed() >= HEALTHY_WATCH {
-            backoff = FIRST_BACKOFF;
+            backoff.reset();
         } else {
-            let now = backoff;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
-            tokio::time::sleep(now).await;
+            tokio::time::sleep(backoff.step()).await;
         }
     }
 }
