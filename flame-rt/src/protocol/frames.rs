@@ -77,23 +77,17 @@ pub(crate) fn run_frame(frame: &[u8]) -> Option<Result<RunRef<'_>, Error>> {
         trace: Option<TraceParent>,
         args: &'a [u8],
     }
-    if frame.first() != Some(&RUN) {
-        return None;
-    }
-    Some(
-        postcard::from_bytes::<Borrowed<'_>>(frame)
-            .map(|b| {
-                debug_assert_eq!(b.variant, RUN);
-                RunRef {
-                    call: b.call,
-                    task: b.task,
-                    args: b.args,
-                    deadline_ms: b.deadline_ms,
-                    trace: b.trace,
-                }
-            })
-            .map_err(|e| Error::new(ErrorKind::Protocol, e.to_string())),
-    )
+    let run = in_place::<Borrowed<'_>>(frame, RUN)?;
+    Some(run.map(|b| {
+        debug_assert_eq!(b.variant, RUN);
+        RunRef {
+            call: b.call,
+            task: b.task,
+            args: b.args,
+            deadline_ms: b.deadline_ms,
+            trace: b.trace,
+        }
+    }))
 }
 
 /// The head of a `ToParent::Done` frame of a result (`len` bytes) that follows as its tail.
@@ -136,24 +130,18 @@ pub(crate) fn done_frame(frame: &Bytes) -> Option<Result<ToParent, Error>> {
             message: String,
         },
     }
-    if frame.first() != Some(&DONE) {
-        return None;
-    }
-    Some(
-        postcard::from_bytes::<Borrowed<'_>>(frame)
-            .map(|done| {
-                debug_assert_eq!(done.variant, DONE);
-                ToParent::Done {
-                    call: done.call,
-                    outcome: match done.outcome {
-                        OutcomeRef::Ok(result) => Outcome::Ok(frame.slice_ref(result)),
-                        OutcomeRef::Panicked(message) => Outcome::Panicked(message),
-                        OutcomeRef::Failed { kind, message } => Outcome::Failed { kind, message },
-                    },
-                }
-            })
-            .map_err(|e| Error::new(ErrorKind::Protocol, e.to_string())),
-    )
+    let done = in_place::<Borrowed<'_>>(frame, DONE)?;
+    Some(done.map(|done| {
+        debug_assert_eq!(done.variant, DONE);
+        ToParent::Done {
+            call: done.call,
+            outcome: match done.outcome {
+                OutcomeRef::Ok(result) => Outcome::Ok(frame.slice_ref(result)),
+                OutcomeRef::Panicked(message) => Outcome::Panicked(message),
+                OutcomeRef::Failed { kind, message } => Outcome::Failed { kind, message },
+            },
+        }
+    }))
 }
 
 /// The head of a `Part` frame, whose piece (`len` bytes) follows as its tail.
@@ -179,13 +167,7 @@ impl PartHead {
 
 /// Decodes a `Part` frame of `variant` in place; `None` if the frame is another message.
 pub(crate) fn part_frame(frame: &[u8], variant: u8) -> Option<Result<PartRef<'_>, Error>> {
-    if frame.first() != Some(&variant) {
-        return None;
-    }
-    Some(
-        postcard::from_bytes::<PartRef<'_>>(frame)
-            .map_err(|e| Error::new(ErrorKind::Protocol, e.to_string())),
-    )
+    in_place(frame, variant)
 }
 
 /// A `Part` frame with its data borrowed from the frame.
@@ -252,11 +234,13 @@ impl ChanDataHead {
 
 /// Decodes `frame` as a channel frame of `variant` in place; `None` if it is another message.
 pub(crate) fn chan_frame(frame: &[u8], variant: u8) -> Option<Result<ChanFrameRef<'_>, Error>> {
-    if frame.first() != Some(&variant) {
-        return None;
-    }
-    Some(
-        postcard::from_bytes::<ChanFrameRef<'_>>(frame)
-            .map_err(|e| Error::new(ErrorKind::Protocol, e.to_string())),
-    )
+    in_place(frame, variant)
+}
+
+/// Decodes `frame` in place as `T` if its first byte is `variant`; `None` if it is another
+/// message.
+fn in_place<'a, T: Deserialize<'a>>(frame: &'a [u8], variant: u8) -> Option<Result<T, Error>> {
+    (frame.first() == Some(&variant)).then(|| {
+        postcard::from_bytes(frame).map_err(|e| Error::new(ErrorKind::Protocol, e.to_string()))
+    })
 }
