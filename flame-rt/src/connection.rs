@@ -16,16 +16,69 @@ use tokio::time::Instant;
 use crate::channel::{End, Port, Routes, Side};
 use crate::error::{Error, ErrorKind};
 use crate::payload::Encoded;
-use crate::pool::{Shared, Slot};
 use crate::protocol::{
     self, BoxRead, BoxWrite, CallMap, HIGH_WATER, Outbox, Outcome, PIECE, Reader, RunHead,
     TO_PARENT_CHAN, TO_PARENT_PART, ToParent, ToRunner, Watchdog, Welcome,
 };
 use crate::queue::QueuedCall;
 
+/// What a runner connection tells the pool it belongs to: all the connection knows of it.
+pub(crate) trait Owner: Send + Sync {
+    /// A call's slot is free: the runner reported the call over, or it was given up.
+    fn release(&self, key: u64);
+    /// A call got its outcome from the runner.
+    fn served(&self);
+    /// The runner has had nothing to do for `idle`.
+    fn idle(&self, key: u64, idle: Duration);
+    /// The runner's platform is stopping it.
+    fn stopping(&self, key: u64);
+    /// A cancelled call did not stop within its grace (its slot is released right after).
+    fn recycle(&self, key: u64, task: &str, call: u64);
+    /// The connection ended, for `reason`.
+    fn gone(&self, key: u64, reason: &Error);
+    /// A call whose runner was lost, to try again.
+    fn resubmit(&self, call: QueuedCall);
+}
+
+/// One call's claim on a slot of its runner. Released (to the pool) when dropped, which the
+/// connection does when the runner reports the call over.
+pub(crate) struct Slot {
+    conn: Arc<RunnerConn>,
+    armed: bool,
+}
+
+impl Slot {
+    /// Holds a slot the pool took on `conn`'s runner.
+    pub(crate) fn new(conn: Arc<RunnerConn>) -> Slot {
+        Slot { conn, armed: true }
+    }
+
+    pub(crate) fn conn(&self) -> &Arc<RunnerConn> {
+        &self.conn
+    }
+
+    /// Lets the slot go without releasing it: the pool takes it back as unused.
+    pub(crate) fn forget(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if self.armed {
+            self.conn.owner.release(self.conn.key);
+        }
+    }
+}
+
 /// A handle to a runner connection, shared by the pool and the calls running on it.
 pub(crate) struct RunnerConn {
     pub(crate) id: String,
+    /// The pool's key for this runner, in what the connection tells it.
+    key: u64,
+    /// Its pool. It holds this connection until the connection ends or the pool closes, which
+    /// breaks the reference cycle.
+    owner: Arc<dyn Owner>,
     out: Arc<Outbox>,
     pending: Mutex<Pending>,
     next_call: AtomicU64,
@@ -322,20 +375,23 @@ impl RunnerConn {
 /// Takes over a runner connection that passed the handshake: sends the welcome and starts the
 /// reader and writer tasks.
 pub(crate) fn start(
-    shared: Arc<Shared>,
+    owner: Arc<dyn Owner>,
     key: u64,
     id: String,
     (reader, writer): (BoxRead, BoxWrite),
     welcome: Welcome,
+    cancel_grace: Duration,
 ) -> Arc<RunnerConn> {
     let out = Outbox::new();
     let conn = Arc::new(RunnerConn {
         id,
+        key,
+        owner,
         out,
         pending: Mutex::new(Pending::default()),
         next_call: AtomicU64::new(1),
         routes: Routes::default(),
-        cancel_grace: shared.config.cancel_grace,
+        cancel_grace,
         overdue: Mutex::default(),
         any_overdue: std::sync::atomic::AtomicBool::new(false),
         ended: std::sync::OnceLock::new(),
@@ -343,22 +399,26 @@ pub(crate) fn start(
     });
     // On the protocol's runtime: the runner must hear our heartbeats, and we its, whatever the
     // app's tasks are doing with its workers.
-    conn.routes.set_max_message(shared.config.max_payload);
+    conn.routes.set_max_message(max_payload(&welcome));
     let writer = crate::io_runtime::spawn(protocol::write_loop(writer, conn.out.clone()));
     conn.push(&ToRunner::Welcome(welcome.clone()));
-    crate::io_runtime::spawn(read(shared, key, conn.clone(), reader, writer, welcome));
+    crate::io_runtime::spawn(read(conn.clone(), reader, writer, welcome));
     conn
 }
 
+/// The most a message or result may be: the pool's `max_payload`, as the runner is told.
+fn max_payload(welcome: &Welcome) -> usize {
+    usize::try_from(welcome.max_payload).unwrap_or(usize::MAX)
+}
+
 async fn read(
-    shared: Arc<Shared>,
-    key: u64,
     conn: Arc<RunnerConn>,
     reader: BoxRead,
     writer: tokio::task::JoinHandle<()>,
     welcome: Welcome,
 ) {
-    let id = &conn.id;
+    let (id, key, owner) = (&conn.id, conn.key, &conn.owner);
+    let max_payload = max_payload(&welcome);
     let heartbeat = Duration::from_millis(welcome.heartbeat_ms);
     let silence_limit = heartbeat.saturating_mul(welcome.miss_limit);
     let mut reader = Reader::new(reader);
@@ -385,7 +445,7 @@ async fn read(
                     Some(Ok(frame)) => {
                         let frame = frame.freeze();
                         if let Some(part) = protocol::part_frame(&frame, TO_PARENT_PART) {
-                            match part.and_then(|part| conn.add_result_part(&part, shared.config.max_payload)) {
+                            match part.and_then(|part| conn.add_result_part(&part, max_payload)) {
                                 Ok(()) => continue,
                                 Err(e) => break Error::new(ErrorKind::RunnerLost, format!("runner {id}: {e}")),
                             }
@@ -407,7 +467,7 @@ async fn read(
                     Some(Ok(ToParent::Done { call: id, outcome })) => {
                         // Only a call that runs here counts: a runner can send anything.
                         if let Some(Running { call, slot, chans, result: parts, .. }) = conn.finish(id) {
-                            shared.note_served();
+                            owner.served();
                             // A big result: its last piece came with the `Done`.
                             let outcome = match (outcome, parts) {
                                 (Outcome::Ok(last), Some(mut whole)) => {
@@ -448,8 +508,8 @@ async fn read(
                     // Channel frames and pieces were handled above.
                     Some(Ok(ToParent::Chan(_) | ToParent::Part(_))) => {}
                     Some(Ok(ToParent::Heartbeat)) => {}
-                    Some(Ok(ToParent::Idle { idle_ms })) => shared.runner_idle(key, Duration::from_millis(idle_ms)),
-                    Some(Ok(ToParent::Stopping)) => shared.runner_stopping(key),
+                    Some(Ok(ToParent::Idle { idle_ms })) => owner.idle(key, Duration::from_millis(idle_ms)),
+                    Some(Ok(ToParent::Stopping)) => owner.stopping(key),
                     Some(Ok(ToParent::Took { call, bytes })) => {
                         if let Some(running) = conn.lock().calls.get_mut(&call) {
                             running.took = running.took.max(bytes);
@@ -471,7 +531,7 @@ async fn read(
                     // Still running past its cancel's grace: it blocks its thread or never yields.
                     let stuck = conn.lock().calls.get_mut(&call).and_then(|r| Some((r.slot.take()?, r.call.def.id)));
                     if let Some((slot, task)) = stuck {
-                        shared.recycle(key, task, call);
+                        owner.recycle(key, task, call);
                         drop(slot);
                     }
                 }
@@ -495,7 +555,7 @@ async fn read(
     conn.out.abandon();
     let _ = conn.ended.set(reason.clone());
     // Forget the runner first, so the slots released below are not handed out on it.
-    shared.runner_gone(key, &reason);
+    owner.gone(key, &reason);
     let running = {
         let mut pending = conn.lock();
         pending.closed = true;
@@ -520,7 +580,7 @@ async fn read(
         if call.take_retry(&reason) {
             call.ticket.requeue(args);
             tracing::debug!(runner = %id, task = call.def.id, "flame: retrying a call whose runner was lost");
-            shared.submit(call);
+            owner.resubmit(call);
         } else {
             call.ticket.resolve(Err(reason.clone()));
         }

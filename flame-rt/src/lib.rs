@@ -43,12 +43,12 @@
 //! |---|---|
 //! | [`#[flame::task]`](task): a task and its [`Call`] | `call.rs`, `task.rs` (the registry) |
 //! | [`spawn_on`] / [`call()`] / [`cast`] and the [`JoinHandle`] (cancels on drop) | `call.rs`, `join.rs`, `cancel.rs`, `deadline.rs` |
-//! | [`Pool`]: placement, growth, retries, idle shutdown | `pool.rs`; waiting for a slot: `queue.rs` |
-//! | [`PoolBuilder`]: every knob and its default; lifecycle hooks | `builder.rs`, `hooks.rs` |
+//! | [`Pool`]: placement, growth, retries, idle shutdown | `pool/` (the decisions: `state.rs`; carrying them out: `shared.rs`; booting a runner: `boot.rs`); waiting for a slot: `queue.rs` |
+//! | [`PoolBuilder`]: every knob and its default; lifecycle hooks | `pool/builder.rs`, `hooks.rs` |
 //! | the parent's side of a runner connection | `listener.rs` (dial-back, handshake), `connection.rs` |
 //! | the runner's side, and its failsafe | `runner.rs`, `terminator.rs` |
 //! | [`#[flame::main]`](main), [`#[flame::test]`](test), [`parent()`] and the hand-off to runners | `runtime.rs`, `parent.rs` |
-//! | graceful shutdown on SIGTERM/SIGINT, [`shutdown_all`] | `shutdown.rs` |
+//! | graceful shutdown on SIGTERM/SIGINT, [`shutdown_all`] | `pool/shutdown.rs` |
 //! | [`Backend`]: [`ProcessBackend`], [`LocalBackend`] | `backend/` |
 //! | [`channel()`]: typed channels that cross to runners, streaming files | `channel/` (the halves; `bridge.rs`: pumps, credit, routes) |
 //! | what crosses the wire: messages, byte layouts, reading and writing frames, the handshake, TLS | `protocol/`; the thread it runs on, which tasks can't block: `io_runtime.rs` |
@@ -144,7 +144,6 @@
 
 mod backend;
 mod backoff;
-mod builder;
 mod call;
 mod cancel;
 pub mod channel;
@@ -167,7 +166,6 @@ mod protocol;
 mod queue;
 mod runner;
 mod runtime;
-mod shutdown;
 mod state;
 mod task;
 mod terminator;
@@ -176,7 +174,6 @@ mod trace;
 pub use backend::{
     Backend, BootSpec, LastWords, LocalBackend, ProcessBackend, RunnerHandle, RunnerOutput,
 };
-pub use builder::{Placement, PoolBuilder};
 pub use call::{Call, call, cast, spawn_on};
 pub use channel::channel;
 pub use error::{Error, ErrorKind};
@@ -184,8 +181,9 @@ pub use hooks::{GrowEnd, GrowReason, GrowStart, Shrink, ShrinkReason};
 pub use join::JoinHandle;
 pub use map::{Map, map};
 pub use parent::{HANDOFF_ENV, Parent, parent};
+pub use pool::shutdown::shutdown_all;
+pub use pool::{Placement, PoolBuilder};
 pub use pool::{Pool, PoolStats};
-pub use shutdown::shutdown_all;
 pub use state::{State, provide, state};
 
 /// Turns an `async fn` into a FLAME task.

@@ -8,8 +8,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::parent::{HANDOFF_ENV, process_handoff};
+use crate::pool::shutdown;
 use crate::runner::{self, Control};
-use crate::shutdown;
 
 /// The return types `#[flame::main]` accepts: `()` and `Result<T, E: Debug>`. Not public API.
 #[doc(hidden)]

@@ -3,11 +3,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::{Pool, Shared};
 use crate::backend::{Backend, LocalBackend, ProcessBackend};
 use crate::error::{Error, ErrorKind};
 use crate::hooks::{GrowEnd, GrowStart, Hooks, Shrink};
 use crate::parent::parent;
-use crate::pool::{Pool, Shared};
 use crate::task::registry;
 
 /// The settings fixed at start. `min` and `max` live in the pool's state: they can change at
