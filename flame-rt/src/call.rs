@@ -8,15 +8,15 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use serde::de::DeserializeOwned;
 
-use crate::cancel::Ticket;
 use crate::channel::Attachment;
 use crate::deadline::Deadline;
 use crate::error::{Error, ErrorKind};
-use crate::join::JoinHandle;
+use crate::join::{Decode, JoinHandle};
 use crate::payload::Encoded;
 use crate::pool::Pool;
 use crate::queue::QueuedCall;
 use crate::task::TaskDef;
+use crate::ticket::Ticket;
 
 /// One invocation of a `#[flame::task]`: the task's identity and its arguments.
 ///
@@ -56,9 +56,6 @@ trait CallArgs<R>: Send {
     fn culprit(&self) -> &'static str;
     fn run_local(self: Box<Self>) -> BoxFuture<'static, R>;
 }
-
-/// How a call's result is decoded from its bytes.
-pub(crate) type Decode<R> = fn(&[u8]) -> Result<R, postcard::Error>;
 
 struct TypedArgs<A, R> {
     args: A,

@@ -21,6 +21,7 @@ use crate::protocol::{
     TO_PARENT_CHAN, TO_PARENT_PART, ToParent, ToRunner, Watchdog, Welcome,
 };
 use crate::queue::QueuedCall;
+use crate::ticket::Remote;
 
 /// What a runner connection tells the pool it belongs to: all the connection knows of it.
 pub(crate) trait Owner: Send + Sync {
@@ -119,6 +120,12 @@ struct Running {
     took: u64,
     /// The pieces of a big result received so far.
     result: Option<Vec<u8>>,
+}
+
+impl Remote for RunnerConn {
+    fn cancel(&self, call: u64) {
+        RunnerConn::cancel(self, call);
+    }
 }
 
 /// A call that could not start on this connection because it has ended.

@@ -10,9 +10,11 @@ use std::task::{Context, Poll};
 use serde::de::DeserializeOwned;
 use tokio::time::{Instant, Sleep};
 
-use crate::call::Decode;
-use crate::cancel::{Outcome, Ticket};
 use crate::error::{Error, ErrorKind};
+use crate::ticket::{Answer, Ticket};
+
+/// How a call's result is decoded from its bytes.
+pub(crate) type Decode<R> = fn(&[u8]) -> Result<R, postcard::Error>;
 
 /// A handle to a call started with [`spawn_on`](crate::spawn_on).
 ///
@@ -121,7 +123,7 @@ impl<R: DeserializeOwned + 'static> Future for JoinHandle<R> {
     }
 }
 
-fn decode<R: 'static>(outcome: Outcome, decode: Decode<R>) -> Result<R, Error> {
+fn decode<R: 'static>(outcome: Answer, decode: Decode<R>) -> Result<R, Error> {
     match outcome {
         Ok(bytes)
             if bytes.len() > crate::protocol::PIECE

@@ -145,7 +145,6 @@
 mod backend;
 mod backoff;
 mod call;
-mod cancel;
 pub mod channel;
 mod connection;
 mod deadline;
@@ -169,6 +168,7 @@ mod runtime;
 mod state;
 mod task;
 mod terminator;
+mod ticket;
 mod trace;
 
 pub use backend::{
@@ -264,13 +264,13 @@ pub mod __private {
     pub use crate::parent::random_hex;
     pub use crate::payload::{
         ArgsWriter, AsBytes, Encoded, FromBytes, Shared, decode_value, encode_args, encode_body,
-        encode_body_or, encode_shared,
+        encode_body_or, encode_result, encode_shared,
     };
     pub use crate::runtime::{MainOutput, run_main, run_test};
     pub use crate::state::{assert_state, local_state, task_state};
     pub use crate::task::{
-        Registration, RunningTask, TaskDef, assert_arg, assert_ret, decode_args, encode_result,
-        encodes, run_blocking, sig_hash,
+        Registration, RunningTask, TaskDef, assert_arg, assert_ret, decode_args, encodes,
+        run_blocking, sig_hash,
     };
     pub use bytes::Bytes;
     pub use futures::future::BoxFuture;

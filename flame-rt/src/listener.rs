@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{Error, ErrorKind};
 use crate::protocol::handshake;
 use crate::protocol::{self, BoxRead, BoxWrite, Hello, ToParent};
+use crate::task::{Registry, manifest_diff, registry};
 
 /// How long a fresh connection may take to prove itself (hello, and TLS for a TLS pool): a
 /// runner does it at once, so a peer that dribbles bytes (slowloris) is cut off early.
@@ -328,7 +329,7 @@ impl Listener {
                  `tls` feature, or someone in between stripping it"
                 .to_string())
         } else {
-            handshake::verify(&hello)
+            verify(&hello)
         };
         if let Err(reason) = verdict {
             handshake::refuse(&mut writer, &reason).await;
@@ -433,4 +434,36 @@ impl Drop for Expectation {
     fn drop(&mut self) {
         lock(&self.listener.expected).remove(&self.runner_id);
     }
+}
+
+/// Why the parent refuses a runner that proved its token: another protocol version, or another
+/// build's tasks.
+pub(crate) fn check(hello: &Hello, registry: &Registry) -> Result<(), String> {
+    if hello.protocol != protocol::PROTOCOL_VERSION {
+        return Err(handshake::version_mismatch(hello.protocol));
+    }
+    if hello.manifest_hash != registry.manifest_hash {
+        return Err(format!(
+            "task manifest mismatch ({}); the runner runs a different build of the app: deploy the \
+             same build as the parent",
+            manifest_diff(&registry.manifest, &hello.manifest)
+        ));
+    }
+    Ok(())
+}
+
+/// Everything the parent checks on a hello that proved its token: protocol and task manifest.
+/// A different build with the same tasks is allowed (and logged).
+pub(crate) fn verify(hello: &Hello) -> Result<(), String> {
+    let registry = registry().map_err(|e| e.to_string())?;
+    check(hello, registry)?;
+    if hello.fingerprint != handshake::fingerprint() {
+        tracing::debug!(
+            runner = %hello.runner_id,
+            runner_build = %hello.fingerprint,
+            parent_build = %handshake::fingerprint(),
+            "flame: runner is a different build with the same tasks"
+        );
+    }
+    Ok(())
 }

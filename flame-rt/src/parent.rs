@@ -178,6 +178,44 @@ pub fn parent() -> Option<Parent> {
     }
 }
 
+/// Set once a `#[flame::test]` runs in this process: it is a test binary.
+static IN_TEST_BINARY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this process is a test binary running `#[flame::test]`s: re-executing it with its
+/// own arguments would run the whole test suite, not a runner.
+pub(crate) fn in_test_binary() -> bool {
+    IN_TEST_BINARY.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+thread_local! {
+    /// The libtest name of the `#[flame::test]` running on this thread.
+    static CURRENT_TEST: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Names the `#[flame::test]` running on this thread (`None` once it ended): this process is
+/// a test binary, whose runners re-execute it to serve that one test.
+pub(crate) fn set_current_test(name: Option<&str>) {
+    if name.is_some() {
+        IN_TEST_BINARY.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    CURRENT_TEST.with(|t| *t.borrow_mut() = name.map(str::to_string));
+}
+
+/// The arguments that make this test binary run only the current `#[flame::test]`, if one runs
+/// on this thread: a `ProcessBackend` runner re-executes the binary with them.
+pub(crate) fn test_runner_args() -> Option<Vec<String>> {
+    CURRENT_TEST.with(|t| t.borrow().clone()).map(|name| {
+        // Accepted by libtest and by cargo-nextest's way of running one test.
+        vec![
+            name,
+            "--exact".into(),
+            "--nocapture".into(),
+            "--test-threads".into(),
+            "1".into(),
+        ]
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

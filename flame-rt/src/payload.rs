@@ -500,7 +500,7 @@ pub fn encode_shared<T: Serialize + 'static>(value: T) -> Result<Encoded, crate:
     let any: &dyn std::any::Any = &value;
     match any.downcast_ref::<bytes::Bytes>() {
         Some(bytes) => encode_body(bytes.clone()),
-        None => crate::task::encode_result(&value),
+        None => encode_result(&value),
     }
 }
 
@@ -516,7 +516,7 @@ pub fn encode_body_or<T: IntoBody, E: Serialize>(
             let body = value.into_body(&mut head);
             Ok(Encoded::with_body(head, body, Vec::new()))
         }
-        Err(error) => crate::task::encode_result(&Err::<(), E>(error)),
+        Err(error) => encode_result(&Err::<(), E>(error)),
     }
 }
 
@@ -558,6 +558,19 @@ pub(crate) fn buffer(capacity: usize) -> Vec<u8> {
 #[doc(hidden)]
 pub fn decode_value<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, postcard::Error> {
     postcard::from_bytes(bytes)
+}
+
+/// Encodes a task's result (generated code calls this on the runner).
+#[doc(hidden)]
+pub fn encode_result<R: serde::Serialize>(value: &R) -> Result<Encoded, crate::Error> {
+    encode(value)
+        .map(|encoded| bytes::Bytes::from(encoded).into())
+        .map_err(|e| {
+            crate::Error::new(
+                crate::ErrorKind::Codec,
+                format!("the task's return value could not be encoded: {e}"),
+            )
+        })
 }
 
 #[cfg(test)]

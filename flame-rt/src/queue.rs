@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use crate::cancel::Ticket;
 use crate::channel::Attachment;
 use crate::error::{Error, ErrorKind};
 use crate::task::TaskDef;
+use crate::ticket::Ticket;
 use crate::trace::TraceParent;
 
 /// A call on its way to a runner: everything needed to start it, and to start it again if it

@@ -67,35 +67,6 @@ where
     }
 }
 
-/// Set once a `#[flame::test]` runs in this process: it is a test binary.
-static IN_TEST_BINARY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Whether this process is a test binary running `#[flame::test]`s: re-executing it with its
-/// own arguments would run the whole test suite, not a runner.
-pub(crate) fn in_test_binary() -> bool {
-    IN_TEST_BINARY.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-thread_local! {
-    /// The libtest name of the `#[flame::test]` running on this thread.
-    static CURRENT_TEST: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
-}
-
-/// The arguments that make this test binary run only the current `#[flame::test]`, if one runs
-/// on this thread: a `ProcessBackend` runner re-executes the binary with them.
-pub(crate) fn test_runner_args() -> Option<Vec<String>> {
-    CURRENT_TEST.with(|t| t.borrow().clone()).map(|name| {
-        // Accepted by libtest and by cargo-nextest's way of running one test.
-        vec![
-            name,
-            "--exact".into(),
-            "--nocapture".into(),
-            "--test-threads".into(),
-            "1".into(),
-        ]
-    })
-}
-
 /// Runs a `#[flame::test]`: the test's body, or, when this test binary was re-executed as a
 /// runner for it, the runner service. Not public API.
 #[doc(hidden)]
@@ -112,14 +83,13 @@ where
         None => {
             // libtest names tests by module path without the crate.
             let name = path.split_once("::").map_or(path, |(_, rest)| rest);
-            IN_TEST_BINARY.store(true, std::sync::atomic::Ordering::Relaxed);
-            CURRENT_TEST.with(|t| *t.borrow_mut() = Some(name.to_string()));
+            crate::parent::set_current_test(Some(name));
             let runtime = runtime
                 .enable_all()
                 .build()
                 .expect("failed to build the Tokio runtime");
             let output = runtime.block_on(body);
-            CURRENT_TEST.with(|t| *t.borrow_mut() = None);
+            crate::parent::set_current_test(None);
             output
         }
     }

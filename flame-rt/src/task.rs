@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
 use std::sync::OnceLock;
 
-use bytes::Bytes;
 use futures::future::BoxFuture;
 
 use crate::error::{Error, ErrorKind};
@@ -175,21 +174,6 @@ const fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
 #[doc(hidden)]
 pub const fn sig_hash(signature: &str) -> u64 {
     fnv1a(FNV_OFFSET, signature.as_bytes())
-}
-
-/// Encodes a task's result (generated code calls this on the runner).
-#[doc(hidden)]
-pub fn encode_result<R: serde::Serialize>(
-    value: &R,
-) -> Result<crate::payload::Encoded, crate::Error> {
-    crate::payload::encode(value)
-        .map(|encoded| Bytes::from(encoded).into())
-        .map_err(|e| {
-            crate::Error::new(
-                crate::ErrorKind::Codec,
-                format!("the task's return value could not be encoded: {e}"),
-            )
-        })
 }
 
 /// Decodes a task's arguments (generated code calls this on the runner).

@@ -108,7 +108,7 @@ impl ProcessBackend {
                 // is told to run just the test that started the pool.
                 match (&self.args, &spec.test_runner_args) {
                     (None, Some(test)) => cmd.args(test),
-                    (None, None) if crate::runtime::in_test_binary() => {
+                    (None, None) if crate::parent::in_test_binary() => {
                         return Err(Error::new(
                             ErrorKind::Config,
                             "this pool was started in a test binary but not on a #[flame::test]'s own \

@@ -41,7 +41,7 @@ pub fn frames(data: &[u8]) {
             && let Ok(registry) = crate::task::registry()
         {
             let _ = crate::protocol::handshake::token_matches(&hello, &[0; 16]);
-            let _ = crate::protocol::handshake::check(&hello, registry);
+            let _ = crate::listener::check(&hello, registry);
         }
     }
 }
@@ -52,3 +52,16 @@ mod session;
 
 pub use heap::HeapCounter;
 pub use session::Session;
+
+#[cfg(test)]
+mod tests {
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_the_decoders(data in vec(any::<u8>(), 0..2048)) {
+            super::frames(&data);
+        }
+    }
+}

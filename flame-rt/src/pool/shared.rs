@@ -23,6 +23,7 @@ use crate::hooks::{Hooks, Shrink, ShrinkReason};
 use crate::listener::Listener;
 use crate::queue::{Queue, QueuedCall};
 use crate::task::{TaskDef, registry};
+use crate::ticket::Remote;
 
 pub(super) type PoolState = State<Queue, Arc<RunnerConn>, Box<dyn RunnerHandle>>;
 pub(super) type Actions = Vec<Action<QueuedCall, Arc<RunnerConn>, Box<dyn RunnerHandle>>>;
@@ -107,7 +108,10 @@ fn start_call(call: QueuedCall, slot: Slot) -> Start {
     let mut parts = Some((call, slot));
     let started = ticket.start(|args| {
         let (call, slot) = parts.take().expect("started once");
-        conn.start(call, args, slot)
+        match conn.start(call, args, slot) {
+            Ok((conn, id)) => Ok((conn as Arc<dyn Remote>, id)),
+            Err(mut unstarted) => Err((std::mem::take(&mut unstarted.args), unstarted)),
+        }
     });
     match started {
         Some(Ok(())) => Start::Started,
@@ -138,7 +142,7 @@ impl Shared {
             changed: Notify::new(),
             closing: CancellationToken::new(),
             watchers: AtomicUsize::new(0),
-            test_runner_args: crate::runtime::test_runner_args(),
+            test_runner_args: crate::parent::test_runner_args(),
             served: AtomicU64::new(0),
             runtime: tokio::runtime::Handle::current(),
         })
@@ -225,9 +229,10 @@ impl Shared {
         let exiting = Exiting(self.clone());
         match shrink {
             Some(reason) => {
-                if reason == ShrinkReason::Lost {
-                    let why = conn.ended().map(Error::message).unwrap_or_default();
-                    tracing::warn!(pool = %self.name, runner = %conn.id, reason = why, "flame: runner lost");
+                if reason == ShrinkReason::Lost
+                    && let Some(reason) = conn.ended()
+                {
+                    tracing::warn!(pool = %self.name, runner = %conn.id, %reason, "flame: runner lost");
                 }
                 self.hooks.shrink(Shrink {
                     pool: self.name.to_string(),

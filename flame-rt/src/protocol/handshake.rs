@@ -11,7 +11,6 @@ use tokio::io::AsyncWrite;
 use tokio_util::codec::FramedWrite;
 
 use crate::protocol::{self, Hello, PROTOCOL_VERSION, ToRunner};
-use crate::task::{Registry, manifest_diff, registry};
 
 /// A fresh 128-bit token from the OS random source.
 pub(crate) fn new_token() -> std::io::Result<[u8; 16]> {
@@ -32,38 +31,6 @@ pub(crate) fn version_mismatch(version: u32) -> String {
 /// listener asks this first: nothing else about a hello counts until it holds.
 pub(crate) fn token_matches(hello: &Hello, token: &[u8; 16]) -> bool {
     bool::from(hello.token.ct_eq(token))
-}
-
-/// Why the parent refuses a runner that proved its token: another protocol version, or another
-/// build's tasks.
-pub(crate) fn check(hello: &Hello, registry: &Registry) -> Result<(), String> {
-    if hello.protocol != PROTOCOL_VERSION {
-        return Err(version_mismatch(hello.protocol));
-    }
-    if hello.manifest_hash != registry.manifest_hash {
-        return Err(format!(
-            "task manifest mismatch ({}); the runner runs a different build of the app: deploy the \
-             same build as the parent",
-            manifest_diff(&registry.manifest, &hello.manifest)
-        ));
-    }
-    Ok(())
-}
-
-/// Everything the parent checks on a hello that proved its token: protocol and task manifest.
-/// A different build with the same tasks is allowed (and logged).
-pub(crate) fn verify(hello: &Hello) -> Result<(), String> {
-    let registry = registry().map_err(|e| e.to_string())?;
-    check(hello, registry)?;
-    if hello.fingerprint != fingerprint() {
-        tracing::debug!(
-            runner = %hello.runner_id,
-            runner_build = %hello.fingerprint,
-            parent_build = %fingerprint(),
-            "flame: runner is a different build with the same tasks"
-        );
-    }
-    Ok(())
 }
 
 /// Tells a runner why it is refused (best effort: it may be gone already).

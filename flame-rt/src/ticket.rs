@@ -1,5 +1,6 @@
-//! Cancellation: the state one call shares between its [`JoinHandle`](crate::JoinHandle) and
-//! wherever the call is (waiting in the pool's queue, or running on a runner connection).
+//! A call's ticket: the state one call shares between its [`JoinHandle`](crate::JoinHandle)
+//! and wherever the call is (waiting in the pool's queue, or running on a runner connection),
+//! and how it is cancelled.
 //!
 //! There is no task per call: the handle cancels through this ticket. A queued call that is
 //! cancelled is skipped when a slot frees (it never takes one); a running one gets a `Cancel`
@@ -13,12 +14,19 @@ use std::task::{Context, Poll, Waker};
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::connection::{RunnerConn, Unstarted};
 use crate::deadline::Deadline;
 use crate::error::{Error, ErrorKind};
 use crate::payload::Encoded;
 
-pub(crate) type Outcome = Result<Bytes, Error>;
+/// A call's result as its runner sent it: the encoded value, or why there is none.
+pub(crate) type Answer = Result<Bytes, Error>;
+
+/// Where a running call runs, as its ticket sees it: somewhere it can be cancelled (a runner
+/// connection).
+pub(crate) trait Remote: Send + Sync {
+    /// Asks for the call's future to be dropped.
+    fn cancel(&self, call: u64);
+}
 
 /// One call's shared state, and the cell its outcome is delivered in (no channel per call).
 pub(crate) struct Ticket {
@@ -44,7 +52,7 @@ enum Place {
         args: Encoded,
     },
     Running {
-        conn: Arc<RunnerConn>,
+        conn: Arc<dyn Remote>,
         call: u64,
     },
     Cancelled,
@@ -53,7 +61,7 @@ enum Place {
 /// Set exactly once, by whoever resolves the call; taken once, by the handle.
 enum Delivery {
     Pending(Option<Waker>),
-    Ready(Outcome),
+    Ready(Answer),
     Taken,
 }
 
@@ -85,7 +93,7 @@ impl Ticket {
     }
 
     /// Delivers the call's outcome, if nobody did yet. Returns whether this did.
-    pub(crate) fn resolve(&self, outcome: Outcome) -> bool {
+    pub(crate) fn resolve(&self, outcome: Answer) -> bool {
         let mut inner = self.lock();
         let Delivery::Pending(waker) = &mut inner.outcome else {
             return false;
@@ -107,7 +115,7 @@ impl Ticket {
     }
 
     /// The outcome, once delivered; else remembers who to wake.
-    pub(crate) fn poll_outcome(&self, cx: &mut Context<'_>) -> Poll<Outcome> {
+    pub(crate) fn poll_outcome(&self, cx: &mut Context<'_>) -> Poll<Answer> {
         let mut inner = self.lock();
         match std::mem::replace(&mut inner.outcome, Delivery::Taken) {
             Delivery::Ready(outcome) => Poll::Ready(outcome),
@@ -141,10 +149,10 @@ impl Ticket {
     /// meanwhile. Holding the ticket while `start` registers and sends the call means a
     /// concurrent cancel either comes first (and the call never starts) or finds it running
     /// (and cancels it there). A call that could not start keeps waiting, its arguments back.
-    pub(crate) fn start(
+    pub(crate) fn start<E>(
         &self,
-        start: impl FnOnce(Encoded) -> Result<(Arc<RunnerConn>, u64), Box<Unstarted>>,
-    ) -> Option<Result<(), Box<Unstarted>>> {
+        start: impl FnOnce(Encoded) -> Result<(Arc<dyn Remote>, u64), (Encoded, E)>,
+    ) -> Option<Result<(), E>> {
         let mut inner = self.lock();
         if !matches!(inner.outcome, Delivery::Pending(_)) {
             return None;
@@ -157,8 +165,7 @@ impl Ticket {
                 inner.place = Place::Running { conn, call };
                 Ok(())
             }
-            Err(mut unstarted) => {
-                let args = std::mem::take(&mut unstarted.args);
+            Err((args, unstarted)) => {
                 inner.place = Place::Queued { args };
                 Err(unstarted)
             }
