@@ -146,7 +146,6 @@ mod backend;
 mod backoff;
 mod call;
 pub mod channel;
-mod connection;
 mod deadline;
 mod error;
 #[cfg(any(test, feature = "internals"))]
@@ -154,32 +153,27 @@ mod error;
 pub mod fuzz;
 mod hooks;
 mod io_runtime;
-mod join;
-mod listener;
-mod map;
 mod metrics;
 mod parent;
 mod payload;
 mod pool;
 mod protocol;
-mod queue;
 mod runner;
 mod runtime;
 mod state;
 mod task;
-mod terminator;
 mod ticket;
 mod trace;
 
 pub use backend::{
     Backend, BootSpec, LastWords, LocalBackend, ProcessBackend, RunnerHandle, RunnerOutput,
 };
+pub use call::join::JoinHandle;
+pub use call::map::{Map, map};
 pub use call::{Call, call, cast, spawn_on};
 pub use channel::channel;
 pub use error::{Error, ErrorKind};
 pub use hooks::{GrowEnd, GrowReason, GrowStart, Shrink, ShrinkReason};
-pub use join::JoinHandle;
-pub use map::{Map, map};
 pub use parent::{HANDOFF_ENV, Parent, parent};
 pub use pool::shutdown::shutdown_all;
 pub use pool::{Placement, PoolBuilder};

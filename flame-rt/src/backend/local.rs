@@ -50,7 +50,7 @@ impl Backend for LocalBackend {
 }
 
 struct LocalRunner {
-    service: tokio::task::JoinHandle<crate::terminator::Exit>,
+    service: tokio::task::JoinHandle<crate::runner::terminator::Exit>,
     _control: mpsc::UnboundedSender<runner::Control>,
 }
 

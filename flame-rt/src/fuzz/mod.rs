@@ -41,7 +41,7 @@ pub fn frames(data: &[u8]) {
             && let Ok(registry) = crate::task::registry()
         {
             let _ = crate::protocol::handshake::token_matches(&hello, &[0; 16]);
-            let _ = crate::listener::check(&hello, registry);
+            let _ = crate::pool::listener::check(&hello, registry);
         }
     }
 }

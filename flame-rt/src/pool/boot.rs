@@ -10,11 +10,11 @@ use tokio::time::Instant;
 use super::Shared;
 use super::state::Booted;
 use crate::backend::{BootSpec, RunnerHandle};
-use crate::connection::{self, Owner, RunnerConn};
 use crate::error::{Error, ErrorKind};
 use crate::hooks::{GrowEnd, GrowReason, GrowStart};
-use crate::listener::{Listener, listener_for};
 use crate::parent::Handoff;
+use crate::pool::connection::{self, Owner, RunnerConn};
+use crate::pool::listener::{Listener, listener_for};
 use crate::protocol::Welcome;
 use crate::protocol::handshake::new_token;
 

@@ -19,6 +19,9 @@ use crate::hooks::{Shrink, ShrinkReason};
 
 mod boot;
 pub(crate) mod builder;
+pub(crate) mod connection;
+pub(crate) mod listener;
+pub(crate) mod queue;
 mod shared;
 pub(crate) mod shutdown;
 mod state;

@@ -17,11 +17,11 @@ use tokio_util::sync::CancellationToken;
 use super::builder::Config;
 use super::state::{Action, Rules, Seat, State, Submitted, Waiting};
 use crate::backend::{Backend, RunnerHandle};
-use crate::connection::{Owner, RunnerConn, Slot, Unstarted};
 use crate::error::{Error, ErrorKind};
 use crate::hooks::{Hooks, Shrink, ShrinkReason};
-use crate::listener::Listener;
-use crate::queue::{Queue, QueuedCall};
+use crate::pool::connection::{Owner, RunnerConn, Slot, Unstarted};
+use crate::pool::listener::Listener;
+use crate::pool::queue::{Queue, QueuedCall};
 use crate::task::{TaskDef, registry};
 use crate::ticket::Remote;
 

@@ -14,7 +14,7 @@ use super::builder::{Config, Placement};
 use crate::error::{Error, ErrorKind};
 use crate::hooks::{GrowReason, ShrinkReason};
 
-/// The line of waiting calls, as the decisions see it: the pool's [`Queue`](crate::queue::Queue)
+/// The line of waiting calls, as the decisions see it: the pool's [`Queue`](crate::pool::queue::Queue)
 /// in production, a plain list in the tests. Calls whose callers gave up are skipped.
 pub(crate) trait Waiting {
     type Call;

@@ -8,15 +8,18 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use serde::de::DeserializeOwned;
 
+use crate::call::join::{Decode, JoinHandle};
 use crate::channel::Attachment;
 use crate::deadline::Deadline;
 use crate::error::{Error, ErrorKind};
-use crate::join::{Decode, JoinHandle};
 use crate::payload::Encoded;
 use crate::pool::Pool;
-use crate::queue::QueuedCall;
+use crate::pool::queue::QueuedCall;
 use crate::task::TaskDef;
 use crate::ticket::Ticket;
+
+pub(crate) mod join;
+pub(crate) mod map;
 
 /// One invocation of a `#[flame::task]`: the task's identity and its arguments.
 ///

@@ -16,11 +16,11 @@ use tokio::time::Instant;
 use crate::channel::{End, Port, Routes, Side};
 use crate::error::{Error, ErrorKind};
 use crate::payload::Encoded;
+use crate::pool::queue::QueuedCall;
 use crate::protocol::{
     self, BoxRead, BoxWrite, CallMap, HIGH_WATER, Outbox, Outcome, PIECE, Reader, RunHead,
     TO_PARENT_CHAN, TO_PARENT_PART, ToParent, ToRunner, Watchdog, Welcome,
 };
-use crate::queue::QueuedCall;
 use crate::ticket::Remote;
 
 /// What a runner connection tells the pool it belongs to: all the connection knows of it.

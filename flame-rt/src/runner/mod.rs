@@ -28,7 +28,9 @@ use crate::protocol::{
     TO_PARENT_PART, TO_RUNNER_CHAN, TO_RUNNER_PART, ToParent, ToRunner, Watchdog, WireErrorKind,
 };
 use crate::task::{Registry, registry};
-use crate::terminator::{self, Exit};
+use terminator::Exit;
+
+pub(crate) mod terminator;
 
 /// Told to a running service by the process hosting it.
 #[derive(Debug)]
