@@ -18,10 +18,11 @@ use crate::error::{Error, ErrorKind};
 use crate::payload::Encoded;
 use crate::pool::queue::QueuedCall;
 use crate::protocol::{
-    self, BoxRead, BoxWrite, CallMap, HIGH_WATER, Outbox, Outcome, PIECE, Reader, RunHead,
-    TO_PARENT_CHAN, TO_PARENT_PART, ToParent, ToRunner, Watchdog, Welcome,
+    self, BoxRead, BoxWrite, CallMap, HIGH_WATER, Outbox, PIECE, RunHead, ToRunner, Welcome,
 };
 use crate::ticket::Remote;
+
+mod read;
 
 /// What a runner connection tells the pool it belongs to: all the connection knows of it.
 pub(crate) trait Owner: Send + Sync {
@@ -406,190 +407,9 @@ pub(crate) fn start(
     });
     // On the protocol's runtime: the runner must hear our heartbeats, and we its, whatever the
     // app's tasks are doing with its workers.
-    conn.routes.set_max_message(max_payload(&welcome));
+    conn.routes.set_max_message(read::max_payload(&welcome));
     let writer = crate::io_runtime::spawn(protocol::write_loop(writer, conn.out.clone()));
     conn.push(&ToRunner::Welcome(welcome.clone()));
-    crate::io_runtime::spawn(read(conn.clone(), reader, writer, welcome));
+    crate::io_runtime::spawn(read::read(conn.clone(), reader, writer, welcome));
     conn
-}
-
-/// The most a message or result may be: the pool's `max_payload`, as the runner is told.
-fn max_payload(welcome: &Welcome) -> usize {
-    usize::try_from(welcome.max_payload).unwrap_or(usize::MAX)
-}
-
-async fn read(
-    conn: Arc<RunnerConn>,
-    reader: BoxRead,
-    writer: tokio::task::JoinHandle<()>,
-    welcome: Welcome,
-) {
-    let (id, key, owner) = (&conn.id, conn.key, &conn.owner);
-    let max_payload = max_payload(&welcome);
-    let heartbeat = Duration::from_millis(welcome.heartbeat_ms);
-    let silence_limit = heartbeat.saturating_mul(welcome.miss_limit);
-    let mut reader = Reader::new(reader);
-    let mut watchdog = Watchdog::new(silence_limit);
-    let mut ticker = tokio::time::interval(heartbeat);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-
-    let far_future = Instant::now() + Duration::from_secs(86400 * 365);
-    let overdue_timer = tokio::time::sleep_until(far_future);
-    tokio::pin!(overdue_timer);
-    let mut armed = far_future;
-
-    let reason: Error = loop {
-        let due = conn.first_overdue().unwrap_or(far_future);
-        if due != armed {
-            overdue_timer.as_mut().reset(due);
-            armed = due;
-        }
-        tokio::select! {
-            biased;
-            frame = reader.next_frame() => {
-                watchdog.heard();
-                let msg = match frame {
-                    Some(Ok(frame)) => {
-                        let frame = frame.freeze();
-                        if let Some(part) = protocol::part_frame(&frame, TO_PARENT_PART) {
-                            match part.and_then(|part| conn.add_result_part(&part, max_payload)) {
-                                Ok(()) => continue,
-                                Err(e) => break Error::new(ErrorKind::RunnerLost, format!("runner {id}: {e}")),
-                            }
-                        }
-                        match protocol::chan_frame(&frame, TO_PARENT_CHAN) {
-                            Some(Ok(chan)) => {
-                                conn.routes.deliver(chan, &frame);
-                                continue;
-                            }
-                            Some(Err(e)) => Some(Err(e)),
-                            // Results, the hot path, are decoded in place.
-                            None => Some(protocol::done_frame(&frame).unwrap_or_else(|| protocol::decode::<ToParent>(&frame))),
-                        }
-                    }
-                    Some(Err(e)) => Some(Err(e)),
-                    None => None,
-                };
-                match msg {
-                    Some(Ok(ToParent::Done { call: id, outcome })) => {
-                        // Only a call that runs here counts: a runner can send anything.
-                        if let Some(Running { call, slot, chans, result: parts, .. }) = conn.finish(id) {
-                            owner.served();
-                            // A big result: its last piece came with the `Done`.
-                            let outcome = match (outcome, parts) {
-                                (Outcome::Ok(last), Some(mut whole)) => {
-                                    whole.extend_from_slice(&last);
-                                    Outcome::Ok(Bytes::from(whole))
-                                }
-                                (outcome, _) => outcome,
-                            };
-                            let result = outcome.into_result();
-                            if chans > 0 {
-                                // A task that failed may have cut its streams short: say so.
-                                let end = match &result {
-                                    Ok(_) => End::Finished,
-                                    Err(e) => End::Failed(e),
-                                };
-                                conn.routes.end_call(id, chans, end, true);
-                            }
-                            // Free the slot before waking the caller, so its next call finds it.
-                            drop(slot);
-                            call.ticket.resolve(result);
-                        }
-                    }
-                    Some(Ok(ToParent::Cancelled { call: cid })) => {
-                        if let Some(Running { call, chans, cancelled, .. }) = conn.finish(cid) {
-                            if chans > 0 {
-                                conn.routes.end_call(cid, chans, End::Cancelled, true);
-                            }
-                            // Unasked: the runner dropped the call itself, as it does when it
-                            // stops (a signal, its grace over). Its caller must hear why.
-                            if !cancelled {
-                                call.ticket.resolve(Err(Error::new(
-                                    ErrorKind::RunnerLost,
-                                    format!("runner {id} ended the call before it finished: it is stopping (a signal, or its grace ran out)"),
-                                )));
-                            }
-                        }
-                    }
-                    // Channel frames and pieces were handled above.
-                    Some(Ok(ToParent::Chan(_) | ToParent::Part(_))) => {}
-                    Some(Ok(ToParent::Heartbeat)) => {}
-                    Some(Ok(ToParent::Idle { idle_ms })) => owner.idle(key, Duration::from_millis(idle_ms)),
-                    Some(Ok(ToParent::Stopping)) => owner.stopping(key),
-                    Some(Ok(ToParent::Took { call, bytes })) => {
-                        if let Some(running) = conn.lock().calls.get_mut(&call) {
-                            running.took = running.took.max(bytes);
-                        }
-                        conn.progress.notify_waiters();
-                    }
-                    Some(Ok(ToParent::BootFailed { reason })) => {
-                        break Error::new(ErrorKind::BootFailed, format!("runner {id}: main returned an error: {reason}"));
-                    }
-                    Some(Ok(ToParent::Hello(_) | ToParent::StartTls { .. })) => {
-                        break Error::new(ErrorKind::RunnerLost, format!("runner {id} broke the protocol (a second hello)"));
-                    }
-                    Some(Err(e)) => break Error::new(ErrorKind::RunnerLost, format!("runner {id}: {e}")),
-                    None => break Error::new(ErrorKind::RunnerLost, format!("runner {id} closed its connection (it exited or crashed)")),
-                }
-            }
-            () = &mut overdue_timer, if armed != far_future => {
-                for call in conn.take_overdue(Instant::now()) {
-                    // Still running past its cancel's grace: it blocks its thread or never yields.
-                    let stuck = conn.lock().calls.get_mut(&call).and_then(|r| Some((r.slot.take()?, r.call.def.id)));
-                    if let Some((slot, task)) = stuck {
-                        owner.recycle(key, task, call);
-                        drop(slot);
-                    }
-                }
-            }
-            _ = ticker.tick() => {
-                if let Some(quiet) = watchdog.silent_for() {
-                    break Error::new(
-                        ErrorKind::RunnerLost,
-                        format!(
-                            "runner {id} sent nothing for {quiet:?} (missed {} heartbeats)",
-                            quiet.as_millis() / heartbeat.as_millis().max(1)
-                        ),
-                    );
-                }
-                conn.push(&ToRunner::Heartbeat);
-            }
-        }
-    };
-    tracing::debug!(runner = %id, reason = %reason, "flame: runner connection ended");
-    writer.abort();
-    conn.out.abandon();
-    let _ = conn.ended.set(reason.clone());
-    // Forget the runner first, so the slots released below are not handed out on it.
-    owner.gone(key, &reason);
-    let running = {
-        let mut pending = conn.lock();
-        pending.closed = true;
-        std::mem::take(&mut pending.calls)
-    };
-    conn.progress.notify_waiters();
-    for (
-        id,
-        Running {
-            mut call,
-            args,
-            slot,
-            chans,
-            ..
-        },
-    ) in running
-    {
-        if chans > 0 {
-            conn.routes.end_call(id, chans, End::Failed(&reason), true);
-        }
-        drop(slot);
-        if call.take_retry(&reason) {
-            call.ticket.requeue(args);
-            tracing::debug!(runner = %id, task = call.def.id, "flame: retrying a call whose runner was lost");
-            owner.resubmit(call);
-        } else {
-            call.ticket.resolve(Err(reason.clone()));
-        }
-    }
 }
