@@ -106,6 +106,8 @@
 
 mod bridge;
 mod io;
+mod pump;
+mod routes;
 
 use std::fmt;
 use std::pin::Pin;
@@ -122,10 +124,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::PollSender;
 
 use crate::error::{Error, ErrorKind};
-pub(crate) use bridge::{Attachment, End, Port, Routes, Side, decoding, encoding, probing};
+pub(crate) use bridge::{Attachment, decoding, encoding, probing};
 pub use io::{ChannelReader, ChannelWriter, into_reader, into_writer, stream_reader};
+pub(crate) use routes::{End, Port, Routes, Side};
 
-use bridge::Link;
+use routes::Link;
 
 /// Makes a bounded channel for messages of type `T` that can cross to a runner: pass either
 /// half to a task as an argument. `capacity` (at least 1) bounds how many messages wait on each
@@ -308,7 +311,7 @@ where
         let capacity = tx.max_capacity();
         let link = self.link.clone();
         Wire::write(serializer, capacity, link.clone(), move |routes, port| {
-            bridge::open_inbound(routes, port, tx, link)
+            pump::open_inbound(routes, port, tx, link)
         })
     }
 }
@@ -321,7 +324,7 @@ where
         let (chan, tx, rx, link) = Wire::read(deserializer)?;
         let pump_link = link.clone();
         bridge::connect(chan, move |routes, port| {
-            bridge::open_outbound(routes, port, rx, pump_link)
+            pump::open_outbound(routes, port, rx, pump_link)
         })
         .map_err(D::Error::custom)?;
         Ok(Sender::new(tx, link))
@@ -420,7 +423,7 @@ where
         let capacity = rx.max_capacity();
         let link = self.link.clone();
         Wire::write(serializer, capacity, link.clone(), move |routes, port| {
-            bridge::open_outbound(routes, port, rx, link)
+            pump::open_outbound(routes, port, rx, link)
         })
     }
 }
@@ -433,7 +436,7 @@ where
         let (chan, tx, rx, link) = Wire::read(deserializer)?;
         let pump_link = link.clone();
         bridge::connect(chan, move |routes, port| {
-            bridge::open_inbound(routes, port, tx, pump_link)
+            pump::open_inbound(routes, port, tx, pump_link)
         })
         .map_err(D::Error::custom)?;
         Ok(Receiver::new(rx, link))
