@@ -41,17 +41,20 @@
 //!
 //! | piece | where |
 //! |---|---|
-//! | [`#[flame::task]`](task): a task and its [`Call`] | `call.rs`, `task.rs` (the registry) |
-//! | [`spawn_on`] / [`call()`] / [`cast`] and the [`JoinHandle`] (cancels on drop) | `call.rs`, `join.rs`, `cancel.rs`, `deadline.rs` |
-//! | [`Pool`]: placement, growth, retries, idle shutdown | `pool/` (the decisions: `state.rs`; carrying them out: `shared.rs`; booting a runner: `boot.rs`); waiting for a slot: `queue.rs` |
+//! | [`#[flame::task]`](task): a task and its [`Call`] | `call/`, `task.rs` (the registry) |
+//! | [`spawn_on`] / [`call()`] / [`cast`] and the [`JoinHandle`] (cancels on drop) | `call/` (`join.rs`), `ticket.rs` (a call's shared state and its cancel), `deadline.rs` |
+//! | [`Pool`]: placement, growth, retries, idle shutdown | `pool/`: the decisions as plain data in `state.rs`, carried out by `shared.rs`; booting one runner: `boot.rs`; where a call waits for a slot: `queue.rs` |
 //! | [`PoolBuilder`]: every knob and its default; lifecycle hooks | `pool/builder.rs`, `hooks.rs` |
-//! | the parent's side of a runner connection | `listener.rs` (dial-back, handshake), `connection.rs` |
-//! | the runner's side, and its failsafe | `runner.rs`, `terminator.rs` |
+//! | the parent's side of a runner connection | `pool/listener.rs` (dial-back, hello checks), `pool/connection/` (calls out, results in: `read.rs`) |
+//! | the runner's side, and its failsafe | `runner/`: `service.rs` (its loop), `calls.rs` (one call's life), `terminator.rs` (who stops an orphaned runner) |
 //! | [`#[flame::main]`](main), [`#[flame::test]`](test), [`parent()`] and the hand-off to runners | `runtime.rs`, `parent.rs` |
 //! | graceful shutdown on SIGTERM/SIGINT, [`shutdown_all`] | `pool/shutdown.rs` |
 //! | [`Backend`]: [`ProcessBackend`], [`LocalBackend`] | `backend/` |
-//! | [`channel()`]: typed channels that cross to runners, streaming files | `channel/` (the halves; `bridge.rs`: pumps, credit, routes) |
+//! | [`channel()`]: typed channels that cross to runners, streaming files | `channel/` (the halves; `routes.rs`, `pump.rs`: routes and credit; `bridge.rs`: a half as an argument) |
 //! | what crosses the wire: messages, byte layouts, reading and writing frames, the handshake, TLS | `protocol/`; the thread it runs on, which tasks can't block: `io_runtime.rs` |
+//!
+//! No module imports another that imports it back, so each reads with only what is below it
+//! in mind (checked by `tests/architecture.rs`).
 //!
 //! # Semantics in brief
 //!

@@ -8,6 +8,9 @@
 //! | `state.rs` | the decisions, as plain data: no lock, no I/O |
 //! | `shared.rs` | the one lock around the state, and carrying out what it decides |
 //! | `boot.rs` | booting one runner, up to its welcome |
+//! | `queue.rs` | where a call waits for a slot |
+//! | `listener.rs` | where runners dial back, and the hello checks that admit them |
+//! | `connection/` | one runner connection: calls out (`mod.rs`), results in (`read.rs`) |
 //! | `shutdown.rs` | every pool of the process, drained on SIGTERM/SIGINT |
 
 use std::fmt;
