@@ -14,9 +14,9 @@ use crate::error::{Error, ErrorKind};
 use crate::hooks::{GrowEnd, GrowReason, GrowStart};
 use crate::parent::Handoff;
 use crate::pool::connection::{self, Owner, RunnerConn};
-use crate::pool::listener::{Listener, listener_for};
-use crate::protocol::Welcome;
+use crate::pool::listener::{Expectation, Listener, listener_for};
 use crate::protocol::handshake::new_token;
+use crate::protocol::{BoxRead, BoxWrite, Welcome};
 
 static NEXT_RUNNER: AtomicU64 = AtomicU64::new(1);
 
@@ -69,6 +69,8 @@ impl Shared {
         self.changed.notify_waiters();
     }
 
+    /// Boots the runner `runner_id` and waits for it to dial back and prove itself; returns
+    /// its connection, welcomed, and its backend handle.
     async fn boot_runner(
         self: &Arc<Self>,
         key: u64,
@@ -87,116 +89,39 @@ impl Shared {
             tls,
         });
         spec.test_runner_args = self.test_runner_args.clone();
-        let backend = self.backend.name().to_string();
-        let deadline = crate::deadline::after(self.config.boot_timeout);
-        let timed_out = || {
-            Error::new(
-                ErrorKind::BootFailed,
-                format!(
-                    "runner {runner_id} did not connect back within the boot timeout of {:?} (backend {backend})",
-                    self.config.boot_timeout
-                ),
-            )
+        let booting = Booting {
+            shared: self,
+            runner_id,
+            backend: self.backend.name().to_string(),
+            deadline: crate::deadline::after(self.config.boot_timeout),
         };
-        let closed_while_booting = || {
-            Error::new(
-                ErrorKind::PoolClosed,
-                format!(
-                    "pool {} was shut down while runner {runner_id} was booting",
-                    self.name
-                ),
-            )
-        };
-        let boot = async {
-            // Spawned so that a boot past its deadline still hands its runner over, to be
-            // destroyed: a create request cut off mid-flight would leave a container or machine
-            // nobody knows of.
-            let mut boot = self.spawn(self.backend.boot(spec));
-            let first = tokio::select! {
-                biased;
-                () = self.closing.cancelled() => None,
-                joined = tokio::time::timeout_at(deadline, &mut boot) => Some(joined),
-            };
-            let booted = match first {
-                Some(Ok(Ok(booted))) => booted,
-                Some(Ok(Err(panicked))) => Err(Error::new(
-                    ErrorKind::BootFailed,
-                    format!("backend {backend} panicked booting runner {runner_id}: {panicked}"),
-                )),
-                Some(Err(_)) => {
-                    self.destroy_late(boot);
-                    return Err(timed_out());
-                }
-                None => {
-                    self.destroy_late(boot);
-                    return Err(closed_while_booting());
-                }
-            };
-            let mut handle = booted.map_err(|e| match e.kind() {
-                ErrorKind::BootFailed => e,
-                // A mistake in the setup stays one: no retry will fix it.
-                ErrorKind::Config => Error::new(
-                    ErrorKind::Config,
-                    format!("backend {backend}: {}", e.message()),
-                ),
-                _ => Error::new(ErrorKind::BootFailed, format!("backend {backend}: {e}")),
-            })?;
-            let accepted = tokio::select! {
-                biased;
-                () = self.closing.cancelled() => Err(closed_while_booting()),
-                accepted = expectation.accepted() => accepted,
-                status = handle.exited() => Err(Error::new(
-                    ErrorKind::BootFailed,
-                    format!("runner {runner_id} ({}) exited before it connected back: {status}", handle.describe()),
-                )),
-                // Destroyed below: dropping a handle need not stop a machine (an API backend's
-                // is just an id).
-                () = tokio::time::sleep_until(deadline) => Err(timed_out()),
-            };
-            // A boot that failed while peers claiming its runner were refused most likely failed
-            // because its runner could not prove itself (wrong token, TLS): say so.
-            let accepted = accepted.map_err(|e| match expectation.refused_claims() {
-                Some(claims) if e.kind() == ErrorKind::BootFailed => Error::new(
-                    ErrorKind::Rejected,
-                    format!(
-                        "{}; the listener refused whoever claimed to be it: {claims}",
-                        e.message()
-                    ),
-                ),
-                _ => e,
-            });
-            match accepted {
-                Ok(halves) => Ok((halves, handle)),
-                Err(e) => {
-                    handle.destroy().await;
-                    Err(e)
-                }
-            }
-        };
-        let (halves, handle) = boot.await?;
-        let idle = match (
-            self.config.idle_shutdown_after,
-            self.config.min_idle_shutdown_after,
-        ) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let welcome = Welcome {
-            heartbeat_ms: crate::deadline::millis(self.config.heartbeat_interval),
-            miss_limit: self.config.heartbeat_miss_limit,
-            idle_ms: idle.map(crate::deadline::millis),
-            max_payload: self.config.max_payload as u64,
-        };
+        let handle = booting.backend_boot(spec).await?;
+        let (halves, handle) = booting.dial_back(&mut expectation, handle).await?;
         let owner: Arc<dyn Owner> = Arc::new(self.clone());
         let conn = connection::start(
             owner,
             key,
             runner_id.to_string(),
             halves,
-            welcome,
+            self.welcome(),
             self.config.cancel_grace,
         );
         Ok((conn, handle))
+    }
+
+    /// What a runner of this pool is told once admitted: heartbeat, idle period, payload limit.
+    fn welcome(&self) -> Welcome {
+        let config = &self.config;
+        let idle = match (config.idle_shutdown_after, config.min_idle_shutdown_after) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Welcome {
+            heartbeat_ms: crate::deadline::millis(config.heartbeat_interval),
+            miss_limit: config.heartbeat_miss_limit,
+            idle_ms: idle.map(crate::deadline::millis),
+            max_payload: config.max_payload as u64,
+        }
     }
 
     fn listener(&self) -> Result<&(Arc<Listener>, String), Error> {
@@ -241,5 +166,113 @@ impl Shared {
                 ),
             }
         });
+    }
+}
+
+/// One runner's boot, within its boot window.
+struct Booting<'a> {
+    shared: &'a Arc<Shared>,
+    runner_id: &'a str,
+    backend: String,
+    deadline: Instant,
+}
+
+impl Booting<'_> {
+    fn timed_out(&self) -> Error {
+        Error::new(
+            ErrorKind::BootFailed,
+            format!(
+                "runner {} did not connect back within the boot timeout of {:?} (backend {})",
+                self.runner_id, self.shared.config.boot_timeout, self.backend
+            ),
+        )
+    }
+
+    fn closed(&self) -> Error {
+        Error::new(
+            ErrorKind::PoolClosed,
+            format!(
+                "pool {} was shut down while runner {} was booting",
+                self.shared.name, self.runner_id
+            ),
+        )
+    }
+
+    /// The backend's boot: a handle to the runner it started.
+    async fn backend_boot(&self, spec: BootSpec) -> Result<Box<dyn RunnerHandle>, Error> {
+        let (shared, backend, runner_id) = (self.shared, &self.backend, self.runner_id);
+        // Spawned so that a boot past its deadline still hands its runner over, to be
+        // destroyed: a create request cut off mid-flight would leave a container or machine
+        // nobody knows of.
+        let mut boot = shared.spawn(shared.backend.boot(spec));
+        let first = tokio::select! {
+            biased;
+            () = shared.closing.cancelled() => None,
+            joined = tokio::time::timeout_at(self.deadline, &mut boot) => Some(joined),
+        };
+        let booted = match first {
+            Some(Ok(Ok(booted))) => booted,
+            Some(Ok(Err(panicked))) => Err(Error::new(
+                ErrorKind::BootFailed,
+                format!("backend {backend} panicked booting runner {runner_id}: {panicked}"),
+            )),
+            Some(Err(_)) => {
+                shared.destroy_late(boot);
+                return Err(self.timed_out());
+            }
+            None => {
+                shared.destroy_late(boot);
+                return Err(self.closed());
+            }
+        };
+        booted.map_err(|e| match e.kind() {
+            ErrorKind::BootFailed => e,
+            // A mistake in the setup stays one: no retry will fix it.
+            ErrorKind::Config => Error::new(
+                ErrorKind::Config,
+                format!("backend {backend}: {}", e.message()),
+            ),
+            _ => Error::new(ErrorKind::BootFailed, format!("backend {backend}: {e}")),
+        })
+    }
+
+    /// Waits for the booted runner to dial back and prove itself; destroys it if it does not.
+    async fn dial_back(
+        &self,
+        expectation: &mut Expectation,
+        mut handle: Box<dyn RunnerHandle>,
+    ) -> Result<((BoxRead, BoxWrite), Box<dyn RunnerHandle>), Error> {
+        let runner_id = self.runner_id;
+        let accepted = tokio::select! {
+            biased;
+            () = self.shared.closing.cancelled() => Err(self.closed()),
+            accepted = expectation.accepted() => accepted,
+            status = handle.exited() => Err(Error::new(
+                ErrorKind::BootFailed,
+                format!("runner {runner_id} ({}) exited before it connected back: {status}", handle.describe()),
+            )),
+            // Destroyed below: dropping a handle need not stop a machine (an API backend's
+            // is just an id).
+            () = tokio::time::sleep_until(self.deadline) => Err(self.timed_out()),
+        };
+        // A boot that failed while peers claiming its runner were refused most likely failed
+        // because its runner could not prove itself (wrong token, TLS): say so.
+        let accepted = accepted.map_err(|e| match expectation.refused_claims() {
+            Some(claims) if e.kind() == ErrorKind::BootFailed => Error::new(
+                ErrorKind::Rejected,
+                format!(
+                    "{}; the listener refused whoever claimed to be it: {claims}",
+                    e.message()
+                ),
+            ),
+            _ => e,
+        });
+        match accepted {
+            Ok(halves) => Ok((halves, handle)),
+            Err(e) => {
+                handle.destroy().await;
+                Err(e)
+            }
+        }
     }
 }
