@@ -228,77 +228,14 @@ fn expand_task(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
     let krate = krate(&options);
     let func: ItemFn = syn::parse2(item)?;
     let sig = &func.sig;
-    if sig.asyncness.is_none() {
-        return Err(syn::Error::new(
-            sig.fn_token.span(),
-            "#[flame::task] needs an `async fn`",
-        ));
-    }
-    if let Some(c) = &sig.constness {
-        return Err(syn::Error::new(c.span(), "a task cannot be a `const fn`"));
-    }
-    if let Some(u) = &sig.unsafety {
-        return Err(syn::Error::new(u.span(), "a task cannot be an `unsafe fn`"));
-    }
-    if let Some(abi) = &sig.abi {
-        return Err(syn::Error::new(
-            abi.span(),
-            "a task cannot have an `extern` ABI",
-        ));
-    }
-    if let Some(v) = &sig.variadic {
-        return Err(syn::Error::new(v.span(), "a task cannot be variadic"));
-    }
-    if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
-        return Err(syn::Error::new(
-            sig.generics.span(),
-            "a task cannot be generic: its id and signature must be fixed, so the runner knows which body to run",
-        ));
-    }
-    // Serialized arguments; `State<T>` parameters, which are not; every parameter, in order.
-    let mut idents = Vec::new();
-    let mut types = Vec::new();
-    let mut states: Vec<(syn::Ident, Type)> = Vec::new();
-    let mut all_idents = Vec::new();
-    for (i, input) in sig.inputs.iter().enumerate() {
-        match input {
-            FnArg::Receiver(r) => {
-                return Err(syn::Error::new(
-                    r.span(),
-                    "a task cannot take `self`: make it a free function and pass what it needs as owned arguments",
-                ));
-            }
-            FnArg::Typed(pt) => {
-                check_type(&pt.ty)?;
-                // Keep the user's name for readable errors; destructuring patterns get one of ours.
-                let ident = match &*pt.pat {
-                    Pat::Ident(p) if p.by_ref.is_none() && p.subpat.is_none() => p.ident.clone(),
-                    _ => format_ident!("__flame_arg{}", i),
-                };
-                all_idents.push(ident.clone());
-                match generic_arg(&pt.ty, "State") {
-                    Some(inner) => states.push((ident, inner.clone())),
-                    None => {
-                        idents.push(ident);
-                        types.push((*pt.ty).clone());
-                    }
-                }
-            }
-        }
-    }
-    let ret: Type = match &sig.output {
-        ReturnType::Default => syn::parse_quote!(()),
-        ReturnType::Type(_, ty) => {
-            check_type(ty)?;
-            if let Some(state) = find_state(ty) {
-                return Err(syn::Error::new(
-                    state.span(),
-                    "a task cannot return a `State`: state stays in the process that provided it; return the data itself",
-                ));
-            }
-            (**ty).clone()
-        }
-    };
+    check_task_signature(sig)?;
+    let Params {
+        idents,
+        types,
+        states,
+        all_idents,
+    } = Params::of(sig)?;
+    let ret = return_type(sig)?;
     let name = &sig.ident;
     let name_str = name.to_string();
     let vis = &func.vis;
@@ -348,47 +285,8 @@ fn expand_task(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
         args_span,
     );
     let decode = respan(quote!(#private::decode_args(bytes)?), args_span);
-    // Byte vectors cross as one byte string, and the first big one (or `Bytes`) from its own
-    // memory (see flame-rt's payload.rs).
-    let has_bytes = types.iter().any(|ty| is_byte_vec(ty) || is_bytes(ty));
-    let encode_steps = types.iter().enumerate().map(|(i, ty)| {
-        let index = syn::Index::from(i);
-        let step = if is_byte_vec(ty) {
-            quote!(__flame_writer.byte_vec(&mut args.#index)?;)
-        } else if is_bytes(ty) {
-            quote!(__flame_writer.shared(&args.#index)?;)
-        } else {
-            quote!(__flame_writer.value(&args.#index)?;)
-        };
-        respan(step, ty.span())
-    });
-    // Without bytes among them, the arguments are encoded as one tuple: one size pass and one
-    // buffer, what the smallest calls are fastest with.
-    let encode_body = if has_bytes {
-        quote! {
-            let mut __flame_writer = #private::ArgsWriter::default();
-            #(#encode_steps)*
-            ::core::result::Result::Ok(__flame_writer.finish())
-        }
-    } else {
-        let refs = (0..types.len()).map(|i| {
-            let index = syn::Index::from(i);
-            quote!(&args.#index)
-        });
-        respan(quote!(#private::encode_args(&(#(#refs,)*))), args_span)
-    };
-    let wire_types: Vec<TokenStream2> = types
-        .iter()
-        .map(|ty| {
-            if is_byte_vec(ty) {
-                quote!(#private::FromBytes<#ty>)
-            } else if is_bytes(ty) {
-                quote!(#private::Shared<#ty>)
-            } else {
-                quote!(#ty)
-            }
-        })
-        .collect();
+    let encode_body = encode_args_body(&types, &private, args_span);
+    let wire_types = wire_types(&types, &private);
     let unwrap_args = idents
         .iter()
         .zip(&types)
@@ -401,48 +299,11 @@ fn expand_task(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
         .zip(&types)
         .filter(|(_, ty)| is_byte_vec(ty))
         .map(|(ident, _)| quote!(let #ident = #ident.into_inner();));
-    let (encode_output, decode_output) = if is_byte_vec(&ret) {
-        (
-            quote!(#private::encode_body(output)),
-            quote!(#private::decode_value::<#private::FromBytes<#ret>>(bytes).map(|b| b.into_inner())),
-        )
-    } else if let Some((ok, err)) = byte_vec_result(&ret) {
-        (
-            quote!(#private::encode_body_or(output)),
-            quote!(
-                #private::decode_value::<::core::result::Result<#private::FromBytes<#ok>, #err>>(bytes)
-                    .map(|r| r.map(|b| b.into_inner()))
-            ),
-        )
-    } else if is_bytes(&ret) {
-        (
-            quote!(#private::encode_shared(output)),
-            quote!(#private::decode_value::<#ret>(bytes)),
-        )
-    } else {
-        (
-            quote!(#private::encode_result(&output)),
-            quote!(#private::decode_value::<#ret>(bytes)),
-        )
-    };
-    let culprit_checks = idents
-        .iter()
-        .zip(&types)
-        .enumerate()
-        .map(|(i, (ident, ty))| {
-            let index = syn::Index::from(i);
-            let label = format!("argument `{}: {}`", ident, quote!(#ty))
-                .replace(" <", "<")
-                .replace("< ", "<")
-                .replace(" >", ">");
-            let encodes = respan(quote!(#private::encodes(&args.#index)), ty.span());
-            quote! {
-                if !#encodes {
-                    return #label;
-                }
-            }
-        });
+    let (encode_output, decode_output) = output_codec(&ret, &private);
+    let culprit_checks = culprit_checks(&idents, &types, &private);
 
+    // The generated code, as one template read top to bottom: it is one item, and cutting it
+    // into functions would scatter that item (this is why `expand_task` passes ~80 lines).
     Ok(quote! {
         #(#attrs)*
         #vis fn #name(#(#idents: #types),*) -> #krate::Call<#ret> {
@@ -502,6 +363,212 @@ fn expand_task(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStrea
             #new_call
         }
     })
+}
+
+/// What a task's signature must not be: anything but an `async fn` that a runner can call by
+/// name (no `const`, `unsafe`, ABI, variadics or generics).
+fn check_task_signature(sig: &syn::Signature) -> syn::Result<()> {
+    if sig.asyncness.is_none() {
+        return Err(syn::Error::new(
+            sig.fn_token.span(),
+            "#[flame::task] needs an `async fn`",
+        ));
+    }
+    if let Some(c) = &sig.constness {
+        return Err(syn::Error::new(c.span(), "a task cannot be a `const fn`"));
+    }
+    if let Some(u) = &sig.unsafety {
+        return Err(syn::Error::new(u.span(), "a task cannot be an `unsafe fn`"));
+    }
+    if let Some(abi) = &sig.abi {
+        return Err(syn::Error::new(
+            abi.span(),
+            "a task cannot have an `extern` ABI",
+        ));
+    }
+    if let Some(v) = &sig.variadic {
+        return Err(syn::Error::new(v.span(), "a task cannot be variadic"));
+    }
+    if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
+        return Err(syn::Error::new(
+            sig.generics.span(),
+            "a task cannot be generic: its id and signature must be fixed, so the runner knows which body to run",
+        ));
+    }
+    Ok(())
+}
+
+/// A task's parameters: serialized arguments, `State<T>` parameters (which are not), and
+/// every parameter's name, in order.
+struct Params {
+    idents: Vec<syn::Ident>,
+    types: Vec<Type>,
+    states: Vec<(syn::Ident, Type)>,
+    all_idents: Vec<syn::Ident>,
+}
+
+impl Params {
+    fn of(sig: &syn::Signature) -> syn::Result<Params> {
+        // Serialized arguments; `State<T>` parameters, which are not; every parameter, in order.
+        let mut idents = Vec::new();
+        let mut types = Vec::new();
+        let mut states: Vec<(syn::Ident, Type)> = Vec::new();
+        let mut all_idents = Vec::new();
+        for (i, input) in sig.inputs.iter().enumerate() {
+            match input {
+                FnArg::Receiver(r) => {
+                    return Err(syn::Error::new(
+                        r.span(),
+                        "a task cannot take `self`: make it a free function and pass what it needs as owned arguments",
+                    ));
+                }
+                FnArg::Typed(pt) => {
+                    check_type(&pt.ty)?;
+                    // Keep the user's name for readable errors; destructuring patterns get one of ours.
+                    let ident = match &*pt.pat {
+                        Pat::Ident(p) if p.by_ref.is_none() && p.subpat.is_none() => {
+                            p.ident.clone()
+                        }
+                        _ => format_ident!("__flame_arg{}", i),
+                    };
+                    all_idents.push(ident.clone());
+                    match generic_arg(&pt.ty, "State") {
+                        Some(inner) => states.push((ident, inner.clone())),
+                        None => {
+                            idents.push(ident);
+                            types.push((*pt.ty).clone());
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Params {
+            idents,
+            types,
+            states,
+            all_idents,
+        })
+    }
+}
+
+/// The task's return type (`()` if none); a `State` may not be returned.
+fn return_type(sig: &syn::Signature) -> syn::Result<Type> {
+    Ok(match &sig.output {
+        ReturnType::Default => syn::parse_quote!(()),
+        ReturnType::Type(_, ty) => {
+            check_type(ty)?;
+            if let Some(state) = find_state(ty) {
+                return Err(syn::Error::new(
+                    state.span(),
+                    "a task cannot return a `State`: state stays in the process that provided it; return the data itself",
+                ));
+            }
+            (**ty).clone()
+        }
+    })
+}
+
+/// The body of `__flame_encode`: byte vectors cross as one byte string, and the first big one
+/// (or `Bytes`) from its own memory (see flame-rt's payload/). Without bytes among them, the
+/// arguments are encoded as one tuple: one size pass and one buffer, what the smallest calls
+/// are fastest with.
+fn encode_args_body(types: &[Type], private: &TokenStream2, args_span: Span) -> TokenStream2 {
+    let has_bytes = types.iter().any(|ty| is_byte_vec(ty) || is_bytes(ty));
+    let encode_steps = types.iter().enumerate().map(|(i, ty)| {
+        let index = syn::Index::from(i);
+        let step = if is_byte_vec(ty) {
+            quote!(__flame_writer.byte_vec(&mut args.#index)?;)
+        } else if is_bytes(ty) {
+            quote!(__flame_writer.shared(&args.#index)?;)
+        } else {
+            quote!(__flame_writer.value(&args.#index)?;)
+        };
+        respan(step, ty.span())
+    });
+    if has_bytes {
+        quote! {
+            let mut __flame_writer = #private::ArgsWriter::default();
+            #(#encode_steps)*
+            ::core::result::Result::Ok(__flame_writer.finish())
+        }
+    } else {
+        let refs = (0..types.len()).map(|i| {
+            let index = syn::Index::from(i);
+            quote!(&args.#index)
+        });
+        respan(quote!(#private::encode_args(&(#(#refs,)*))), args_span)
+    }
+}
+
+/// The types the runner decodes the arguments as: byte vectors through `FromBytes`, `Bytes`
+/// through `Shared`.
+fn wire_types(types: &[Type], private: &TokenStream2) -> Vec<TokenStream2> {
+    types
+        .iter()
+        .map(|ty| {
+            if is_byte_vec(ty) {
+                quote!(#private::FromBytes<#ty>)
+            } else if is_bytes(ty) {
+                quote!(#private::Shared<#ty>)
+            } else {
+                quote!(#ty)
+            }
+        })
+        .collect()
+}
+
+/// How the task's result is encoded on the runner and decoded by the caller: a byte-vector,
+/// byte-vector `Ok` or `Bytes` result takes the fast path.
+fn output_codec(ret: &Type, private: &TokenStream2) -> (TokenStream2, TokenStream2) {
+    if is_byte_vec(ret) {
+        (
+            quote!(#private::encode_body(output)),
+            quote!(#private::decode_value::<#private::FromBytes<#ret>>(bytes).map(|b| b.into_inner())),
+        )
+    } else if let Some((ok, err)) = byte_vec_result(ret) {
+        (
+            quote!(#private::encode_body_or(output)),
+            quote!(
+                #private::decode_value::<::core::result::Result<#private::FromBytes<#ok>, #err>>(bytes)
+                    .map(|r| r.map(|b| b.into_inner()))
+            ),
+        )
+    } else if is_bytes(ret) {
+        (
+            quote!(#private::encode_shared(output)),
+            quote!(#private::decode_value::<#ret>(bytes)),
+        )
+    } else {
+        (
+            quote!(#private::encode_result(&output)),
+            quote!(#private::decode_value::<#ret>(bytes)),
+        )
+    }
+}
+
+/// `__flame_culprit`'s checks: the first argument that does not encode, by name and type.
+fn culprit_checks<'a>(
+    idents: &'a [syn::Ident],
+    types: &'a [Type],
+    private: &'a TokenStream2,
+) -> impl Iterator<Item = TokenStream2> + 'a {
+    idents
+        .iter()
+        .zip(types)
+        .enumerate()
+        .map(move |(i, (ident, ty))| {
+            let index = syn::Index::from(i);
+            let label = format!("argument `{}: {}`", ident, quote!(#ty))
+                .replace(" <", "<")
+                .replace("< ", "<")
+                .replace(" >", ">");
+            let encodes = respan(quote!(#private::encodes(&args.#index)), ty.span());
+            quote! {
+                if !#encodes {
+                    return #label;
+                }
+            }
+        })
 }
 
 /// Gives every token the span `span`, so errors about generated code point at the user's code.
