@@ -308,25 +308,7 @@ impl DockerBackendBuilder {
     /// [`Config`](ErrorKind::Config) error naming the builder method that sets it.
     pub async fn build(self) -> Result<DockerBackend, Error> {
         if flame::parent().is_some() {
-            return Ok(DockerBackend {
-                inner: Arc::new(Inner {
-                    docker: None,
-                    image: String::new(),
-                    entrypoint: None,
-                    cmd: None,
-                    network: String::new(),
-                    listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-                    advertise: IpAddr::from([127, 0, 0, 1]),
-                    parent_id: String::new(),
-                    env: Vec::new(),
-                    labels: HashMap::new(),
-                    memory_bytes: None,
-                    nano_cpus: None,
-                    binds: Vec::new(),
-                    gpus: None,
-                    stop_grace: self.stop_grace,
-                }),
-            });
+            return Ok(DockerBackend::on_a_runner(self.stop_grace));
         }
         if let Some(cpus) = self.cpus.filter(|cpus| !cpus.is_finite() || *cpus <= 0.0) {
             return Err(Error::new(
@@ -334,20 +316,7 @@ impl DockerBackendBuilder {
                 format!("cpus must be above zero, not {cpus}"),
             ));
         }
-        let docker = match self.docker {
-            Some(docker) => docker,
-            None => Docker::connect_with_defaults().map_err(|e| match e {
-                bollard::errors::Error::SocketNotFoundError(_) => engine::unreachable(&e),
-                e => Error::new(
-                    ErrorKind::Config,
-                    format!("the Docker engine address (DOCKER_HOST) is not usable: {e}"),
-                ),
-            })?,
-        };
-        let docker = docker
-            .negotiate_version()
-            .await
-            .map_err(|e| engine::unreachable(&e))?;
+        let docker = engine_connection(self.docker).await?;
         let own = engine::own_container(&docker).await?;
 
         let image = match (self.image, &own) {
@@ -370,57 +339,15 @@ impl DockerBackendBuilder {
         let cmd = self
             .cmd
             .or_else(|| own_image.and_then(|own| own.cmd.clone()));
-        let network = match (self.network, &own) {
-            (Some(network), _) => network,
-            (None, Some(own)) => match own.networks.as_slice() {
-                [(name, _)] => name.clone(),
-                [] => {
-                    return Err(Error::new(
-                        ErrorKind::Config,
-                        "the parent's container is on no network runners could join (call \
-                         DockerBackendBuilder::network)",
-                    ));
-                }
-                several => {
-                    let names: Vec<&str> = several.iter().map(|(n, _)| n.as_str()).collect();
-                    return Err(Error::new(
-                        ErrorKind::Config,
-                        format!(
-                            "the parent's container is on several networks ({}): say which one \
-                             runners join with DockerBackendBuilder::network",
-                            names.join(", ")
-                        ),
-                    ));
-                }
-            },
-            (None, None) => "bridge".to_string(),
+        let network = match self.network {
+            Some(network) => network,
+            None => own_network(own.as_ref())?,
         };
         // Runners need a real address to dial: the parent's on the network (the gateway outside
         // a container), unless `listen` names one.
         let advertise = match self.listen {
             Some(addr) if !addr.ip().is_unspecified() => addr.ip(),
-            _ => {
-                let on_network = own.as_ref().and_then(|own| {
-                    own.networks
-                        .iter()
-                        .find(|(name, _)| *name == network)
-                        .and_then(|(_, ip)| *ip)
-                });
-                match (on_network, &own) {
-                    (Some(ip), _) => ip,
-                    (None, Some(_)) => {
-                        return Err(Error::new(
-                            ErrorKind::Config,
-                            format!(
-                                "the parent's container has no address on network {network:?}, \
-                                 where runners dial back (connect it, or call \
-                                 DockerBackendBuilder::listen)"
-                            ),
-                        ));
-                    }
-                    (None, None) => engine::gateway(&docker, &network).await?,
-                }
-            }
+            _ => parent_address(&docker, own.as_ref(), &network).await?,
         };
         let listen = self.listen.unwrap_or(SocketAddr::new(advertise, 0));
         let parent_id = self
@@ -452,6 +379,103 @@ impl DockerBackendBuilder {
             }),
         })
     }
+}
+
+impl DockerBackend {
+    /// The backend as a runner holds it: it contacts nothing, since a pool there runs calls in
+    /// place and never boots.
+    fn on_a_runner(stop_grace: Duration) -> DockerBackend {
+        DockerBackend {
+            inner: Arc::new(Inner {
+                docker: None,
+                image: String::new(),
+                entrypoint: None,
+                cmd: None,
+                network: String::new(),
+                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                advertise: IpAddr::from([127, 0, 0, 1]),
+                parent_id: String::new(),
+                env: Vec::new(),
+                labels: HashMap::new(),
+                memory_bytes: None,
+                nano_cpus: None,
+                binds: Vec::new(),
+                gpus: None,
+                stop_grace,
+            }),
+        }
+    }
+}
+
+/// The engine the builder was given, or the one `DOCKER_HOST` (or the default socket) names,
+/// with the API version agreed.
+async fn engine_connection(given: Option<Docker>) -> Result<Docker, Error> {
+    let docker = match given {
+        Some(docker) => docker,
+        None => Docker::connect_with_defaults().map_err(|e| match e {
+            bollard::errors::Error::SocketNotFoundError(_) => engine::unreachable(&e),
+            e => Error::new(
+                ErrorKind::Config,
+                format!("the Docker engine address (DOCKER_HOST) is not usable: {e}"),
+            ),
+        })?,
+    };
+    let docker = docker
+        .negotiate_version()
+        .await
+        .map_err(|e| engine::unreachable(&e))?;
+    Ok(docker)
+}
+
+/// The network runners join when the builder names none: the parent container's only one, or
+/// `bridge` outside a container.
+fn own_network(own: Option<&engine::Own>) -> Result<String, Error> {
+    let Some(own) = own else {
+        return Ok("bridge".to_string());
+    };
+    match own.networks.as_slice() {
+        [(name, _)] => Ok(name.clone()),
+        [] => Err(Error::new(
+            ErrorKind::Config,
+            "the parent's container is on no network runners could join (call \
+             DockerBackendBuilder::network)",
+        )),
+        several => {
+            let names: Vec<&str> = several.iter().map(|(n, _)| n.as_str()).collect();
+            Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "the parent's container is on several networks ({}): say which one \
+                     runners join with DockerBackendBuilder::network",
+                    names.join(", ")
+                ),
+            ))
+        }
+    }
+}
+
+/// Where runners dial the parent: its address on `network` in a container, else the
+/// network's gateway.
+async fn parent_address(
+    docker: &Docker,
+    own: Option<&engine::Own>,
+    network: &str,
+) -> Result<IpAddr, Error> {
+    let Some(own) = own else {
+        return engine::gateway(docker, network).await;
+    };
+    let on_network = (own.networks.iter())
+        .find(|(name, _)| name == network)
+        .and_then(|(_, ip)| *ip);
+    on_network.ok_or_else(|| {
+        Error::new(
+            ErrorKind::Config,
+            format!(
+                "the parent's container has no address on network {network:?}, where runners \
+                 dial back (connect it, or call DockerBackendBuilder::listen)"
+            ),
+        )
+    })
 }
 
 impl Backend for DockerBackend {
@@ -495,18 +519,17 @@ impl Inner {
         })
     }
 
-    async fn create(
-        &self,
-        spec: &BootSpec,
-    ) -> Result<(String, (LastWords, oneshot::Receiver<()>)), Error> {
-        let docker = self.docker()?;
+    /// What a runner container is made of: the app's image and command, the hand-off in its
+    /// environment, the pool's labels, its limits and devices. Removed by the engine when it
+    /// exits.
+    fn container_body(&self, spec: &BootSpec) -> ContainerCreateBody {
         let (key, value) = spec.handoff_env();
         let mut env = self.env.clone();
         env.push(format!("{key}={value}"));
         let mut labels = self.labels.clone();
         labels.insert(LABEL_POOL.into(), spec.pool().into());
         labels.insert(LABEL_RUNNER.into(), spec.runner_id().into());
-        let body = ContainerCreateBody {
+        ContainerCreateBody {
             image: Some(self.image.clone()),
             entrypoint: self.entrypoint.clone(),
             cmd: self.cmd.clone(),
@@ -529,7 +552,15 @@ impl Inner {
                 ..Default::default()
             }),
             ..Default::default()
-        };
+        }
+    }
+
+    async fn create(
+        &self,
+        spec: &BootSpec,
+    ) -> Result<(String, (LastWords, oneshot::Receiver<()>)), Error> {
+        let docker = self.docker()?;
+        let body = self.container_body(spec);
         // A parent restarted in the same container counts runners from 1 again, while the
         // previous one's may still be ending: a random tail keeps their names apart.
         let name = container_name(

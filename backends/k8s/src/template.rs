@@ -6,7 +6,7 @@ use std::sync::Arc;
 use flame::{Error, ErrorKind};
 use k8s_openapi::api::core::v1::{
     Container, EnvVar, EnvVarSource, Pod, PodSpec, ResourceRequirements, Secret, SecretKeySelector,
-    Toleration, Volume,
+    Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
@@ -171,6 +171,151 @@ fn literal(value: &str) -> String {
     value.replace('$', "$$")
 }
 
+/// The volumes a runner pod keeps (those its app container mounts, and shared ones) and the
+/// app container's mounts of them. The sidecars' volumes stay with the parent.
+fn runner_volumes(
+    parent_spec: &PodSpec,
+    app: &Container,
+    knobs: &Knobs,
+) -> (Vec<Volume>, Option<Vec<VolumeMount>>) {
+    let mounted = |v: &Volume| app.volume_mounts.iter().flatten().any(|m| m.name == v.name);
+    let volumes: Vec<Volume> = parent_spec
+        .volumes
+        .iter()
+        .flatten()
+        .filter(|v| keeps(v, knobs) && (mounted(v) || knobs.shared_volumes.contains(&v.name)))
+        .cloned()
+        .collect();
+    for dropped in parent_spec.volumes.iter().flatten().filter(|v| {
+        mounted(v)
+            && !volumes.iter().any(|kept| kept.name == v.name)
+            && !v.name.starts_with("kube-api-access-")
+    }) {
+        tracing::info!(volume = %dropped.name, "flame: runner pods do not mount this volume of the app container: it is shared state (a claim, a host path) or an API token; K8sBackendBuilder::share_volume or runner_api_access mounts it");
+    }
+    let mounts = app.volume_mounts.as_ref().map(|mounts| {
+        mounts
+            .iter()
+            .filter(|m| volumes.iter().any(|v| v.name == m.name))
+            .cloned()
+            .collect::<Vec<_>>()
+    });
+    (volumes, mounts)
+}
+
+/// The runner's environment: the app container's, without the hand-off variable, with the
+/// builder's overrides in their variables' places and its additions after.
+fn runner_env(app: &Container, knobs: &Knobs, handoff_key: &str) -> Vec<EnvVar> {
+    // An override takes its variable's place: a later variable may refer to it as `$(NAME)`.
+    let knob = |name: &str, value: &str| EnvVar {
+        name: name.into(),
+        value: Some(literal(value)),
+        value_from: None,
+    };
+    let mut env: Vec<EnvVar> = app
+        .env
+        .iter()
+        .flatten()
+        .filter(|e| e.name != handoff_key)
+        .map(|e| match knobs.env.get(&e.name) {
+            Some(value) => knob(&e.name, value),
+            None => e.clone(),
+        })
+        .collect();
+    let added: Vec<EnvVar> = knobs
+        .env
+        .iter()
+        .filter(|(name, _)| !env.iter().any(|e| &e.name == *name))
+        .map(|(name, value)| knob(name, value))
+        .collect();
+    env.extend(added);
+    env
+}
+
+/// The runner's container: the app's image, command, environment and mounts, without its
+/// probes, lifecycle hooks and ports.
+fn runner_container(
+    app: &Container,
+    image: String,
+    pinned: bool,
+    env: Vec<EnvVar>,
+    mounts: Option<Vec<VolumeMount>>,
+    knobs: &Knobs,
+) -> Container {
+    // Probes would fail (a runner does not serve the app's endpoints) and kill it;
+    // lifecycle hooks and ports belong to the serving app, not to a runner.
+    Container {
+        name: app.name.clone(),
+        image: Some(image),
+        // A digest never moves, so a node that has it need not ask the registry; an app
+        // that never pulls (images preloaded on nodes) keeps it so.
+        image_pull_policy: match app.image_pull_policy.as_deref() {
+            Some("Never") => Some("Never".into()),
+            _ if pinned => Some("IfNotPresent".into()),
+            other => other.map(str::to_string),
+        },
+        command: app.command.clone(),
+        args: app.args.clone(),
+        env: Some(env),
+        env_from: app.env_from.clone(),
+        resources: knobs.resources.clone().or_else(|| app.resources.clone()),
+        volume_mounts: mounts,
+        working_dir: app.working_dir.clone(),
+        security_context: app.security_context.clone(),
+        ..Container::default()
+    }
+}
+
+/// The runner pod's spec: the runner container, and what of the parent pod's spec places and
+/// runs it (node selection, tolerations, node affinity, service account, DNS, security).
+fn runner_pod_spec(
+    parent_spec: &PodSpec,
+    runner: Container,
+    volumes: Vec<Volume>,
+    knobs: &Knobs,
+) -> PodSpec {
+    let mut node_selector = parent_spec.node_selector.clone().unwrap_or_default();
+    node_selector.extend(knobs.node_selector.clone());
+    let mut tolerations = parent_spec.tolerations.clone().unwrap_or_default();
+    tolerations.extend(knobs.tolerations.iter().cloned());
+    // Only node affinity: the parent's pod (anti-)affinity is about the parent's replicas.
+    let affinity = parent_spec
+        .affinity
+        .as_ref()
+        .and_then(|a| a.node_affinity.clone())
+        .map(|node_affinity| k8s_openapi::api::core::v1::Affinity {
+            node_affinity: Some(node_affinity),
+            ..Default::default()
+        });
+    PodSpec {
+        containers: vec![runner],
+        // Migrations and other one-off setup run in the parent's init containers, never
+        // again per runner.
+        init_containers: None,
+        restart_policy: Some("Never".into()),
+        service_account_name: parent_spec.service_account_name.clone(),
+        automount_service_account_token: Some(knobs.runner_api_access),
+        // The services' variables are part of the app's config for apps that find their
+        // peers by them: a runner sees what its parent sees.
+        enable_service_links: parent_spec.enable_service_links,
+        image_pull_secrets: parent_spec.image_pull_secrets.clone(),
+        node_selector: (!node_selector.is_empty()).then_some(node_selector),
+        tolerations: (!tolerations.is_empty()).then_some(tolerations),
+        affinity,
+        security_context: parent_spec.security_context.clone(),
+        priority_class_name: parent_spec.priority_class_name.clone(),
+        runtime_class_name: knobs
+            .runtime_class
+            .clone()
+            .or(parent_spec.runtime_class_name.clone()),
+        dns_policy: parent_spec.dns_policy.clone(),
+        dns_config: parent_spec.dns_config.clone(),
+        termination_grace_period_seconds: parent_spec.termination_grace_period_seconds,
+        volumes: (!volumes.is_empty()).then_some(volumes),
+        ..PodSpec::default()
+    }
+}
+
 impl Template {
     /// Makes the template from the parent's pod. `handoff_key` is the variable runners read
     /// their hand-off from; the parent's own value of it, if any, is not inherited.
@@ -188,114 +333,10 @@ impl Template {
             )
         })?;
         let parent_spec = parent.spec.clone().unwrap_or_default();
-        // Only what the app container mounts: the sidecars' volumes stay with the parent.
-        let mounted = |v: &Volume| app.volume_mounts.iter().flatten().any(|m| m.name == v.name);
-        let volumes: Vec<Volume> = parent_spec
-            .volumes
-            .iter()
-            .flatten()
-            .filter(|v| keeps(v, knobs) && (mounted(v) || knobs.shared_volumes.contains(&v.name)))
-            .cloned()
-            .collect();
-        for dropped in parent_spec.volumes.iter().flatten().filter(|v| {
-            mounted(v)
-                && !volumes.iter().any(|kept| kept.name == v.name)
-                && !v.name.starts_with("kube-api-access-")
-        }) {
-            tracing::info!(volume = %dropped.name, "flame: runner pods do not mount this volume of the app container: it is shared state (a claim, a host path) or an API token; K8sBackendBuilder::share_volume or runner_api_access mounts it");
-        }
-        let mounts = app.volume_mounts.as_ref().map(|mounts| {
-            mounts
-                .iter()
-                .filter(|m| volumes.iter().any(|v| v.name == m.name))
-                .cloned()
-                .collect::<Vec<_>>()
-        });
-        // An override takes its variable's place: a later variable may refer to it as `$(NAME)`.
-        let knob = |name: &str, value: &str| EnvVar {
-            name: name.into(),
-            value: Some(literal(value)),
-            value_from: None,
-        };
-        let mut env: Vec<EnvVar> = app
-            .env
-            .iter()
-            .flatten()
-            .filter(|e| e.name != handoff_key)
-            .map(|e| match knobs.env.get(&e.name) {
-                Some(value) => knob(&e.name, value),
-                None => e.clone(),
-            })
-            .collect();
-        let added: Vec<EnvVar> = knobs
-            .env
-            .iter()
-            .filter(|(name, _)| !env.iter().any(|e| &e.name == *name))
-            .map(|(name, value)| knob(name, value))
-            .collect();
-        env.extend(added);
-        // Probes would fail (a runner does not serve the app's endpoints) and kill it;
-        // lifecycle hooks and ports belong to the serving app, not to a runner.
-        let runner = Container {
-            name: app.name.clone(),
-            image: Some(image),
-            // A digest never moves, so a node that has it need not ask the registry; an app
-            // that never pulls (images preloaded on nodes) keeps it so.
-            image_pull_policy: match app.image_pull_policy.as_deref() {
-                Some("Never") => Some("Never".into()),
-                _ if pinned => Some("IfNotPresent".into()),
-                other => other.map(str::to_string),
-            },
-            command: app.command.clone(),
-            args: app.args.clone(),
-            env: Some(env),
-            env_from: app.env_from.clone(),
-            resources: knobs.resources.clone().or_else(|| app.resources.clone()),
-            volume_mounts: mounts,
-            working_dir: app.working_dir.clone(),
-            security_context: app.security_context.clone(),
-            ..Container::default()
-        };
-        let mut node_selector = parent_spec.node_selector.clone().unwrap_or_default();
-        node_selector.extend(knobs.node_selector.clone());
-        let mut tolerations = parent_spec.tolerations.clone().unwrap_or_default();
-        tolerations.extend(knobs.tolerations.iter().cloned());
-        // Only node affinity: the parent's pod (anti-)affinity is about the parent's replicas.
-        let affinity = parent_spec
-            .affinity
-            .as_ref()
-            .and_then(|a| a.node_affinity.clone())
-            .map(|node_affinity| k8s_openapi::api::core::v1::Affinity {
-                node_affinity: Some(node_affinity),
-                ..Default::default()
-            });
-        let spec = PodSpec {
-            containers: vec![runner],
-            // Migrations and other one-off setup run in the parent's init containers, never
-            // again per runner.
-            init_containers: None,
-            restart_policy: Some("Never".into()),
-            service_account_name: parent_spec.service_account_name.clone(),
-            automount_service_account_token: Some(knobs.runner_api_access),
-            // The services' variables are part of the app's config for apps that find their
-            // peers by them: a runner sees what its parent sees.
-            enable_service_links: parent_spec.enable_service_links,
-            image_pull_secrets: parent_spec.image_pull_secrets.clone(),
-            node_selector: (!node_selector.is_empty()).then_some(node_selector),
-            tolerations: (!tolerations.is_empty()).then_some(tolerations),
-            affinity,
-            security_context: parent_spec.security_context.clone(),
-            priority_class_name: parent_spec.priority_class_name.clone(),
-            runtime_class_name: knobs
-                .runtime_class
-                .clone()
-                .or(parent_spec.runtime_class_name.clone()),
-            dns_policy: parent_spec.dns_policy.clone(),
-            dns_config: parent_spec.dns_config.clone(),
-            termination_grace_period_seconds: parent_spec.termination_grace_period_seconds,
-            volumes: (!volumes.is_empty()).then_some(volumes),
-            ..PodSpec::default()
-        };
+        let (volumes, mounts) = runner_volumes(&parent_spec, app, knobs);
+        let env = runner_env(app, knobs, handoff_key);
+        let runner = runner_container(app, image, pinned, env, mounts, knobs);
+        let spec = runner_pod_spec(&parent_spec, runner, volumes, knobs);
         let parent_name = parent.metadata.name.clone().unwrap_or_default();
         let parent_uid = parent.metadata.uid.clone().ok_or_else(|| {
             Error::new(

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{ListParams, LogParams, WatchEvent, WatchParams};
@@ -353,43 +353,7 @@ async fn run(shared: Arc<Shared>) {
             }
         };
         let opened = Instant::now();
-        let mut heard = false;
-        let mut wake_backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
-        let mut stream = std::pin::pin!(stream);
-        loop {
-            // While a pod waits for a node, wake up when its grace runs out.
-            let next = match shared.next_wake() {
-                Some(at) => match tokio::time::timeout_at(at, stream.next()).await {
-                    Ok(next) => next,
-                    Err(_) => {
-                        shared.wake_due().await;
-                        // A read that failed leaves the wake-up due: not again at once, and
-                        // less often while it keeps failing.
-                        if shared.next_wake().is_some_and(|at| at <= Instant::now()) {
-                            tokio::time::sleep(wake_backoff.step()).await;
-                        } else {
-                            wake_backoff.reset();
-                        }
-                        continue;
-                    }
-                },
-                None => stream.next().await,
-            };
-            heard |= matches!(next, Some(Ok(ref event)) if !matches!(event, WatchEvent::Error(_)));
-            match next {
-                Some(Ok(WatchEvent::Added(pod) | WatchEvent::Modified(pod))) => {
-                    shared.observe(&pod).await;
-                }
-                Some(Ok(WatchEvent::Deleted(pod))) => {
-                    if let Some(name) = pod.metadata.name.as_deref() {
-                        shared.gone(name);
-                    }
-                }
-                Some(Ok(WatchEvent::Bookmark(_))) => {}
-                // A too-old version (410) or any other refusal: start over from a list.
-                Some(Ok(WatchEvent::Error(_))) | Some(Err(_)) | None => break,
-            }
-        }
+        let heard = follow(&shared, stream).await;
         // A watch that served events, or lasted, was healthy; one that opened and ended at
         // once (a server that accepts and drops it) must not be reopened in a tight loop.
         if heard || opened.elapsed() >= HEALTHY_WATCH {
@@ -410,4 +374,50 @@ fn terminated(pod: &Pod) -> bool {
                 .as_ref()
                 .is_some_and(|state| state.terminated.is_some())
         })
+}
+
+/// Follows one watch until it ends (its timeout, a refusal, a too-old version); whether it
+/// served any event. While a pod waits for a node, it wakes up when that pod's grace runs out.
+async fn follow(
+    shared: &Shared,
+    stream: impl Stream<Item = Result<WatchEvent<Pod>, kube::Error>>,
+) -> bool {
+    let mut heard = false;
+    let mut wake_backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
+    let mut stream = std::pin::pin!(stream);
+    loop {
+        // While a pod waits for a node, wake up when its grace runs out.
+        let next = match shared.next_wake() {
+            Some(at) => match tokio::time::timeout_at(at, stream.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    shared.wake_due().await;
+                    // A read that failed leaves the wake-up due: not again at once, and
+                    // less often while it keeps failing.
+                    if shared.next_wake().is_some_and(|at| at <= Instant::now()) {
+                        tokio::time::sleep(wake_backoff.step()).await;
+                    } else {
+                        wake_backoff.reset();
+                    }
+                    continue;
+                }
+            },
+            None => stream.next().await,
+        };
+        heard |= matches!(next, Some(Ok(ref event)) if !matches!(event, WatchEvent::Error(_)));
+        match next {
+            Some(Ok(WatchEvent::Added(pod) | WatchEvent::Modified(pod))) => {
+                shared.observe(&pod).await;
+            }
+            Some(Ok(WatchEvent::Deleted(pod))) => {
+                if let Some(name) = pod.metadata.name.as_deref() {
+                    shared.gone(name);
+                }
+            }
+            Some(Ok(WatchEvent::Bookmark(_))) => {}
+            // A too-old version (410) or any other refusal: start over from a list.
+            Some(Ok(WatchEvent::Error(_))) | Some(Err(_)) | None => break,
+        }
+    }
+    heard
 }
