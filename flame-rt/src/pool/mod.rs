@@ -5,7 +5,8 @@
 //! |---|---|
 //! | `mod.rs` | [`Pool`], the handle callers hold |
 //! | `builder.rs` | [`PoolBuilder`]: every knob, checked, and starting the pool |
-//! | `state.rs` | the decisions, as plain data: no lock, no I/O |
+//! | `state.rs` | the decisions, as plain data: no lock, no I/O (`tests.rs`: their invariants over random event sequences) |
+//! | `decisions.rs` | what a decision reads and returns: rules, the waiting line, actions |
 //! | `shared.rs` | the one lock around the state, and carrying out what it decides |
 //! | `boot.rs` | booting one runner, up to its welcome |
 //! | `queue.rs` | where a call waits for a slot |
@@ -23,6 +24,7 @@ use crate::hooks::{Shrink, ShrinkReason};
 mod boot;
 pub(crate) mod builder;
 pub(crate) mod connection;
+mod decisions;
 pub(crate) mod listener;
 pub(crate) mod queue;
 mod shared;

@@ -248,31 +248,7 @@ impl World {
                 pool.release(key, &mut acts);
             }
             Event::BootOk | Event::BootFail(_) | Event::BootHungUp if self.boots > 0 => {
-                self.boots -= 1;
-                self.next_key += 1;
-                let key = self.next_key;
-                let booted = match *event {
-                    Event::BootOk => {
-                        self.connected.insert(key);
-                        Booted::Ready {
-                            key,
-                            conn: key,
-                            handle: key,
-                        }
-                    }
-                    Event::BootHungUp => Booted::HungUp {
-                        conn: key,
-                        handle: key,
-                        error: err(ErrorKind::BootFailed),
-                    },
-                    Event::BootFail(true) => Booted::Failed(err(ErrorKind::Rejected)),
-                    _ => Booted::Failed(err(ErrorKind::BootFailed)),
-                };
-                pool.booted(booted, &mut acts);
-                // A runner that joins a closed pool leaves at once.
-                if self.closed {
-                    self.connected.remove(&key);
-                }
+                self.boot_ended(pool, event, &mut acts);
             }
             Event::Exited if self.retiring > 0 => {
                 self.retiring -= 1;
@@ -283,21 +259,8 @@ impl World {
                 pool.retry_due(&mut acts);
             }
             Event::Lost(i, main_failed) => {
-                let Some(key) = pick(self.connected.iter().copied(), i) else {
+                if !self.lose(pool, i, main_failed, &mut acts)? {
                     return Ok(false);
-                };
-                self.connected.remove(&key);
-                let kind = match main_failed {
-                    true => ErrorKind::BootFailed,
-                    false => ErrorKind::RunnerLost,
-                };
-                prop_assert!(pool.gone(key, &err(kind), &mut acts).is_some());
-                // Its calls fail, and their slots are released to a pool that forgot it.
-                let (lost, kept) = self.running.iter().partition(|(_, k)| *k == key);
-                self.running = kept;
-                for _ in lost {
-                    self.ended += 1;
-                    pool.release(key, &mut acts);
                 }
             }
             Event::Idle(i, secs) => {
@@ -344,6 +307,62 @@ impl World {
         let booted_now = acts.iter().any(|a| matches!(a, Action::Boot(_)));
         self.apply(pool, acts)?;
         Ok(booted_now)
+    }
+
+    /// A boot the pool started ends: ready, failed (hopelessly if rejected), or hung up.
+    fn boot_ended(&mut self, pool: &mut Pool, event: &Event, acts: &mut Acts) {
+        self.boots -= 1;
+        self.next_key += 1;
+        let key = self.next_key;
+        let booted = match *event {
+            Event::BootOk => {
+                self.connected.insert(key);
+                Booted::Ready {
+                    key,
+                    conn: key,
+                    handle: key,
+                }
+            }
+            Event::BootHungUp => Booted::HungUp {
+                conn: key,
+                handle: key,
+                error: Error::new(ErrorKind::BootFailed, "test"),
+            },
+            Event::BootFail(true) => Booted::Failed(Error::new(ErrorKind::Rejected, "test")),
+            _ => Booted::Failed(Error::new(ErrorKind::BootFailed, "test")),
+        };
+        pool.booted(booted, acts);
+        // A runner that joins a closed pool leaves at once.
+        if self.closed {
+            self.connected.remove(&key);
+        }
+    }
+
+    /// A connected runner's connection ends; `false` if none is connected.
+    fn lose(
+        &mut self,
+        pool: &mut Pool,
+        i: usize,
+        main_failed: bool,
+        acts: &mut Acts,
+    ) -> Result<bool, TestCaseError> {
+        let Some(key) = pick(self.connected.iter().copied(), i) else {
+            return Ok(false);
+        };
+        self.connected.remove(&key);
+        let kind = match main_failed {
+            true => ErrorKind::BootFailed,
+            false => ErrorKind::RunnerLost,
+        };
+        prop_assert!(pool.gone(key, &Error::new(kind, "test"), acts).is_some());
+        // Its calls fail, and their slots are released to a pool that forgot it.
+        let (lost, kept) = self.running.iter().partition(|(_, k)| *k == key);
+        self.running = kept;
+        for _ in lost {
+            self.ended += 1;
+            pool.release(key, acts);
+        }
+        Ok(true)
     }
 
     fn check(&mut self, pool: &mut Pool, booted_now: bool) -> Result<(), TestCaseError> {
