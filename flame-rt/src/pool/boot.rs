@@ -98,7 +98,7 @@ impl Shared {
         let handle = booting.backend_boot(spec).await?;
         let (halves, handle) = booting.dial_back(&mut expectation, handle).await?;
         let owner: Arc<dyn Owner> = Arc::new(self.clone());
-        let conn = connection::start(
+        let conn = connection::open(
             owner,
             key,
             runner_id.to_string(),

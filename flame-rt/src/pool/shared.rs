@@ -179,7 +179,7 @@ impl Shared {
                 Action::Boot(reason) => drop(self.spawn(self.clone().boot_one(reason))),
                 Action::Start(call, seat) => {
                     let (task, waited) = (call.def.id, call.ticket.deadline.elapsed());
-                    if self.start(call, seat) {
+                    if self.start_on(call, seat) {
                         crate::metrics::queue_wait(&self.name, waited);
                         tracing::debug!(pool = %self.name, task, waited_ms = waited.as_secs_f64() * 1e3, "flame: a waiting call got a slot");
                     }
@@ -203,7 +203,7 @@ impl Shared {
 
     /// Starts a call on the slot it was given; whether it started. A call given up meanwhile
     /// gives the slot back; one whose runner has just hung up waits again.
-    fn start(self: &Arc<Self>, call: QueuedCall, seat: Seat<Arc<RunnerConn>>) -> bool {
+    fn start_on(self: &Arc<Self>, call: QueuedCall, seat: Seat<Arc<RunnerConn>>) -> bool {
         match start_call(call, Slot::new(seat.conn)) {
             Start::Started => return true,
             Start::Cancelled(slot) => {
@@ -299,7 +299,7 @@ impl Shared {
         });
         match submitted {
             Submitted::Start(call, seat) => {
-                self.start(call, seat);
+                self.start_on(call, seat);
             }
             Submitted::Waits => {}
             Submitted::Refused(call, error) => {

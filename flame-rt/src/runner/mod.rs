@@ -10,10 +10,9 @@
 //! |---|---|
 //! | `service.rs` | the service loop: hello and welcome, each frame, heartbeats, idle, stopping |
 //! | `calls.rs` | the calls running here: starting one, running it, sending its result, cancelling |
-//! | `terminator.rs` | dialling the parent, and the failsafe that stops an orphaned runner |
+//! | `terminator.rs` | the failsafe, who stops an orphaned runner: the dial within the boot window, the silence check, every call dropped before exit |
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::mpsc;
 
@@ -21,6 +20,7 @@ use crate::parent::Handoff;
 use crate::task::registry;
 use service::Service;
 use terminator::Exit;
+pub(crate) use terminator::LEFT_A_TASK_BEHIND;
 
 mod calls;
 mod service;
@@ -38,15 +38,6 @@ pub(crate) enum Control {
     /// ends is cut off by its SIGKILL.
     Drain,
 }
-
-/// How long a stopping runner waits for its dropped tasks to be gone: a task blocking its thread
-/// can't be dropped until it yields, and must not keep the process alive.
-const DROP_WAIT: Duration = Duration::from_millis(250);
-
-/// Set when a stopping runner left a task behind that would not drop: the process then exits
-/// without waiting for the app's runtime to shut down, since a worker is known to be held.
-pub(crate) static LEFT_A_TASK_BEHIND: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
 
 /// Serves one runner's connection to its parent until it ends, then drops every task. Call it on
 /// the protocol's runtime; the calls run on `app`.

@@ -12,9 +12,9 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 
+use super::Control;
 use super::calls::{CallTask, Calls, dispatcher};
 use super::terminator::{self, Exit};
-use super::{Control, DROP_WAIT, LEFT_A_TASK_BEHIND};
 use crate::error::{Error, ErrorKind};
 use crate::parent::{Handoff, Parent, process_handoff};
 use crate::protocol::{
@@ -179,17 +179,10 @@ impl Service {
         }
     }
 
-    /// Drops every call before going away, so their `kill_on_drop` children die with them,
-    /// then lets the last frames out.
+    /// Drops every call before going away (see the terminator), then lets the last frames
+    /// out.
     async fn stop(&self, writer: tokio::task::JoinHandle<()>) {
-        if !self.calls.drop_all(DROP_WAIT).await {
-            LEFT_A_TASK_BEHIND.store(true, Ordering::Relaxed);
-            eprintln!(
-                "flame runner {}: a task did not stop within {DROP_WAIT:?} of being dropped \
-                 (it blocks its thread); exiting without it",
-                self.handoff.runner_id
-            );
-        }
+        terminator::drop_every_call(&self.calls, &self.handoff.runner_id).await;
         self.out.close();
         let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
     }
@@ -356,11 +349,8 @@ impl Serving {
     }
 
     fn on_tick(&mut self, service: &Service) -> ControlFlow<Exit> {
-        if let Some(quiet) = self.watchdog.silent_for()
-            && !self.granted
-        {
-            let lost = format!("no word from the parent for {quiet:?}");
-            return ControlFlow::Break(Exit::ParentLost(lost));
+        if let Some(lost) = terminator::parent_silent(&mut self.watchdog, self.granted) {
+            return ControlFlow::Break(lost);
         }
         service.send(&ToParent::Heartbeat);
         ControlFlow::Continue(())

@@ -11,11 +11,41 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::calls::Calls;
 use crate::backoff::Backoff;
 use crate::parent::Handoff;
 #[cfg(feature = "tls")]
 use crate::protocol::{self, ToParent};
-use crate::protocol::{BoxRead, BoxWrite};
+use crate::protocol::{BoxRead, BoxWrite, Watchdog};
+
+/// How long a stopping runner waits for its dropped tasks to be gone: a task blocking its thread
+/// can't be dropped until it yields, and must not keep the process alive.
+const DROP_WAIT: Duration = Duration::from_millis(250);
+
+/// Set when a stopping runner left a task behind that would not drop: the process then exits
+/// without waiting for the app's runtime to shut down, since a worker is known to be held.
+pub(crate) static LEFT_A_TASK_BEHIND: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// The parent has been silent for its whole heartbeat window: the runner is orphaned and
+/// exits, unless the parent already gave it a grace to finish its calls in (Elixir FLAME #86).
+pub(super) fn parent_silent(watchdog: &mut Watchdog, granted: bool) -> Option<Exit> {
+    let quiet = watchdog.silent_for()?;
+    (!granted).then(|| Exit::ParentLost(format!("no word from the parent for {quiet:?}")))
+}
+
+/// Drops every running call before the runner goes away, so their `kill_on_drop` children
+/// die with them. A call blocking its thread cannot be dropped until it yields: after
+/// [`DROP_WAIT`] the runner leaves without it, and says so.
+pub(super) async fn drop_every_call(calls: &Calls, runner_id: &str) {
+    if !calls.drop_all(DROP_WAIT).await {
+        LEFT_A_TASK_BEHIND.store(true, std::sync::atomic::Ordering::Relaxed);
+        eprintln!(
+            "flame runner {runner_id}: a task did not stop within {DROP_WAIT:?} of being \
+             dropped (it blocks its thread); exiting without it"
+        );
+    }
+}
 
 /// Reaches the parent within the boot window: dials it, and for a TLS pool names itself in
 /// plaintext, then completes a TLS handshake trusting only the parent's pinned certificate.

@@ -82,7 +82,7 @@ pub(crate) struct RunnerConn {
     /// breaks the reference cycle.
     owner: Arc<dyn Owner>,
     out: Arc<Outbox>,
-    pending: Mutex<Pending>,
+    in_flight: Mutex<InFlight>,
     next_call: AtomicU64,
     /// The channels of the calls running here.
     routes: Routes,
@@ -100,8 +100,9 @@ pub(crate) struct RunnerConn {
     progress: tokio::sync::Notify,
 }
 
+/// The calls running on this connection, and whether it still takes calls.
 #[derive(Default)]
-struct Pending {
+struct InFlight {
     /// Set when the connection ended: nothing may be registered any more.
     closed: bool,
     calls: CallMap<Running>,
@@ -163,8 +164,8 @@ impl Outbox {
 }
 
 impl RunnerConn {
-    fn lock(&self) -> MutexGuard<'_, Pending> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, InFlight> {
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn push(&self, msg: &ToRunner) {
@@ -180,8 +181,8 @@ impl RunnerConn {
         slot: Slot,
     ) -> Result<(Arc<RunnerConn>, u64), Box<Unstarted>> {
         let id = self.next_call.fetch_add(1, Ordering::Relaxed);
-        let mut pending = self.lock();
-        if pending.closed {
+        let mut in_flight = self.lock();
+        if in_flight.closed {
             return Err(Box::new(Unstarted { call, slot, args }));
         }
         let chans = call.chans.len() as u32;
@@ -215,7 +216,7 @@ impl RunnerConn {
             self.arm(id, pumps);
             None
         };
-        pending.calls.insert(
+        in_flight.calls.insert(
             id,
             Running {
                 call,
@@ -227,7 +228,7 @@ impl RunnerConn {
                 result: None,
             },
         );
-        drop(pending);
+        drop(in_flight);
         if let Some((args, pumps)) = upload {
             crate::io_runtime::spawn(self.clone().upload(id, args, pumps));
         }
@@ -254,8 +255,8 @@ impl RunnerConn {
         let mut sent = 0u64;
         loop {
             let took = || {
-                let pending = self.lock();
-                let running = pending.calls.get(&id).filter(|r| !r.cancelled)?;
+                let in_flight = self.lock();
+                let running = in_flight.calls.get(&id).filter(|r| !r.cancelled)?;
                 Some(running.took)
             };
             if !protocol::window_open(&self.progress, sent, took).await {
@@ -263,14 +264,14 @@ impl RunnerConn {
             }
             self.out.wait_below(HIGH_WATER).await;
             // Under the lock: once a cancel is queued, nothing more of the call is.
-            let pending = self.lock();
-            let Some(running) = pending.calls.get(&id).filter(|r| !r.cancelled) else {
+            let in_flight = self.lock();
+            let Some(running) = in_flight.calls.get(&id).filter(|r| !r.cancelled) else {
                 return;
             };
             let piece = pieces.next().unwrap_or_default();
             if pieces.peek().is_none() {
                 self.out.send_run(id, &running.call, piece);
-                drop(pending);
+                drop(in_flight);
                 return self.arm(id, pumps);
             }
             sent += piece.len() as u64;
@@ -282,14 +283,14 @@ impl RunnerConn {
     /// Asks the runner to drop the call's future. Its slot comes back with the acknowledgement,
     /// or, if none comes within `cancel_grace`, when the runner is recycled.
     pub(crate) fn cancel(&self, call: u64) {
-        let mut pending = self.lock();
-        let Some(running) = pending.calls.get_mut(&call) else {
+        let mut in_flight = self.lock();
+        let Some(running) = in_flight.calls.get_mut(&call) else {
             return;
         };
         running.cancelled = true;
         let chans = running.chans;
         self.push(&ToRunner::Cancel { call });
-        drop(pending);
+        drop(in_flight);
         self.progress.notify_waiters();
         let due = crate::deadline::after(self.cancel_grace);
         self.overdue
@@ -342,8 +343,8 @@ impl RunnerConn {
         part: &protocol::PartRef<'_>,
         max_payload: usize,
     ) -> Result<(), Error> {
-        let mut pending = self.lock();
-        let Some(running) = pending.calls.get_mut(&part.call) else {
+        let mut in_flight = self.lock();
+        let Some(running) = in_flight.calls.get_mut(&part.call) else {
             return Ok(());
         };
         let total = usize::try_from(part.total).unwrap_or(usize::MAX);
@@ -382,7 +383,7 @@ impl RunnerConn {
 
 /// Takes over a runner connection that passed the handshake: sends the welcome and starts the
 /// reader and writer tasks.
-pub(crate) fn start(
+pub(crate) fn open(
     owner: Arc<dyn Owner>,
     key: u64,
     id: String,
@@ -396,7 +397,7 @@ pub(crate) fn start(
         key,
         owner,
         out,
-        pending: Mutex::new(Pending::default()),
+        in_flight: Mutex::new(InFlight::default()),
         next_call: AtomicU64::new(1),
         routes: Routes::default(),
         cancel_grace,

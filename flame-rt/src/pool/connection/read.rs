@@ -258,9 +258,9 @@ fn end(conn: &RunnerConn, reason: Error) {
     // Forget the runner first, so the slots released below are not handed out on it.
     conn.owner.gone(conn.key, &reason);
     let running = {
-        let mut pending = conn.lock();
-        pending.closed = true;
-        std::mem::take(&mut pending.calls)
+        let mut in_flight = conn.lock();
+        in_flight.closed = true;
+        std::mem::take(&mut in_flight.calls)
     };
     conn.progress.notify_waiters();
     for (
