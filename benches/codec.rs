@@ -13,7 +13,7 @@ struct Video {
 
 fn codec(c: &mut Criterion) {
     c.bench_function("call round trip: (u64,)", |b| {
-        b.iter(|| flame::fuzz::call_round_trip(std::hint::black_box(&(7u64,))))
+        b.iter(|| flame::__private::fuzz::call_round_trip(std::hint::black_box(&(7u64,))))
     });
     let video = (
         Video {
@@ -24,11 +24,11 @@ fn codec(c: &mut Criterion) {
         5u32,
     );
     c.bench_function("call round trip: (Video, u32)", |b| {
-        b.iter(|| flame::fuzz::call_round_trip(std::hint::black_box(&video)))
+        b.iter(|| flame::__private::fuzz::call_round_trip(std::hint::black_box(&video)))
     });
     let blob = (vec![7u8; 64 * 1024],);
     c.bench_function("call round trip: 64 KiB of bytes", |b| {
-        b.iter(|| flame::fuzz::call_round_trip(std::hint::black_box(&blob)))
+        b.iter(|| flame::__private::fuzz::call_round_trip(std::hint::black_box(&blob)))
     });
 }
 

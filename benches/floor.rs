@@ -414,7 +414,7 @@ fn rate(per_s: f64) -> String {
 
 /// Counts what flame-rt holds for the "heap per queued call" row; off for the others.
 #[global_allocator]
-static ALLOCATOR: flame::fuzz::HeapCounter = flame::fuzz::HeapCounter;
+static ALLOCATOR: flame::__private::fuzz::HeapCounter = flame::__private::fuzz::HeapCounter;
 
 #[flame::main]
 async fn bench() -> anyhow::Result<()> {
@@ -718,16 +718,17 @@ async fn measure() -> anyhow::Result<()> {
     while full.stats().in_flight == 0 {
         tokio::task::yield_now().await;
     }
-    flame::fuzz::HeapCounter::counting(true);
-    let before = flame::fuzz::HeapCounter::net();
+    flame::__private::fuzz::HeapCounter::counting(true);
+    let before = flame::__private::fuzz::HeapCounter::net();
     let handles: Vec<_> = (0..queued)
         .map(|i| flame::spawn_on(&full, noop(i as u64)))
         .collect();
     while full.stats().queued < queued {
         tokio::task::yield_now().await;
     }
-    let per_call = (flame::fuzz::HeapCounter::net() - before).max(0) as f64 / queued as f64;
-    flame::fuzz::HeapCounter::counting(false);
+    let per_call =
+        (flame::__private::fuzz::HeapCounter::net() - before).max(0) as f64 / queued as f64;
+    flame::__private::fuzz::HeapCounter::counting(false);
     drop(handles);
     drop(blocker);
     full.shutdown().await;

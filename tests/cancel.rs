@@ -11,7 +11,7 @@ const RUNNER: &str = env!("CARGO_BIN_EXE_flame-test-runner");
 
 /// Counts what the parent holds for queued calls.
 #[global_allocator]
-static HEAP: flame::fuzz::HeapCounter = flame::fuzz::HeapCounter;
+static HEAP: flame::__private::fuzz::HeapCounter = flame::__private::fuzz::HeapCounter;
 
 /// The counter counts the whole process, so the test that measures runs alone: every other
 /// test of this file holds a read guard.
@@ -182,16 +182,16 @@ async fn queued_calls_dropped_behind_a_busy_runner_free_their_arguments_at_once(
     bounded(BOUND, async {
         let (pool, busy) = one_busy_slot("queued-mib").await;
 
-        flame::fuzz::HeapCounter::counting(true);
-        let before = flame::fuzz::HeapCounter::net();
+        flame::__private::fuzz::HeapCounter::counting(true);
+        let before = flame::__private::fuzz::HeapCounter::net();
         let queued: Vec<_> = (0..200)
             .map(|_| flame::spawn_on(&pool, echo(vec![7; 1 << 20])))
             .collect();
-        let held = flame::fuzz::HeapCounter::net() - before;
+        let held = flame::__private::fuzz::HeapCounter::net() - before;
         drop(queued);
         // Nothing else looks at the queue meanwhile: the runner is busy, nobody asks for stats.
-        let left = flame::fuzz::HeapCounter::net() - before;
-        flame::fuzz::HeapCounter::counting(false);
+        let left = flame::__private::fuzz::HeapCounter::net() - before;
+        flame::__private::fuzz::HeapCounter::counting(false);
         assert!(held > 190 << 20, "200 MiB of arguments wait: {held} B held");
         assert!(
             left < 4 << 20,

@@ -3,14 +3,14 @@
 
 use std::time::Duration;
 
-use flame::fuzz::impostor::{chan_message, chan_part, done};
+use flame::__private::fuzz::impostor::{chan_message, chan_part, done};
 use flame_tests::*;
 
 const BOUND: Duration = Duration::from_secs(60);
 
 /// Counts what the parent holds for what a runner sent.
 #[global_allocator]
-static HEAP: flame::fuzz::HeapCounter = flame::fuzz::HeapCounter;
+static HEAP: flame::__private::fuzz::HeapCounter = flame::__private::fuzz::HeapCounter;
 
 /// The counter counts the whole process, so the test that measures runs alone: every other
 /// test of this file holds a read guard (CI once saw 1 GiB "held" by a test running alongside).
@@ -67,14 +67,14 @@ async fn greedy_runner(frames: impl Fn(u64) -> Vec<u8>) -> (isize, Vec<Vec<u8>>,
     let id = runner.next_run().await;
 
     let frames = frames(id);
-    flame::fuzz::HeapCounter::counting(true);
-    let before = flame::fuzz::HeapCounter::net();
+    flame::__private::fuzz::HeapCounter::counting(true);
+    let before = flame::__private::fuzz::HeapCounter::net();
     runner.send(&frames).await.unwrap();
     runner.send(&done(id, &0u64)).await.unwrap();
     // Frames are read in order: with the result in, all of the above was read.
     assert_eq!(call.await.unwrap(), 0);
-    let held = flame::fuzz::HeapCounter::peak() - before;
-    flame::fuzz::HeapCounter::counting(false);
+    let held = flame::__private::fuzz::HeapCounter::peak() - before;
+    flame::__private::fuzz::HeapCounter::counting(false);
 
     let mut got = Vec::new();
     while let Some(message) = from_runner.recv().await {
@@ -174,7 +174,7 @@ async fn three_calls(pool: flame::Pool) {
     while from_runner.recv().await.is_some() {}
 }
 
-static SESSION: std::sync::OnceLock<flame::fuzz::Session> = std::sync::OnceLock::new();
+static SESSION: std::sync::OnceLock<flame::__private::fuzz::Session> = std::sync::OnceLock::new();
 
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig {
@@ -193,7 +193,7 @@ proptest::proptest! {
     ) {
         let _alone = MEASURING.blocking_read();
         SESSION
-            .get_or_init(flame::fuzz::Session::new)
+            .get_or_init(flame::__private::fuzz::Session::new)
             .run(&stranger, &script, three_calls);
     }
 }

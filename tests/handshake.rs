@@ -316,7 +316,7 @@ async fn the_processes_a_task_starts_never_see_the_hand_off_token() {
         let (env, on_a_runner) = flame::call(&pool, child_env()).await.unwrap().unwrap();
         assert!(on_a_runner, "the runner still knows what it is");
         assert!(env.contains("PATH="), "env ran: {env}");
-        assert!(!env.contains(flame::HANDOFF_ENV), "{env}");
+        assert!(!env.contains(flame::__private::HANDOFF_ENV), "{env}");
         assert!(!env.contains("FLAME_PARENT_PID"), "{env}");
         pool.shutdown().await;
     })

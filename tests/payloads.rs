@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use flame::fuzz::impostor::took;
+use flame::__private::fuzz::impostor::took;
 use flame::{Pool, ProcessBackend};
 use flame_tests::*;
 

@@ -103,7 +103,7 @@
 //! | `tls` | off | [`PoolBuilder::tls`]: TLS to runners with the parent's self-signed certificate pinned by fingerprint (rustls, ring) |
 //! | `opentelemetry` | off | the caller's OpenTelemetry trace context (kept by `tracing-opentelemetry` on the current span) travels with each call and parents the `flame.task` span the task runs in on the runner |
 //! | `metrics` | off | counters, histograms and a gauge through the [`metrics`](https://docs.rs/metrics) facade: calls by outcome and their duration, queue waits, boots and their duration, runners up (names in `metrics.rs`; no exporter bundled) |
-//! | `internals` | off | not for applications: exposes wire internals to the fuzz targets in `fuzz/`, the benches and the tests that play a compromised runner |
+//! | `internals` | off | not for applications: exposes wire internals (in the hidden `__private` module) to the fuzz targets in `fuzz/`, the benches and the tests that play a compromised runner |
 //!
 //! # Tasks in a library crate
 //!
@@ -151,9 +151,6 @@ mod call;
 pub mod channel;
 mod deadline;
 mod error;
-#[cfg(any(test, feature = "internals"))]
-#[doc(hidden)]
-pub mod fuzz;
 mod hooks;
 mod io_runtime;
 mod metrics;
@@ -177,7 +174,7 @@ pub use call::{Call, call, cast, spawn_on};
 pub use channel::channel;
 pub use error::{Error, ErrorKind};
 pub use hooks::{GrowEnd, GrowReason, GrowStart, Shrink, ShrinkReason};
-pub use parent::{HANDOFF_ENV, Parent, parent};
+pub use parent::{Parent, parent};
 pub use pool::shutdown::shutdown_all;
 pub use pool::{Placement, PoolBuilder};
 pub use pool::{Pool, PoolStats};
@@ -252,11 +249,24 @@ pub use flame_rt_macros::main;
 /// ```
 pub use flame_rt_macros::test;
 
+#[cfg(any(test, feature = "internals"))]
+mod fuzz;
+
 #[doc(hidden)]
 pub mod __private {
     /// For the backend crates of this workspace.
     pub use crate::backoff::Backoff;
     pub use crate::call::new_call;
+    /// Wire internals for the fuzz targets, the benches and the tests that play a compromised
+    /// runner (feature `internals`).
+    #[cfg(any(test, feature = "internals"))]
+    pub mod fuzz {
+        pub use crate::fuzz::*;
+    }
+    /// The variable a runner reads its hand-off from: for the Kubernetes backend, whose runner
+    /// pods must not inherit the parent's own, and tests that look at a runner's environment.
+    /// Applications never need it, and other backends pass `BootSpec::handoff_env` on.
+    pub use crate::parent::HANDOFF_ENV;
     /// For the backend crates of this workspace.
     pub use crate::parent::random_hex;
     pub use crate::payload::{

@@ -3,5 +3,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    flame::fuzz::frames(data);
+    flame::__private::fuzz::frames(data);
 });

@@ -1,6 +1,6 @@
 //! A runner that holds the right token and then says anything, after a stranger said anything
 //! while it booted: the parent must still welcome the runner, resolve every call and give every
-//! slot back (`flame::fuzz::Session`), and never panic.
+//! slot back (`flame::__private::fuzz::Session`), and never panic.
 #![no_main]
 
 use flame::channel::{Receiver, Sender};
@@ -35,13 +35,13 @@ async fn three_calls(pool: flame::Pool) {
     while from_runner.recv().await.is_some() {}
 }
 
-static SESSION: std::sync::OnceLock<flame::fuzz::Session> = std::sync::OnceLock::new();
+static SESSION: std::sync::OnceLock<flame::__private::fuzz::Session> = std::sync::OnceLock::new();
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     // The first byte says how much of the rest a stranger sends before the runner dials back.
     let (split, rest) = data.split_first().map_or((0, data), |(b, rest)| (*b % 64, rest));
     let (stranger, script) = rest.split_at(usize::from(split).min(rest.len()));
     SESSION
-        .get_or_init(flame::fuzz::Session::new)
+        .get_or_init(flame::__private::fuzz::Session::new)
         .run(stranger, script, three_calls);
 });

@@ -109,7 +109,7 @@ impl Puppet {
         let token = unhex(crate::field(&handoff, "token").unwrap());
         let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
         stream
-            .write_all(&flame::fuzz::impostor::hello(&runner_id, token))
+            .write_all(&flame::__private::fuzz::impostor::hello(&runner_id, token))
             .await
             .unwrap();
         stream
@@ -122,20 +122,20 @@ pub struct Impostor {
 }
 
 impl Impostor {
-    /// Writes frames built with `flame::fuzz::impostor`.
+    /// Writes frames built with `flame::__private::fuzz::impostor`.
     pub async fn send(&mut self, frames: &[u8]) -> std::io::Result<()> {
         self.stream.write_all(frames).await
     }
 
     /// The parent's next frame other than a heartbeat, described by
-    /// `flame::fuzz::impostor::describe`; `None` once the parent closed the connection.
+    /// `flame::__private::fuzz::impostor::describe`; `None` once the parent closed the connection.
     pub async fn next(&mut self) -> Option<String> {
         loop {
             let mut len = [0; 4];
             self.stream.read_exact(&mut len).await.ok()?;
             let mut frame = vec![0; u32::from_be_bytes(len) as usize];
             self.stream.read_exact(&mut frame).await.ok()?;
-            let said = flame::fuzz::impostor::describe(&frame);
+            let said = flame::__private::fuzz::impostor::describe(&frame);
             if said != "heartbeat" {
                 return Some(said);
             }

@@ -427,7 +427,7 @@ impl K8sBackendBuilder {
         let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
         let secrets: Api<Secret> = Api::namespaced(client, &namespace);
         let own = config::own_pod(&pods, &pod_name, &namespace).await?;
-        let handoff_key = flame::HANDOFF_ENV;
+        let handoff_key = flame::__private::HANDOFF_ENV;
         let template = Template::new(&own, self.container.as_deref(), &self.knobs, handoff_key)?;
         let listen = match self.listen {
             Some(addr) => addr,
