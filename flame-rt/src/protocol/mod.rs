@@ -36,7 +36,7 @@ pub(crate) use messages::*;
 pub(crate) use outbox::{Outbox, write_loop};
 pub(crate) use pieces::*;
 pub(crate) use reader::*;
-pub(crate) use watchdog::Watchdog;
+pub(crate) use watchdog::Heartbeat;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 

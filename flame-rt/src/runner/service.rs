@@ -18,8 +18,8 @@ use super::terminator::{self, Exit};
 use crate::error::{Error, ErrorKind};
 use crate::parent::{Handoff, Parent, process_handoff};
 use crate::protocol::{
-    self, BoxRead, CallMap, Hello, Outbox, Outcome, PROTOCOL_VERSION, Reader, TO_RUNNER_CHAN,
-    TO_RUNNER_PART, ToParent, ToRunner, Watchdog, Welcome, WireErrorKind,
+    self, BoxRead, CallMap, Heartbeat, Hello, Outbox, Outcome, PROTOCOL_VERSION, Reader,
+    TO_RUNNER_CHAN, TO_RUNNER_PART, ToParent, ToRunner, Welcome, WireErrorKind,
 };
 use crate::task::Registry;
 
@@ -41,7 +41,7 @@ pub(super) struct Service {
 struct Serving {
     /// The pieces of big arguments received so far, by call: each call's `Run` brings the last.
     uploads: CallMap<Vec<u8>>,
-    watchdog: Watchdog,
+    heartbeat: Heartbeat,
     idle_after: Option<Duration>,
     /// Once the parent or the platform asks us to stop: no new calls, and we end when the last
     /// one does.
@@ -136,18 +136,16 @@ impl Service {
         welcome: Welcome,
         mut control: mpsc::UnboundedReceiver<Control>,
     ) -> Exit {
-        let heartbeat = Duration::from_millis(welcome.heartbeat_ms.max(1));
+        let heartbeat = Duration::from_millis(welcome.heartbeat_ms);
         let mut state = Serving {
             uploads: CallMap::default(),
-            watchdog: Watchdog::new(heartbeat.saturating_mul(welcome.miss_limit.max(1))),
+            heartbeat: Heartbeat::new(heartbeat, welcome.miss_limit),
             idle_after: welcome.idle_ms.map(Duration::from_millis),
             draining: false,
             granted: false,
             control_open: true,
             parent_open: true,
         };
-        let mut ticker = tokio::time::interval(heartbeat);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Timers live across iterations: re-arming them per message would cost a timer-wheel
         // insert and removal for every call.
         let far_future = Instant::now() + Duration::from_secs(86400 * 365);
@@ -166,7 +164,7 @@ impl Service {
                     state.on_frame(self, frame, grace_timer.as_mut())
                 }
                 _ = &mut all_done, if state.draining => ControlFlow::Break(Exit::Stopped),
-                _ = ticker.tick() => state.on_tick(self),
+                quiet = state.heartbeat.tick() => state.on_tick(self, quiet),
                 _ = &mut idle_timer, if !state.draining => {
                     state.on_idle_timer(self, idle_timer.as_mut());
                     ControlFlow::Continue(())
@@ -261,7 +259,7 @@ impl Serving {
         frame: Option<Result<BytesMut, Error>>,
         grace_timer: Pin<&mut Sleep>,
     ) -> ControlFlow<Exit> {
-        self.watchdog.heard();
+        self.heartbeat.heard();
         let frame = match frame {
             Some(Ok(frame)) => frame.freeze(),
             Some(Err(e)) => return self.on_message(service, Some(Err(e)), grace_timer),
@@ -348,8 +346,10 @@ impl Serving {
         ControlFlow::Continue(())
     }
 
-    fn on_tick(&mut self, service: &Service) -> ControlFlow<Exit> {
-        if let Some(lost) = terminator::parent_silent(&mut self.watchdog, self.granted) {
+    /// A heartbeat tick: the runner's own heartbeat goes out, unless the parent has been
+    /// silent too long.
+    fn on_tick(&mut self, service: &Service, quiet: Option<Duration>) -> ControlFlow<Exit> {
+        if let Some(lost) = terminator::parent_silent(quiet, self.granted) {
             return ControlFlow::Break(lost);
         }
         service.send(&ToParent::Heartbeat);

@@ -16,7 +16,7 @@ use crate::backoff::Backoff;
 use crate::parent::Handoff;
 #[cfg(feature = "tls")]
 use crate::protocol::{self, ToParent};
-use crate::protocol::{BoxRead, BoxWrite, Watchdog};
+use crate::protocol::{BoxRead, BoxWrite};
 
 /// How long a stopping runner waits for its dropped tasks to be gone: a task blocking its thread
 /// can't be dropped until it yields, and must not keep the process alive.
@@ -27,10 +27,10 @@ const DROP_WAIT: Duration = Duration::from_millis(250);
 pub(crate) static LEFT_A_TASK_BEHIND: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
-/// The parent has been silent for its whole heartbeat window: the runner is orphaned and
+/// The parent has been silent (`quiet`) for its whole heartbeat window: the runner is orphaned and
 /// exits, unless the parent already gave it a grace to finish its calls in (Elixir FLAME #86).
-pub(super) fn parent_silent(watchdog: &mut Watchdog, granted: bool) -> Option<Exit> {
-    let quiet = watchdog.silent_for()?;
+pub(super) fn parent_silent(quiet: Option<Duration>, granted: bool) -> Option<Exit> {
+    let quiet = quiet?;
     (!granted).then(|| Exit::ParentLost(format!("no word from the parent for {quiet:?}")))
 }
 

@@ -14,7 +14,7 @@ use super::{RunnerConn, Running};
 use crate::channel::End;
 use crate::error::{Error, ErrorKind};
 use crate::protocol::{
-    self, BoxRead, Outcome, Reader, TO_PARENT_CHAN, TO_PARENT_PART, ToParent, ToRunner, Watchdog,
+    self, BoxRead, Heartbeat, Outcome, Reader, TO_PARENT_CHAN, TO_PARENT_PART, ToParent, ToRunner,
     Welcome,
 };
 
@@ -41,8 +41,7 @@ pub(super) async fn read(
 struct Reading<'a> {
     conn: &'a RunnerConn,
     max_payload: usize,
-    heartbeat: Duration,
-    watchdog: Watchdog,
+    heartbeat: Heartbeat,
 }
 
 impl<'a> Reading<'a> {
@@ -51,16 +50,13 @@ impl<'a> Reading<'a> {
         Reading {
             conn,
             max_payload: max_payload(welcome),
-            heartbeat,
-            watchdog: Watchdog::new(heartbeat.saturating_mul(welcome.miss_limit)),
+            heartbeat: Heartbeat::new(heartbeat, welcome.miss_limit),
         }
     }
 
     /// Serves frames, cancel graces and heartbeats until the connection ends; returns why.
     async fn pump(mut self, reader: BoxRead) -> Error {
         let mut reader = Reader::new(reader);
-        let mut ticker = tokio::time::interval(self.heartbeat);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let far_future = Instant::now() + Duration::from_secs(86400 * 365);
         let overdue_timer = tokio::time::sleep_until(far_future);
         tokio::pin!(overdue_timer);
@@ -78,7 +74,7 @@ impl<'a> Reading<'a> {
                     self.on_overdue();
                     ControlFlow::Continue(())
                 }
-                _ = ticker.tick() => self.on_tick(),
+                quiet = self.heartbeat.tick() => self.on_tick(quiet),
             };
             if let ControlFlow::Break(reason) = flow {
                 return reason;
@@ -89,7 +85,7 @@ impl<'a> Reading<'a> {
     /// A frame from the runner: pieces of big results and channel data are taken in place,
     /// results (the hot path) decoded in place; anything else is decoded as a message.
     fn on_frame(&mut self, frame: Option<Result<BytesMut, Error>>) -> ControlFlow<Error> {
-        self.watchdog.heard();
+        self.heartbeat.heard();
         let (conn, id) = (self.conn, &self.conn.id);
         let msg = match frame {
             Some(Ok(frame)) => {
@@ -237,9 +233,10 @@ impl<'a> Reading<'a> {
         }
     }
 
-    fn on_tick(&mut self) -> ControlFlow<Error> {
-        if let Some(quiet) = self.watchdog.silent_for() {
-            let missed = quiet.as_millis() / self.heartbeat.as_millis().max(1);
+    /// A heartbeat tick: ours goes out, unless the runner has been silent too long.
+    fn on_tick(&mut self, quiet: Option<Duration>) -> ControlFlow<Error> {
+        if let Some(quiet) = quiet {
+            let missed = quiet.as_millis() / self.heartbeat.interval().as_millis().max(1);
             let why = format!(
                 "runner {} sent nothing for {quiet:?} (missed {missed} heartbeats)",
                 self.conn.id
