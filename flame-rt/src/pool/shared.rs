@@ -1,10 +1,11 @@
 //! The pool's one lock, around its decisions (`state.rs`), and the hands that carry them out:
 //! starting calls, booting, stopping and destroying runners, telling hooks and watchers.
 //!
-//! Every change goes through [`Shared::decide`]: decide under the lock, act after it. So no
-//! lock is held while a call starts (which takes its ticket's and connection's locks), a hook
-//! runs or a task is spawned, and the lock order is simply "the pool's lock is never held
-//! while taking another".
+//! Every change goes through [`Shared::decide`]: decide under the lock, act after it. So the
+//! pool's lock is never held while a call starts, a hook runs, a runner is told to stop or a
+//! task is spawned. The lock order is pool, then ticket, then connection: under the pool's lock
+//! only tickets' locks are taken (the queue asks whether a call still waits, and fails calls);
+//! a call starts under its ticket's lock, which takes its connection's.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
