@@ -54,10 +54,9 @@ impl Shared {
             Booted::HungUp { error, .. } | Booted::Failed(error) => Some(error.clone()),
             Booted::Ready { .. } => None,
         };
-        // The hook hears of the boot before the pool acts on it, as it did when a boot ended
-        // before its runner's first call.
-        let mut acts = Vec::new();
-        self.lock().booted(booted, &mut acts);
+        // Waiting calls start on the new runner before the hook runs: a slow hook must not
+        // hold them up.
+        self.decide(|state, acts| state.booted(booted, acts));
         self.hooks.grow_end(GrowEnd {
             pool: self.name.to_string(),
             runner_id,
@@ -65,7 +64,6 @@ impl Shared {
             duration: started.elapsed(),
             error,
         });
-        self.apply(acts);
         self.changed.notify_waiters();
     }
 
