@@ -174,7 +174,7 @@ pub(crate) fn part_frame(frame: &[u8], variant: u8) -> Option<Result<PartRef<'_>
 #[derive(Debug, Deserialize)]
 pub(crate) struct PartRef<'a> {
     #[allow(dead_code)]
-    variant: u8,
+    pub(super) variant: u8,
     pub(crate) call: u64,
     pub(crate) total: u64,
     pub(crate) data: &'a [u8],

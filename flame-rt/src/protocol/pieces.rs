@@ -4,7 +4,8 @@
 use bytes::{BufMut, Bytes};
 use tokio::sync::Notify;
 
-use super::{Outbox, PartHead};
+use super::{Outbox, PartHead, PartRef};
+use crate::error::{Error, ErrorKind};
 
 /// Big messages (channel messages, arguments, results) go out in pieces of this size.
 pub(crate) const PIECE: usize = 256 * 1024;
@@ -22,9 +23,37 @@ const TOOK_STEP: u64 = 1024 * 1024;
 
 /// What a receiver of pieces that had `before` bytes of a payload and now has `now` should
 /// report to the sender (`Took`), if anything.
-pub(crate) fn took_to_report(before: usize, now: usize) -> Option<u64> {
+fn took_to_report(before: usize, now: usize) -> Option<u64> {
     let (before, now) = (before as u64, now as u64);
     (now / TOOK_STEP > before / TOOK_STEP).then_some(now)
+}
+
+impl PartRef<'_> {
+    /// Puts this piece after the others of its payload, in the buffer `whole` returns: the one
+    /// already started, or a new one for the capacity it is given (the announced size). Returns how far the receiver got, when it is time to say so (`Took`),
+    /// or an error naming `what` the payload is when the pieces overflow their announced size
+    /// or `max_payload`.
+    pub(crate) fn add_to<'w>(
+        &self,
+        whole: impl FnOnce(usize) -> &'w mut Vec<u8>,
+        max_payload: usize,
+        what: &str,
+    ) -> Result<Option<u64>, Error> {
+        let total = usize::try_from(self.total).unwrap_or(usize::MAX);
+        let wrong = if total > max_payload {
+            format!("{what} of {total} bytes in pieces: over max_payload ({max_payload})")
+        } else {
+            let whole = whole(total);
+            if whole.len() + self.data.len() > total {
+                format!("{what} of {total} bytes in pieces: more came than announced")
+            } else {
+                let before = whole.len();
+                whole.extend_from_slice(self.data);
+                return Ok(took_to_report(before, whole.len()));
+            }
+        };
+        Err(Error::new(ErrorKind::Protocol, wrong))
+    }
 }
 
 /// Waits until less than [`PIECE_WINDOW`] of the `sent` bytes of a payload are not yet taken by

@@ -134,6 +134,47 @@ fn part() -> impl Strategy<Value = Part> {
     (any::<u64>(), any::<u64>(), bytes()).prop_map(|(call, total, data)| Part { call, total, data })
 }
 
+/// Pieces of a payload gather in order, `Took` is due at each MiB, and pieces past the
+/// announced size or an announcement past `max_payload` are refused, naming the payload.
+#[test]
+fn pieces_gather_up_to_what_was_announced() {
+    const MIB: usize = 1 << 20;
+    let piece = |total: u64, data: &'static [u8]| PartRef {
+        variant: TO_RUNNER_PART,
+        call: 9,
+        total,
+        data,
+    };
+    static HALF: [u8; MIB / 2] = [1; MIB / 2];
+    let mut whole: Option<Vec<u8>> = None;
+    let mut add = |part: PartRef<'_>, max| {
+        part.add_to(
+            |cap| whole.get_or_insert_with(|| Vec::with_capacity(cap)),
+            max,
+            "arguments",
+        )
+    };
+    let total = 2 * MIB as u64;
+    let took: Vec<_> = (0..4)
+        .map(|_| add(piece(total, &HALF), 4 * MIB).unwrap())
+        .collect();
+    assert_eq!(took, [None, Some(MIB as u64), None, Some(2 * MIB as u64)]);
+    let over = add(piece(total, b"x"), 4 * MIB).unwrap_err();
+    assert_eq!(over.kind(), crate::ErrorKind::Protocol);
+    assert!(
+        over.to_string()
+            .contains("arguments of 2097152 bytes in pieces: more came"),
+        "{over}"
+    );
+    let too_big = piece(8 * MIB as u64, b"x").add_to(|_| unreachable!(), 4 * MIB, "a result");
+    let too_big = too_big.unwrap_err().to_string();
+    assert!(
+        too_big.contains("a result of 8388608 bytes in pieces: over max_payload (4194304)"),
+        "{too_big}"
+    );
+    assert_eq!(whole.map(|w| w.len()), Some(2 * MIB));
+}
+
 /// Each variant number `frames.rs` relies on is the one postcard gives the enum's variant.
 #[test]
 fn variant_numbers_are_the_enums_own() {

@@ -15,7 +15,7 @@ use tokio::time::{Instant, Sleep};
 use super::Control;
 use super::calls::{CallTask, Calls, dispatcher};
 use super::terminator::{self, Exit};
-use crate::error::{Error, ErrorKind};
+use crate::error::Error;
 use crate::parent::{Handoff, Parent, process_handoff};
 use crate::protocol::{
     self, BoxRead, CallMap, Heartbeat, Hello, Outbox, Outcome, PROTOCOL_VERSION, Reader,
@@ -196,19 +196,15 @@ impl Service {
         part: &protocol::PartRef<'_>,
     ) -> Result<(), Error> {
         let max = self.max_payload.load(Ordering::Relaxed);
-        let total = usize::try_from(part.total).unwrap_or(usize::MAX);
-        let whole = uploads
-            .entry(part.call)
-            .or_insert_with(|| crate::payload::buffer(total.min(max)));
-        if total > max || whole.len() + part.data.len() > total {
-            return Err(Error::new(
-                ErrorKind::Protocol,
-                format!("arguments of {total} bytes in pieces overflow (max_payload is {max})"),
-            ));
-        }
-        let before = whole.len();
-        whole.extend_from_slice(part.data);
-        if let Some(bytes) = protocol::took_to_report(before, whole.len()) {
+        if let Some(bytes) = part.add_to(
+            |capacity| {
+                uploads
+                    .entry(part.call)
+                    .or_insert_with(|| crate::payload::buffer(capacity))
+            },
+            max,
+            "arguments",
+        )? {
             self.send(&ToParent::Took {
                 call: part.call,
                 bytes,

@@ -14,7 +14,7 @@ use bytes::{BufMut, Bytes};
 use tokio::time::Instant;
 
 use crate::channel::{End, Port, Routes, Side};
-use crate::error::{Error, ErrorKind};
+use crate::error::Error;
 use crate::payload::Encoded;
 use crate::pool::queue::QueuedCall;
 use crate::protocol::{
@@ -347,21 +347,15 @@ impl RunnerConn {
         let Some(running) = in_flight.calls.get_mut(&part.call) else {
             return Ok(());
         };
-        let total = usize::try_from(part.total).unwrap_or(usize::MAX);
-        let whole = running
-            .result
-            .get_or_insert_with(|| crate::payload::buffer(total.min(max_payload)));
-        if total > max_payload || whole.len() + part.data.len() > total {
-            return Err(Error::new(
-                ErrorKind::Protocol,
-                format!(
-                    "a result of {total} bytes in pieces overflows (max_payload is {max_payload})"
-                ),
-            ));
-        }
-        let before = whole.len();
-        whole.extend_from_slice(part.data);
-        if let Some(bytes) = protocol::took_to_report(before, whole.len()) {
+        if let Some(bytes) = part.add_to(
+            |capacity| {
+                running
+                    .result
+                    .get_or_insert_with(|| crate::payload::buffer(capacity))
+            },
+            max_payload,
+            "a result",
+        )? {
             self.push(&ToRunner::Took {
                 call: part.call,
                 bytes,
