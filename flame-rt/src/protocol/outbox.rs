@@ -200,6 +200,9 @@ impl Outbox {
         let mut guard = self.lock();
         let inner = &mut *guard;
         let queued = &mut inner.queued;
+        // Frames already waiting mean their sender has woken the writer (or is writing them
+        // through), and it takes everything queued when it comes: this one rides along.
+        let woken = !queued.is_empty();
         if inner.closed || !push_frame(&mut queued.buf, write, tail.len()) {
             return false;
         }
@@ -209,6 +212,9 @@ impl Outbox {
             inner.segment_bytes += queued.buf.len() + tail.len();
             queued.segments.push(queued.buf.split().freeze());
             queued.segments.push(tail);
+        }
+        if woken {
+            return true;
         }
         let now = Instant::now();
         let quiet = inner
