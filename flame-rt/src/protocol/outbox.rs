@@ -251,10 +251,11 @@ impl Outbox {
         let Some(writer) = io.as_mut() else {
             return false;
         };
-        let batch = self.lock().take();
+        let mut batch = self.lock().take();
         let mut written = Written::default();
         match write_now(writer, &batch, &mut written) {
             Ok(true) => {
+                let_go_payloads(&mut batch);
                 self.lock().recycle(batch);
                 self.drained.notify_waiters();
                 true
@@ -301,6 +302,21 @@ impl Outbox {
             }
             drained.await;
         }
+    }
+}
+
+/// A written payload that nobody else holds is freed on another thread (see
+/// [`io_runtime::let_go`](crate::io_runtime::let_go)), not on the protocol's, nor under the outbox
+/// lock: it may be the last piece of hundreds of MiB. A smaller one, or one shared with its
+/// sender, is let go here at the cost of a count.
+fn let_go_payloads(batch: &mut Batch) {
+    const SMALL: usize = 64 * 1024;
+    if batch
+        .segments
+        .iter()
+        .any(|segment| segment.len() >= SMALL && segment.is_unique())
+    {
+        crate::io_runtime::let_go(std::mem::take(&mut batch.segments));
     }
 }
 
@@ -389,7 +405,7 @@ pub(crate) async fn write_loop(io: BoxWrite, outbox: Arc<Outbox>) {
         let Some(mut io) = outbox.io.lock().unwrap_or_else(|e| e.into_inner()).take() else {
             return;
         };
-        let (batch, closed) = {
+        let (mut batch, closed) = {
             let mut inner = outbox.lock();
             (inner.take(), inner.closed)
         };
@@ -404,6 +420,7 @@ pub(crate) async fn write_loop(io: BoxWrite, outbox: Arc<Outbox>) {
                 outbox.drained.notify_waiters();
                 return;
             }
+            let_go_payloads(&mut batch);
             outbox.lock().recycle(batch);
             outbox.drained.notify_waiters();
             if closed && outbox.lock().queued() == 0 {
@@ -446,6 +463,30 @@ mod tests {
 
     fn bytes() -> impl Strategy<Value = Bytes> {
         vec(any::<u8>(), 0..512).prop_map(Bytes::from)
+    }
+
+    /// After a write, a big payload nobody else holds leaves the batch (to be freed on another
+    /// thread); one its sender still holds, or a small one, stays to be let go in place.
+    #[test]
+    fn only_big_payloads_nobody_else_holds_are_freed_elsewhere() {
+        let big = || Bytes::from(vec![7u8; 1 << 20]);
+        let held = big();
+        let mut batch = Batch {
+            segments: vec![held.slice(..1000 * 64), Bytes::from(vec![1u8; 1024]), big()],
+            buf: BytesMut::new(),
+        };
+        let_go_payloads(&mut batch);
+        assert!(
+            batch.segments.is_empty(),
+            "the unique 1 MiB payload went elsewhere"
+        );
+        let mut batch = Batch {
+            segments: vec![held.slice(..), Bytes::from(vec![1u8; 1024]), held.clone()],
+            buf: BytesMut::new(),
+        };
+        let_go_payloads(&mut batch);
+        assert_eq!(batch.segments.len(), 3, "shared or small: let go in place");
+        drop(held);
     }
 
     proptest! {

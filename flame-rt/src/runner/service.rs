@@ -287,6 +287,9 @@ impl Serving {
                         message: "the runner is shutting down".into(),
                     };
                     service.done(run.call, refused);
+                    if let Some(pieces) = pieces {
+                        crate::io_runtime::let_go(pieces);
+                    }
                 } else {
                     service.start(run, pieces);
                 }
@@ -309,7 +312,10 @@ impl Serving {
                 // Cancelled while its arguments were on their way, or just after it ended:
                 // nothing runs, which the parent waits to hear.
                 if !service.calls.cancel(call) {
-                    self.uploads.remove(&call);
+                    // Up to `max_payload` of pieces: freed off this thread.
+                    if let Some(partial) = self.uploads.remove(&call) {
+                        crate::io_runtime::let_go(partial);
+                    }
                     service.send(&ToParent::Cancelled { call });
                 }
             }

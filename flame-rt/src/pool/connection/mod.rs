@@ -241,11 +241,24 @@ impl RunnerConn {
         }
     }
 
+    /// Sends a call's big arguments in pieces (see `upload_pieces`), then lets go of them off
+    /// the protocol thread, which this runs on.
+    async fn upload(
+        self: Arc<Self>,
+        id: u64,
+        args: Encoded,
+        pumps: Vec<futures::future::BoxFuture<'static, ()>>,
+    ) {
+        let whole = args.clone();
+        self.upload_pieces(id, args, pumps).await;
+        crate::io_runtime::let_go(whole);
+    }
+
     /// Sends a call's big arguments in pieces, each once the outbox is low, then its `Run` with
     /// the last piece. Stops at a cancel (the runner drops what it got and acknowledges) or
     /// when the connection ends.
-    async fn upload(
-        self: Arc<Self>,
+    async fn upload_pieces(
+        &self,
         id: u64,
         args: Encoded,
         pumps: Vec<futures::future::BoxFuture<'static, ()>>,
@@ -371,7 +384,12 @@ impl RunnerConn {
 
     /// Takes the call's registration: its slot and what to resolve.
     fn finish(&self, call: u64) -> Option<Running> {
-        self.lock().calls.remove(&call)
+        let mut running = self.lock().calls.remove(&call)?;
+        // Arguments kept for a retry are freed off this thread (the reader's) when big.
+        if running.args.len() > PIECE {
+            crate::io_runtime::let_go(std::mem::take(&mut running.args));
+        }
+        Some(running)
     }
 }
 
