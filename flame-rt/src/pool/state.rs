@@ -132,8 +132,9 @@ impl<Q: Waiting, C: Clone, H> State<Q, C, H> {
         if let Some(error) = &self.closed {
             return Submitted::Refused(call, error.clone());
         }
-        // Demand lifts a pause of `min` taken for idleness.
-        self.min_suspended = false;
+        // Demand lifts a pause of `min` taken for idleness: the pool tops back up to it, even
+        // when this call finds a seat at once.
+        let resumed = std::mem::take(&mut self.min_suspended);
         let seat = match self.queue.has_waiters() {
             true => None,
             false => self.take_seat(),
@@ -144,7 +145,7 @@ impl<Q: Waiting, C: Clone, H> State<Q, C, H> {
             return Submitted::Waits;
         };
         // A busy pool may want its next runner before it is full.
-        if self.rules.prewarm_at.is_some() {
+        if resumed || self.rules.prewarm_at.is_some() {
             self.grow(None, acts);
         }
         Submitted::Start(call, seat)
