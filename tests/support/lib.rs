@@ -495,8 +495,17 @@ pub fn rss_kib() -> u64 {
 
 /// The resident memory of process `pid` (a number, or `self`), in KiB.
 pub fn rss_kib_of(pid: impl std::fmt::Display) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// The most a process has had resident since it started (its `VmHWM`), in KiB.
+pub fn peak_rss_kib_of(pid: impl std::fmt::Display) -> u64 {
+    status_kib(pid, "VmHWM:")
+}
+
+fn status_kib(pid: impl std::fmt::Display, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
