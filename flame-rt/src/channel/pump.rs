@@ -17,7 +17,7 @@ use tokio::sync::{Notify, mpsc};
 use crate::error::{Error, ErrorKind};
 use crate::protocol::{ChanBodyRef, PIECE};
 
-use super::routes::{Link, Port, Route, RouteKind, Routes};
+use super::routes::{Link, Port, RouteKind, Routes};
 
 /// Opens the route of a channel whose messages arrive here for `tx`; returns its pump.
 pub(crate) fn open_inbound<T>(
@@ -41,16 +41,7 @@ where
         partial: Vec::new(),
         link: link.clone(),
     };
-    routes.lock().insert(
-        (port.call, port.chan),
-        Route {
-            kind: RouteKind::In(Some(Box::new(inbox))),
-            link: link.clone(),
-            pump: None,
-            join: None,
-            closed: false,
-        },
-    );
+    routes.open(&port, RouteKind::In(Some(Box::new(inbox))), link.clone());
     Box::pin(inbound(tx, arrivals, ungranted, port, link))
 }
 
@@ -66,19 +57,11 @@ where
 {
     let credit = Arc::new(OutCredit::new(rx.max_capacity(), routes.max_message()));
     let finish = Arc::new(Notify::new());
-    routes.lock().insert(
-        (port.call, port.chan),
-        Route {
-            kind: RouteKind::Out {
-                credit: credit.clone(),
-                finish: finish.clone(),
-            },
-            link: link.clone(),
-            pump: None,
-            join: None,
-            closed: false,
-        },
-    );
+    let kind = RouteKind::Out {
+        credit: credit.clone(),
+        finish: finish.clone(),
+    };
+    routes.open(&port, kind, link.clone());
     Box::pin(outbound(rx, port, credit, finish, link))
 }
 

@@ -205,6 +205,18 @@ pub(super) enum RouteKind {
 }
 
 impl Routes {
+    /// Registers the route of `port`'s channel, before its pump is spawned.
+    pub(super) fn open(&self, port: &Port, kind: RouteKind, link: Arc<Link>) {
+        let route = Route {
+            kind,
+            link,
+            pump: None,
+            join: None,
+            closed: false,
+        };
+        self.lock().insert((port.call, port.chan), route);
+    }
+
     pub(super) fn lock(&self) -> MutexGuard<'_, HashMap<(u64, u32), Route>> {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
